@@ -1,0 +1,117 @@
+"""Kosmos-2.5: a Pix2Struct-style vision encoder, a latent-query resampler and a fairseq text decoder.
+
+Shapes: B images, P = max_num_patches, Q = latent_query_num, D = text embed_dim.
+    flattened patches (B, P, 2 + 768) -> vision encoder (B, P, Dv) -> L2 norm -> dense (B, P, D)
+    -> resampler: Q latent queries attend over [projected patches; latent queries] -> (B, Q, D)
+    -> inserted at the <s> placeholders between <image> and </image> of the prompt -> decoder.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Kosmos25Config, Kosmos25VisionConfig
+from .layers import MultiheadAttention, RMSNorm, TextDecoder, activation
+
+
+class GatedMLP(nn.Module):
+    """wo(act(wi_0 x) * wi_1 x), bias-free (T5 v1.1 style)."""
+
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.wi_0 = nn.Linear(dim, hidden, bias=False)
+        self.wi_1 = nn.Linear(dim, hidden, bias=False)
+        self.wo = nn.Linear(hidden, dim, bias=False)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wo(self.act(self.wi_0(x)) * self.wi_1(x))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: Kosmos25VisionConfig):
+        super().__init__()
+        self.pre_attention_layer_norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.attention = MultiheadAttention(cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, bias=False)
+        self.pre_mlp_layer_norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.dense_act_fn)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.pre_attention_layer_norm(x), mask=key_mask)
+        return x + self.mlp(self.pre_mlp_layer_norm(x))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: Kosmos25VisionConfig):
+        super().__init__()
+        self.patch_projection = nn.Linear(cfg.patch_embed_hidden_size, cfg.hidden_size)
+        self.row_embedder = nn.Embedding(cfg.max_num_patches, cfg.hidden_size)
+        self.column_embedder = nn.Embedding(cfg.max_num_patches, cfg.hidden_size)
+        self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layernorm = RMSNorm(cfg.hidden_size, cfg.layer_norm_eps)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """patches (B, P, 2 + 768): 1-based row id, column id, pixels; all-zero rows are padding."""
+        rows, cols = patches[..., 0].long(), patches[..., 1].long()
+        x = self.patch_projection(patches[..., 2:]) + self.row_embedder(rows) + self.column_embedder(cols)
+        # Padding patches are hidden as keys only; as queries they still produce (unused) outputs,
+        # which the resampler then reads, exactly as the model was trained.
+        key_mask = (patches.sum(-1) != 0)[:, None, None, :]
+        for block in self.layers:
+            x = block(x, key_mask)
+        return self.layernorm(x)
+
+
+class Resampler(nn.Module):
+    """Q learned latent queries attend (no mask, not causal) over [dense(features); latent queries]."""
+
+    def __init__(self, vision_dim: int, dim: int, heads: int, queries: int):
+        super().__init__()
+        self.dense = nn.Linear(vision_dim, dim)
+        self.latent_query = nn.Parameter(torch.empty(queries, dim))
+        self.x_attn = MultiheadAttention(dim, heads, dim // heads, bias=True)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.dense(features)
+        queries = self.latent_query.unsqueeze(0).expand(x.shape[0], -1, -1)
+        return self.x_attn(queries, context=torch.cat([x, queries], dim=1))
+
+
+class Kosmos25(nn.Module):
+    kind = "kosmos-2.5"
+
+    def __init__(self, cfg: Kosmos25Config):
+        super().__init__()
+        t = cfg.text
+        self.config = cfg
+        self.vision = VisionEncoder(cfg.vision)
+        self.resampler = Resampler(cfg.vision.hidden_size, t.embed_dim, t.attention_heads, cfg.latent_query_num)
+        self.text = TextDecoder(
+            vocab_size=t.vocab_size, dim=t.embed_dim, layers=t.layers, heads=t.attention_heads, ffn_dim=t.ffn_dim,
+            act=t.activation_function, eps=t.layer_norm_eps, pad_id=t.pad_token_id, scale_embedding=t.scale_embedding,
+            segments=True, inner_norm=False, tie=cfg.tie_word_embeddings,
+        )
+
+    def encode_images(self, patches: torch.Tensor) -> torch.Tensor:
+        """patches (B, P, 770) -> image embeddings (B, Q, D) for the decoder."""
+        features = self.vision(patches.to(self.resampler.dense.weight.dtype))
+        return self.resampler(F.normalize(features, dim=-1))
+
+
+# Checkpoint name -> our name, applied in order by prefix; every tensor's shape is checked on load.
+CHECKPOINT_NAMES = [
+    ("text_model.model.", "text."),
+    ("text_model.lm_head.", "text.lm_head."),
+    ("vision_model.embeddings.", "vision."),
+    ("vision_model.encoder.layer.", "vision.layers."),
+    ("vision_model.layernorm.", "vision.layernorm."),
+    ("image_to_text_projection.", "resampler."),
+]
+CHECKPOINT_LEAF_NAMES = [  # vision attention uses T5 names in the checkpoint
+    (".attention.query.", ".attention.q_proj."),
+    (".attention.key.", ".attention.k_proj."),
+    (".attention.value.", ".attention.v_proj."),
+    (".attention.output.", ".attention.out_proj."),
+]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Kosmos25Config, Kosmos25VisionConfig
-from .layers import MultiheadAttention, RMSNorm, TextDecoder, activation
+from .layers import MultiheadAttention, Resampler, RMSNorm, TextDecoder, activation
 
 
 class GatedMLP(nn.Module):
@@ -62,21 +62,6 @@ class VisionEncoder(nn.Module):
         for block in self.layers:
             x = block(x, key_mask)
         return self.layernorm(x)
-
-
-class Resampler(nn.Module):
-    """Q learned latent queries attend (no mask, not causal) over [dense(features); latent queries]."""
-
-    def __init__(self, vision_dim: int, dim: int, heads: int, queries: int):
-        super().__init__()
-        self.dense = nn.Linear(vision_dim, dim)
-        self.latent_query = nn.Parameter(torch.empty(queries, dim))
-        self.x_attn = MultiheadAttention(dim, heads, dim // heads, bias=True)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = self.dense(features)
-        queries = self.latent_query.unsqueeze(0).expand(x.shape[0], -1, -1)
-        return self.x_attn(queries, context=torch.cat([x, queries], dim=1))
 
 
 class Kosmos25(nn.Module):

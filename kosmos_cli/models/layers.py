@@ -136,6 +136,21 @@ class MultiheadAttention(nn.Module):
         return self.merge(attention(q, k, v, mask=mask, scale=1.0))
 
 
+class Resampler(nn.Module):
+    """Q learned latent queries attend (no mask, not causal) over [dense(features); latent queries]."""
+
+    def __init__(self, vision_dim: int, dim: int, heads: int, queries: int):
+        super().__init__()
+        self.dense = nn.Linear(vision_dim, dim)
+        self.latent_query = nn.Parameter(torch.empty(queries, dim))
+        self.x_attn = MultiheadAttention(dim, heads, dim // heads, bias=True)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.dense(features)
+        queries = self.latent_query.unsqueeze(0).expand(x.shape[0], -1, -1)
+        return self.x_attn(queries, context=torch.cat([x, queries], dim=1))
+
+
 # --------------------------------------------------------------------------------------------
 # Fairseq sinusoidal positions
 # --------------------------------------------------------------------------------------------

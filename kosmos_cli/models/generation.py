@@ -41,7 +41,8 @@ def greedy_generate(
     batch = len(prompts)
     lengths_host = [len(p.ids) for p in prompts]
     width = max(lengths_host)
-    capacity = max(n + m for n, m in zip(lengths_host, max_new_tokens))
+    # Finished rows keep stepping until the longest limit is reached, so size for that.
+    capacity = width + max(max_new_tokens)
     # tokens holds every sequence (prompt, then generated ids) for the n-gram ban and the result.
     tokens = torch.full((batch, capacity + 1), pad_id, dtype=torch.long, device=device)
     image_mask = torch.zeros((batch, width), dtype=torch.long, device=device)

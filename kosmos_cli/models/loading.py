@@ -44,7 +44,7 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
     text = str(model)
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise ModelLoadError(f"model {text!r} is neither a directory nor a Hugging Face repo id like 'microsoft/kosmos-2.5'")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
@@ -52,8 +52,7 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
     except RepositoryNotFoundError:
         raise ModelLoadError(f"the Hugging Face Hub has no model {text!r} (or it is gated; run `hf auth login`)") from None
     except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
         raise ModelLoadError(
             f"{text} is not in the Hugging Face cache and {why}: run once with network access (without "
             f"HF_HUB_OFFLINE) to download it, or pass --model DIR pointing at a local copy"
@@ -86,13 +85,13 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 
 def rename(name: str, prefixes: list[tuple[str, str]], leaves: list[tuple[str, str]]) -> str | None:
-    """Checkpoint tensor name -> our parameter name (None when no prefix rule matches)."""
-    for old, new in prefixes:
-        if name.startswith(old):
-            name = new + name[len(old):]
-            break
-    else:
+    """Checkpoint tensor name -> our parameter name (None when no prefix rule matches).
+    The longest matching prefix wins, so the rules can be listed in any order."""
+    matches = [(old, new) for old, new in prefixes if name.startswith(old)]
+    if not matches:
         return None
+    old, new = max(matches, key=lambda rule: len(rule[0]))
+    name = new + name[len(old):]
     for old, new in leaves:
         name = name.replace(old, new)
     return name

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random checkpoints in the Hub layout, built once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+from checkpoints import make_kosmos2_5_checkpoint
+
+# --------------------------------------------------------------------------------------------------
+# Kosmos-2.5
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def kosmos25_tied(tmp_path_factory):
+    """Tiny Kosmos-2.5: tied lm_head (absent from the file), one model.safetensors, preprocessor_config.json."""
+    path = tmp_path_factory.mktemp("kosmos25_tied")
+    return make_kosmos2_5_checkpoint(path, tied=True, sharded=False, image_dependent=False)
+
+
+@pytest.fixture(scope="session")
+def kosmos25_sharded(tmp_path_factory):
+    """Tiny Kosmos-2.5: untied lm_head, >= 2 safetensors shards + index; greedy output depends on the image."""
+    path = tmp_path_factory.mktemp("kosmos25_sharded")
+    return make_kosmos2_5_checkpoint(path, tied=False, sharded=True, image_dependent=True)
+
+
+@pytest.fixture(scope="session")
+def kosmos25_processor_layout(tmp_path_factory):
+    """Like `kosmos25_tied` but with transformers-5's processor_config.json instead of preprocessor_config.json."""
+    path = tmp_path_factory.mktemp("kosmos25_processor_layout")
+    return make_kosmos2_5_checkpoint(
+        path, tied=True, sharded=False, image_dependent=False, processor_layout="processor"
+    )

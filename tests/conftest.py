@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from checkpoints import make_kosmos2_5_checkpoint
+from tests.checkpoints import make_kosmos2_5_checkpoint
 
 # --------------------------------------------------------------------------------------------------
 # Kosmos-2.5
@@ -32,3 +32,20 @@ def kosmos25_processor_layout(tmp_path_factory):
     return make_kosmos2_5_checkpoint(
         path, tied=True, sharded=False, image_dependent=False, processor_layout="processor"
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Markers
+# --------------------------------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only where CUDA is available (the parity suite on the GPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,918 @@
+"""Inputs → documents → pages.
+
+    collect_inputs(["scans/", "*.png", "-"])  ->  [InputFile(path, stem)], [InputError]
+    iter_pages(files, parse_pages("1-3,7"), dpi=200)  ->  PageJob | ErrorJob, lazily, in order
+    prefetch(jobs, depth=4)  ->  the same items, rendered ahead in background threads
+
+Inputs
+------
+An input argument is a file, a directory (walked recursively), a glob (``*``, ``?``, ``[...]``, and
+``**`` for any depth), or ``-``: paths read from stdin, one a line (blank lines ignored; these are
+literal paths, files or directories, never globs). Directory walks and glob matches keep only
+supported extensions (case-insensitive: .pdf .png .jpg .jpeg .tif .tiff .webp .bmp .gif), skip hidden
+names (starting with ``.``), do not follow symlinked directories, and are sorted naturally
+(``scan2.png`` before ``scan10.png``). A file named explicitly must have a supported extension.
+Missing paths, globs that match nothing and unsupported files become `InputError`s, never exceptions.
+Files are deduplicated by their resolved path, first occurrence wins.
+
+Output stems
+------------
+Every input gets a relative output *stem* (posix string, no extension) that mirrors subfolders, so
+the writer can put ``<out>/<stem>.md`` etc. and two ``doc.pdf`` never collide:
+
+- the stem is the path relative to the input's *root* without the extension, where the root is the
+  directory argument itself (``scans/`` → ``a/doc``, ``b/doc``), the fixed leading part of a glob
+  (``scans/**/*.pdf`` → root ``scans``), or, for a file argument or a stdin line, the file's folder
+  (``scans/a/doc.pdf`` → ``doc``);
+- stems that still collide within one run (compared case-insensitively) are disambiguated: first by
+  keeping the extension (``doc.pdf`` / ``doc.png``), then by the path relative to the colliding
+  files' common folder (``a/doc``, ``b/doc`` for the two files ``scans/a/doc.pdf scans/b/doc.pdf``),
+  and as a last resort by a ``~2``, ``~3`` suffix in input order.
+Stems depend only on the arguments and the files they match, so re-running the same command maps
+every file to the same stem (needed for resume).
+
+Documents and pages
+-------------------
+`open_document` opens lazily: it reads only what is needed for ``num_pages``; `Document.page(i)`
+renders one page (0-based index) as an RGB PIL image. PDFs are rendered by pypdfium2 at ``dpi``
+(scale = dpi/72; annotations drawn, white background). Images are read by Pillow: every TIFF frame is
+a page; GIF, animated WebP and MPO contribute their first frame only (animation frames are not
+pages); the EXIF orientation is applied (any format that carries it, JPEG and TIFF in practice);
+transparency is composited on white; 16-bit and float images are scaled to 8 bits.
+Every failure is one exception type, `DocumentError(path, reason)`: unreadable, empty, corrupt or
+truncated file, unsupported type, encrypted PDF without or with a wrong password, images or pages
+over `MAX_PIXELS` (decompression bombs included; the limit admits large legitimate scans).
+
+Threads
+-------
+PDFium is not thread-safe: no two pdfium calls may run at the same time, even on different
+documents. Every pdfium call in this module (open, page count, render, close) holds the one
+module-level `PDFIUM_LOCK`; other modules that call pypdfium2 must take it too. Image pages reopen
+their file on every call and are safe to render from any thread. `prefetch` renders in background
+threads through a bounded window, so memory stays bounded by ``depth`` pages whatever the page count.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import queue
+import re
+import sys
+import threading
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "DEFAULT_DPI",
+    "MAX_PIXELS",
+    "PDFIUM_LOCK",
+    "SUPPORTED_EXTENSIONS",
+    "Document",
+    "DocumentError",
+    "ErrorJob",
+    "InputError",
+    "InputFile",
+    "PageJob",
+    "PageSelection",
+    "assign_stems",
+    "collect_inputs",
+    "expand_inputs",
+    "format_ranges",
+    "iter_pages",
+    "open_document",
+    "parse_pages",
+    "prefetch",
+    "relative_stem",
+]
+
+# Kosmos-2.5 resizes every page to a grid of at most 4096 16×16 patches, i.e. ~1 MP whatever the input
+# size: a US-letter page becomes 56×72 patches = 896×1152 px (the grid depends on the aspect ratio only).
+# 200 dpi renders letter at 1700×2200 (the size in DESIGN.md's example), ~1.9× the grid per side, so
+# the model's antialiased bilinear downscale averages ~2×2 rendered pixels per input pixel: glyph edges
+# stay smooth and 6 pt text is still ~17 px tall before the resize. 150 dpi (1.4×) would also work but
+# leaves less headroom; 300 dpi (8.4 MP, 25 MB a page) costs 2.2× the render time and memory for no
+# visible gain at the model's resolution. Polygons are reported in these pixels, which is also ample
+# for overlays.
+DEFAULT_DPI = 200
+
+# Largest page, in pixels, that we decode or render (~900 MB as RGB). Admits 300 dpi scans of A0 posters
+# (9933×14043 = 139 MP) and 200 dpi renders of 85×85 inch pages; refuses decompression bombs and PDFs
+# with absurd page boxes before any memory is allocated.
+MAX_PIXELS = 300_000_000
+
+SUPPORTED_EXTENSIONS = frozenset({".pdf", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif"})
+_MULTI_FRAME_FORMATS = frozenset({"TIFF"})  # formats whose frames are pages (see module docstring)
+
+# One lock for every pdfium call in the process (pdfium keeps global state and is not thread-safe).
+PDFIUM_LOCK = threading.RLock()
+
+# Pillow's process-wide bomb guard warns above MAX_IMAGE_PIXELS and refuses above twice that (89/179 MP
+# by default). We enforce our own per-call limit (`max_pixels`) with a clear DocumentError, so Pillow's
+# thresholds are raised to our limit when needed (see _pillow_allow) and its warning, which would only
+# duplicate our error on stderr, is silenced.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class DocumentError(Exception):
+    """A document (or one of its pages) cannot be read. ``str()`` is ``"<path>: <reason>"``."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputError:
+    """An input argument (or stdin line) that yields nothing: missing, unsupported, empty glob, …"""
+
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One document to process: its path (as given or found) and its relative output stem."""
+
+    path: Path
+    stem: str
+
+
+def _natural_key(path: Path) -> tuple:
+    """Sort key: per path component, digit runs compare as numbers ("p2" < "p10"), case-insensitive."""
+    return tuple(
+        tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", part.casefold()))
+        for part in path.parts
+    )
+
+
+def _supported(path: Path) -> bool:
+    return path.suffix.lower() in SUPPORTED_EXTENSIONS
+
+
+def _has_magic(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def _glob_root(pattern: str) -> Path:
+    """The fixed leading folders of a glob: ``scans/2024/*/p*.png`` → ``scans/2024``."""
+    parts = Path(pattern).parts
+    fixed: list[str] = []
+    for part in parts[:-1]:
+        if _has_magic(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _walk(directory: Path, errors: list[InputError]) -> list[Path]:
+    """Supported files under ``directory``, recursively, hidden names skipped, naturally sorted."""
+    found: list[Path] = []
+
+    def onerror(exc: OSError) -> None:
+        errors.append(InputError(str(exc.filename or directory), _os_reason(exc)))
+
+    for dirpath, dirnames, filenames in os.walk(directory, onerror=onerror):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            p = Path(dirpath, name)
+            if not name.startswith(".") and _supported(p):
+                found.append(p)
+    found.sort(key=lambda p: _natural_key(p.relative_to(directory)))
+    return found
+
+
+def _os_reason(exc: OSError) -> str:
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, FileNotFoundError):
+        return "no such file or directory"
+    return exc.strerror or str(exc)
+
+
+_SUPPORTED_LIST = ", ".join(sorted(SUPPORTED_EXTENSIONS))
+
+
+def collect_inputs(
+    inputs: Sequence[str | os.PathLike],
+    stdin: TextIO | None = None,
+    *,
+    exclude: Iterable[str | os.PathLike] = (),
+) -> tuple[list[InputFile], list[InputError]]:
+    """Expand input arguments into documents with their output stems (see the module docstring).
+
+    ``stdin`` is read (once) when an argument is ``-``; default ``sys.stdin``. Files under any path in
+    ``exclude`` (e.g. the output folder when it sits inside an input folder) are skipped.
+    Returns the files in argument order, deduplicated, and one InputError per argument that failed.
+    """
+    errors: list[InputError] = []
+    found: list[tuple[Path, Path]] = []  # (path, root)
+    stdin_read = False
+    excluded = [Path(e).resolve() for e in exclude]
+
+    def add_path(arg: str) -> None:
+        """A literal path: file or directory."""
+        p = Path(arg)
+        try:
+            is_dir = p.is_dir()
+            exists = is_dir or p.exists()
+        except OSError as exc:  # e.g. a parent folder without search permission
+            errors.append(InputError(arg, _os_reason(exc)))
+            return
+        if not exists:
+            kind = "broken symlink" if p.is_symlink() else "no such file or directory"
+            errors.append(InputError(arg, kind))
+        elif is_dir:
+            files = _walk(p, errors)
+            if not files:
+                errors.append(InputError(arg, f"no supported files in directory ({_SUPPORTED_LIST})"))
+            found.extend((f, p) for f in files)
+        elif not _supported(p):
+            errors.append(InputError(arg, f"unsupported file type {p.suffix or '(none)'!r} ({_SUPPORTED_LIST})"))
+        else:
+            found.append((p, p.parent))
+
+    for raw in inputs:
+        arg = os.fspath(raw)
+        if arg == "-":
+            if stdin_read:
+                continue
+            stdin_read = True
+            stream = sys.stdin if stdin is None else stdin
+            for line in stream:
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    add_path(line)
+        elif _has_magic(arg) and not os.path.lexists(arg):
+            root = _glob_root(arg)
+            matches = sorted(glob.glob(arg, recursive=True), key=lambda m: _natural_key(Path(m)))
+            n_before = len(found)
+            for m in matches:
+                mp = Path(m)
+                if mp.is_dir():
+                    files = _walk(mp, errors)
+                    found.extend((f, root) for f in files)
+                elif _supported(mp):
+                    found.append((mp, root))
+            if len(found) == n_before:
+                why = "no supported files match" if matches else "no files match"
+                errors.append(InputError(arg, why))
+        else:
+            add_path(arg)
+
+    files: list[tuple[Path, Path]] = []
+    seen: set[Path] = set()
+    for path, root in found:
+        real = path.resolve()
+        if real in seen or any(real == e or e in real.parents for e in excluded):
+            continue
+        seen.add(real)
+        files.append((path, root))
+    stems = assign_stems(files)
+    return [InputFile(p, s) for (p, _), s in zip(files, stems)], errors
+
+
+def expand_inputs(
+    inputs: Sequence[str | os.PathLike], stdin: TextIO | None = None
+) -> tuple[list[Path], list[InputError]]:
+    """Like `collect_inputs` but only the paths (stems: `collect_inputs` or `assign_stems`)."""
+    files, errors = collect_inputs(inputs, stdin)
+    return [f.path for f in files], errors
+
+
+def relative_stem(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """``path`` relative to ``root``, without the extension, as a posix string (``a/doc``)."""
+    path, root = Path(path), Path(root)
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        try:
+            rel = path.resolve().relative_to(Path(root).resolve())
+        except ValueError:
+            rel = Path(path.name)
+    return rel.with_suffix("").as_posix() if rel.suffix else rel.as_posix()
+
+
+def assign_stems(files: Sequence[tuple[Path, Path] | Path]) -> list[str]:
+    """Unique output stems for ``(path, root)`` pairs (a bare path uses its folder as root).
+
+    Collision rules are in the module docstring; the result is aligned with ``files``.
+    """
+    pairs = [(Path(f), Path(f).parent) if not isinstance(f, tuple) else (Path(f[0]), Path(f[1])) for f in files]
+    stems = [relative_stem(p, r) for p, r in pairs]
+
+    def groups() -> list[list[int]]:
+        by_key: dict[str, list[int]] = {}
+        for i, s in enumerate(stems):
+            by_key.setdefault(s.casefold(), []).append(i)
+        return [g for g in by_key.values() if len(g) > 1]
+
+    def unique(candidates: list[str]) -> bool:
+        return len({c.casefold() for c in candidates}) == len(candidates)
+
+    for group in groups():
+        # 1. keep the extension: doc.pdf / doc.png
+        with_ext = [f"{stems[i]}{pairs[i][0].suffix}" for i in group]
+        if unique(with_ext):
+            for i, s in zip(group, with_ext):
+                stems[i] = s
+            continue
+        # 2. relative to the common folder of the colliding files: a/doc, b/doc
+        real = [pairs[i][0].resolve() for i in group]
+        common = Path(os.path.commonpath([r.parent for r in real]))
+        rel = [r.relative_to(common) for r in real]
+        cands = [r.with_suffix("").as_posix() for r in rel]
+        if not unique(cands):
+            cands = [r.as_posix() for r in rel]
+        if unique(cands):
+            for i, s in zip(group, cands):
+                stems[i] = s
+    # 3. anything still colliding (also with stems created above): numbered in input order
+    for group in groups():
+        for n, i in enumerate(group[1:], start=2):
+            stems[i] = f"{stems[i]}~{n}"
+    return stems
+
+
+# --------------------------------------------------------------------------------------------------
+# Page selection
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PageSelection:
+    """Parsed ``--pages``: 1-based inclusive ranges; ``end=None`` means "to the last page"."""
+
+    ranges: tuple[tuple[int, int | None], ...]
+    spec: str = ""
+
+    def select(self, n_pages: int) -> tuple[list[int], list[tuple[int, int | None]]]:
+        """``(pages, out_of_range)``: selected 1-based pages in ascending order without duplicates,
+        and the requested ranges (clipped) that lie past the document's end, for reporting."""
+        pages: set[int] = set()
+        missing: list[tuple[int, int | None]] = []
+        for start, end in self.ranges:
+            stop = n_pages if end is None else min(end, n_pages)
+            pages.update(range(start, stop + 1))
+            if end is None:
+                if start > n_pages:
+                    missing.append((start, None))
+            elif end > n_pages:
+                missing.append((max(start, n_pages + 1), end))
+        return sorted(pages), missing
+
+    def __str__(self) -> str:
+        return self.spec or format_ranges(self.ranges)
+
+
+def format_ranges(ranges: Iterable[tuple[int, int | None]]) -> str:
+    """``[(1, 3), (7, 7), (9, None)]`` → ``"1-3,7,9-"``."""
+    out = []
+    for a, b in ranges:
+        out.append(f"{a}-" if b is None else (str(a) if a == b else f"{a}-{b}"))
+    return ",".join(out)
+
+
+def parse_pages(spec: str) -> PageSelection:
+    """Parse a page selection such as ``1-3,7``, ``5-`` (to the end) or ``-3`` (first three); 1-based.
+
+    Raises ValueError naming the offending part on bad syntax, page 0, or a reversed range.
+    """
+    if spec is None or not str(spec).strip():
+        raise ValueError("empty page selection (expected e.g. '1-3,7', '5-' or '-3')")
+    ranges: list[tuple[int, int | None]] = []
+    for part in str(spec).split(","):
+        item = part.strip()
+        # "7", "1-3", "5-" (to the end), "-3" (from the start)
+        m = re.fullmatch(r"(\d+)|(\d*)\s*-\s*(\d*)", item)
+        if not m or (m.group(1) is None and not (m.group(2) or m.group(3))):
+            raise ValueError(
+                f"invalid page selection {spec!r}: bad part {item!r} (expected e.g. '1-3,7', '5-' or '-3')"
+            )
+        if m.group(1) is not None:
+            a, b = int(m.group(1)), int(m.group(1))
+        else:
+            a = int(m.group(2)) if m.group(2) else 1
+            b = int(m.group(3)) if m.group(3) else None
+        if a < 1 or (b is not None and b < 1):
+            raise ValueError(f"invalid page selection {spec!r}: pages are numbered from 1, got {item!r}")
+        if b is not None and b < a:
+            raise ValueError(f"invalid page selection {spec!r}: range {item!r} ends before it starts")
+        ranges.append((a, b))
+    return PageSelection(tuple(ranges), str(spec).strip())
+
+
+# --------------------------------------------------------------------------------------------------
+# Documents
+# --------------------------------------------------------------------------------------------------
+
+
+def _pillow_allow(max_pixels: int) -> None:
+    """Make sure Pillow's own guard (refusal at 2 × MAX_IMAGE_PIXELS) does not undercut ``max_pixels``."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and limit < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow then warns above max_pixels, refuses above twice that
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode → RGB: alpha composited on white, 16-bit/float scaled to 8 bits."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        im = im.convert("F") if im.mode == "F" else im.convert("I")
+        lo, hi = im.getextrema()
+        if im.mode == "F":
+            scale = 255.0 if hi <= 1.0 else (1.0 if hi <= 255 else 255.0 / hi)
+        else:
+            scale = 1.0 if hi <= 255 else (255.0 / 65535 if hi <= 65535 else 255.0 / hi)
+        im = im.point(lambda v: v * scale).convert("L")
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _read_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return _os_reason(exc)
+    return str(exc) or type(exc).__name__
+
+
+class Document:
+    """An opened PDF or image file. ``page(i)`` (0-based) renders one page at a time as RGB.
+
+    Close it (or use ``with``) to release the PDF handle; closing is idempotent and thread-safe.
+    """
+
+    def __init__(self, source: Path, kind: str, num_pages: int, dpi: float, max_pixels: int, pdf=None, fmt: str = ""):
+        self.source = source
+        self.kind = kind  # "pdf" or "image"
+        self.num_pages = num_pages
+        self.dpi = dpi
+        self.max_pixels = max_pixels
+        self.format = fmt
+        self._pdf = pdf
+        self._closed = False
+        self._pending = 0  # renders promised by iter_pages; the last one closes the document
+        self._count_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Document({str(self.source)!r}, kind={self.kind!r}, num_pages={self.num_pages})"
+
+    def __enter__(self) -> Document:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # close under the lock, not from pypdfium2's finalizer on a random thread
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        with PDFIUM_LOCK:
+            if self._closed:
+                return
+            self._closed = True
+            if self._pdf is not None:
+                self._pdf.close()
+                self._pdf = None
+
+    def page(self, index: int) -> Image.Image:
+        """Render page ``index`` (0-based) as an RGB image; raises DocumentError."""
+        if not 0 <= index < self.num_pages:
+            raise IndexError(f"page index {index} out of range for {self.num_pages} pages")
+        if self.kind == "pdf":
+            return self._render_pdf(index)
+        return self._read_image(index)
+
+    def _render_pdf(self, index: int) -> Image.Image:
+        scale = self.dpi / 72.0
+        with PDFIUM_LOCK:
+            if self._closed:
+                raise DocumentError(self.source, "document is closed")
+            try:
+                page = self._pdf[index]
+            except Exception as exc:
+                raise DocumentError(self.source, f"page {index + 1}: cannot load page ({exc})") from None
+            try:
+                w_pt, h_pt = page.get_size()
+                w, h = math.ceil(w_pt * scale), math.ceil(h_pt * scale)
+                if w * h > self.max_pixels:
+                    raise DocumentError(
+                        self.source,
+                        f"page {index + 1}: {w}×{h} = {w * h:,} pixels at {self.dpi:g} dpi exceeds the limit of "
+                        f"{self.max_pixels:,} (page is {w_pt / 72:.0f}×{h_pt / 72:.0f} in); use a lower --dpi",
+                    )
+                try:
+                    bitmap = page.render(scale=scale, may_draw_forms=False)
+                except Exception as exc:
+                    raise DocumentError(self.source, f"page {index + 1}: render failed ({exc})") from None
+                try:
+                    im = bitmap.to_pil()
+                    # to_pil may share the bitmap's buffer: copy before the bitmap is freed.
+                    im = im.convert("RGB") if im.mode != "RGB" else im.copy()
+                finally:
+                    bitmap.close()
+            finally:
+                page.close()
+        return im
+
+    def _read_image(self, index: int) -> Image.Image:
+        _pillow_allow(self.max_pixels)
+        try:
+            with Image.open(self.source) as im:
+                if index:
+                    im.seek(index)
+                w, h = im.size
+                if w * h > self.max_pixels:
+                    raise DocumentError(self.source, _too_big(w, h, self.max_pixels, index, self.num_pages))
+                im.load()
+                frame = ImageOps.exif_transpose(im)
+                return _to_rgb(frame)
+        except DocumentError:
+            raise
+        except Image.DecompressionBombError as exc:
+            raise DocumentError(self.source, _bomb(exc, self.max_pixels)) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            where = f"page {index + 1}: " if self.num_pages > 1 else ""
+            if isinstance(exc, OSError) and exc.errno is not None:
+                raise DocumentError(self.source, where + _os_reason(exc)) from None
+            raise DocumentError(self.source, f"{where}corrupt or truncated image ({_read_reason(exc)})") from None
+
+
+def _too_big(w: int, h: int, limit: int, index: int = 0, n: int = 1) -> str:
+    where = f"page {index + 1}: " if n > 1 else ""
+    return f"{where}image is {w}×{h} = {w * h:,} pixels, over the limit of {limit:,} (possible decompression bomb)"
+
+
+def _bomb(exc: Exception, limit: int) -> str:
+    """Pillow refused an image before we saw its size: restate its pixel count in our terms."""
+    m = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(m.group(1)):,} pixels" if m else "too many pixels"
+    return f"image is {size}, over the limit of {limit:,} (possible decompression bomb)"
+
+
+def open_document(
+    path: str | os.PathLike,
+    dpi: float = DEFAULT_DPI,
+    password: str | None = None,
+    *,
+    max_pixels: int = MAX_PIXELS,
+) -> Document:
+    """Open a PDF or image for lazy page rendering; raises DocumentError (see the module docstring).
+
+    ``dpi`` applies to PDFs only (images keep their pixel size); ``password`` to encrypted PDFs only.
+    """
+    source = Path(path)
+    if dpi is None or not dpi > 0:
+        raise ValueError(f"dpi must be positive, got {dpi!r}")
+    try:
+        with open(source, "rb") as f:
+            head = f.read(1024)
+    except IsADirectoryError:
+        raise DocumentError(source, "is a directory") from None
+    except OSError as exc:
+        raise DocumentError(source, _os_reason(exc)) from None
+    if not head:
+        raise DocumentError(source, "empty file")
+    ext = source.suffix.lower()
+    if ext == ".pdf" or head.lstrip().startswith(b"%PDF-"):
+        return _open_pdf(source, dpi, password, max_pixels)
+    if ext not in SUPPORTED_EXTENSIONS:
+        raise DocumentError(source, f"unsupported file type {ext or '(none)'!r} ({_SUPPORTED_LIST})")
+    return _open_image(source, dpi, max_pixels)
+
+
+def _open_pdf(source: Path, dpi: float, password: str | None, max_pixels: int) -> Document:
+    import pypdfium2 as pdfium
+
+    def load(pw):
+        try:
+            return pdfium.PdfDocument(str(source), password=pw)
+        except pdfium.PdfiumError as exc:
+            # PDFs with only an owner password (print/copy restrictions) open without one; one
+            # --password for a batch must not break them.
+            if pw and getattr(exc, "err_code", None) == 4:
+                try:
+                    return pdfium.PdfDocument(str(source), password=None)
+                except pdfium.PdfiumError:
+                    pass
+            raise
+
+    with PDFIUM_LOCK:
+        try:
+            pdf = load(password)
+        except pdfium.PdfiumError as exc:
+            # FPDF_GetLastError is process-global and not reset by a successful call, so a code can be
+            # stale (e.g. a page-less PDF fails without setting one): confirm "password" in the file.
+            code = getattr(exc, "err_code", None)
+            if code == 4 and not _mentions_encrypt(source):
+                code = None
+            if code == 4:  # FPDF_ERR_PASSWORD
+                if password:
+                    raise DocumentError(source, "PDF is encrypted and the password is wrong (--password)") from None
+                raise DocumentError(source, "PDF is encrypted; pass --password") from None
+            if code == 5:  # FPDF_ERR_SECURITY
+                raise DocumentError(source, "PDF uses an unsupported security handler") from None
+            if code == 0:  # load failed with "success": pdfium refuses documents without pages
+                raise DocumentError(source, "PDF has no pages (or an unreadable page tree)") from None
+            if code == 2:  # FPDF_ERR_FILE
+                raise DocumentError(source, "cannot open file") from None
+            raise DocumentError(source, "not a PDF, or a corrupt, truncated or page-less one") from None
+        except OSError as exc:
+            raise DocumentError(source, _os_reason(exc)) from None
+        try:
+            n = len(pdf)
+        except Exception as exc:
+            pdf.close()
+            raise DocumentError(source, f"cannot count pages ({exc})") from None
+        if n < 1:
+            pdf.close()
+            raise DocumentError(source, "PDF has no pages")
+    return Document(source, "pdf", n, dpi, max_pixels, pdf=pdf, fmt="PDF")
+
+
+def _mentions_encrypt(source: Path) -> bool:
+    """Whether the file contains an /Encrypt key (scanned in chunks; only used on failure)."""
+    tail = b""
+    try:
+        with open(source, "rb") as f:
+            while chunk := f.read(1 << 20):
+                if b"/Encrypt" in tail + chunk:
+                    return True
+                tail = chunk[-16:]
+    except OSError:
+        return False
+    return False
+
+
+def _open_image(source: Path, dpi: float, max_pixels: int) -> Document:
+    _pillow_allow(max_pixels)
+    try:
+        with Image.open(source) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise DocumentError(source, _too_big(w, h, max_pixels))
+            fmt = im.format or ""
+            n = getattr(im, "n_frames", 1) if fmt in _MULTI_FRAME_FORMATS else 1
+    except DocumentError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise DocumentError(source, _bomb(exc, max_pixels)) from None
+    except UnidentifiedImageError:
+        raise DocumentError(source, "not a supported image, or a corrupt one") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise DocumentError(source, _os_reason(exc)) from None
+        raise DocumentError(source, f"corrupt or truncated image ({_read_reason(exc)})") from None
+    return Document(source, "image", n, dpi, max_pixels, fmt=fmt)
+
+
+# --------------------------------------------------------------------------------------------------
+# Page jobs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class ErrorJob:
+    """A document or page that produced no image. ``page`` is None for a whole-document failure.
+
+    ``warning`` marks notes that are not failures (pages requested past a document's end).
+    """
+
+    source: Path
+    stem: str
+    page: int | None
+    error: str
+    warning: bool = False
+
+    def __str__(self) -> str:
+        where = f" (page {self.page})" if self.page is not None else ""
+        return f"{self.source}{where}: {self.error}"
+
+
+@dataclass(eq=False)
+class PageJob:
+    """One page to process. ``image`` is None until `load` (or `prefetch`) renders it.
+
+    ``selected`` lists the document's selected pages (ascending), so a consumer knows when the
+    document is complete; ``skipped`` pages (already done, per iter_pages' ``skip``) are never rendered.
+    """
+
+    source: Path
+    stem: str
+    page: int  # 1-based
+    num_pages: int
+    selected: tuple[int, ...]
+    document: Document | None = field(default=None, repr=False)
+    image: Image.Image | None = field(default=None, repr=False)
+    skipped: bool = False
+    _released: bool = field(default=False, repr=False)
+
+    @property
+    def is_last(self) -> bool:
+        """True for the document's last selected page."""
+        return self.page == self.selected[-1]
+
+    def load(self) -> PageJob | ErrorJob:
+        """Render the image (once); returns self, or an ErrorJob if the page cannot be rendered."""
+        if self.image is not None or self.skipped or self.document is None:
+            return self
+        try:
+            self.image = self.document.page(self.page - 1)
+            return self
+        except DocumentError as exc:
+            return ErrorJob(self.source, self.stem, self.page, exc.reason)
+        except Exception as exc:  # MemoryError, pdfium surprises: a page failure, not a stream failure
+            return ErrorJob(self.source, self.stem, self.page, f"{type(exc).__name__}: {exc}")
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Drop this job's claim on the document; the last claim closes it."""
+        if self._released or self.document is None:
+            return
+        self._released = True
+        doc = self.document
+        with doc._count_lock:
+            doc._pending -= 1
+            last = doc._pending <= 0
+        if last:
+            doc.close()
+
+
+def iter_pages(
+    inputs: Iterable[InputFile | str | os.PathLike],
+    pages: PageSelection | None = None,
+    dpi: float = DEFAULT_DPI,
+    password: str | None = None,
+    *,
+    skip: Callable[[PageJob], bool] | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> Iterator[PageJob | ErrorJob]:
+    """Lazily yield one PageJob per selected page, in order, opening one document at a time.
+
+    Images are not rendered here (call ``job.load()`` or wrap in `prefetch`). Failures become
+    ErrorJobs: a document that cannot be opened (page None), pages past its end (``warning=True``).
+    ``skip(job)`` → True marks a page as already done: it is yielded with ``skipped=True`` and never
+    rendered. Bare paths get stems from `assign_stems` over all given inputs.
+    A document is closed when its last page job has been loaded, or when this generator is closed early.
+    """
+    items = list(inputs)
+    bare = [i for i, x in enumerate(items) if not isinstance(x, InputFile)]
+    if bare:
+        stems = assign_stems([Path(items[i]) for i in bare])
+        for i, s in zip(bare, stems):
+            items[i] = InputFile(Path(items[i]), s)
+    open_docs: list[Document] = []
+    try:
+        for item in items:
+            try:
+                doc = open_document(item.path, dpi, password, max_pixels=max_pixels)
+            except DocumentError as exc:
+                yield ErrorJob(item.path, item.stem, None, exc.reason)
+                continue
+            n = doc.num_pages
+            if pages is None:
+                selected, missing = list(range(1, n + 1)), []
+            else:
+                selected, missing = pages.select(n)
+            if missing:
+                what = "page" if len(missing) == 1 and missing[0][0] == missing[0][1] else "pages"
+                yield ErrorJob(
+                    item.path, item.stem, None,
+                    f"{what} {format_ranges(missing)} not in document ({n} page{'s' * (n != 1)})",
+                    warning=True,
+                )
+            # A deque we pop from, so that no reference to a yielded (and later rendered) job stays here.
+            jobs = deque(PageJob(item.path, item.stem, p, n, tuple(selected), doc) for p in selected)
+            for job in jobs:
+                if skip is not None and skip(job):
+                    job.skipped = True
+                    job._released = True
+            doc._pending = sum(not j.skipped for j in jobs)
+            if doc._pending == 0:
+                doc.close()
+            else:
+                open_docs[:] = [d for d in open_docs if not d.closed]
+                open_docs.append(doc)
+            del doc
+            while jobs:
+                yield jobs.popleft()
+    except GeneratorExit:
+        # Stopped early: nobody will load the remaining pages.
+        for d in open_docs:
+            d.close()
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Prefetch
+# --------------------------------------------------------------------------------------------------
+
+_DONE = object()
+
+
+def _load(item):
+    return item.load() if isinstance(item, PageJob) else item
+
+
+def prefetch(items: Iterable, depth: int = 4, workers: int = 2) -> Iterator:
+    """Render pages ahead in background threads; yields the same items, in order, loaded.
+
+    A feeder thread pulls from ``items`` (opening documents) and submits ``job.load()`` to a pool of
+    ``workers`` threads; at most ``depth`` items are pulled but not yet handed to the consumer, so at
+    most ``depth`` + 1 rendered pages are alive whatever the document size. Page failures arrive as
+    ErrorJob items; an exception raised by ``items`` itself is re-raised to the consumer after the
+    items before it. Closing the returned generator early (``break``, ``.close()``, garbage collection)
+    stops the feeder, cancels pending renders, closes ``items`` and joins every thread.
+    ``depth=0`` loads synchronously in the consumer's thread (no threads at all).
+    """
+    if depth < 0 or workers < 1:
+        raise ValueError(f"need depth >= 0 and workers >= 1, got depth={depth}, workers={workers}")
+    if depth == 0:
+        return (_load(item) for item in items)
+    return _prefetch(iter(items), depth, workers)
+
+
+def _prefetch(source: Iterator, depth: int, workers: int) -> Iterator:
+    slots = threading.Semaphore(depth)
+    stop = threading.Event()
+    pending: queue.Queue = queue.Queue()  # futures in source order, then _DONE; ≤ depth by `slots`
+    failure: list[BaseException] = []
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kosmos-render")
+
+    def feed() -> None:
+        try:
+            while True:
+                slots.acquire()
+                if stop.is_set():
+                    break
+                try:
+                    item = next(source)
+                except StopIteration:
+                    break
+                pending.put(pool.submit(_load, item))
+        except BaseException as exc:  # the source itself failed: hand it to the consumer
+            failure.append(exc)
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    pass
+            pending.put(_DONE)
+
+    feeder = threading.Thread(target=feed, name="kosmos-prefetch", daemon=True)
+    feeder.start()
+    try:
+        while True:
+            fut = pending.get()
+            if fut is _DONE:
+                break
+            item = fut.result()
+            slots.release()
+            yield item
+            del item
+        if failure:
+            raise failure[0]
+    finally:
+        stop.set()
+        slots.release()  # wake the feeder if it waits for a slot
+        while True:  # cancel renders nobody will consume
+            try:
+                fut = pending.get(timeout=0.05) if feeder.is_alive() else pending.get_nowait()
+            except queue.Empty:
+                if not feeder.is_alive() and pending.empty():
+                    break
+                continue
+            if fut is not _DONE:
+                fut.cancel()
+        feeder.join()
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,92 @@
+"""Kosmos-2.5 OCR: the ``<ocr>`` prompt and the parsing of its output into lines with polygons.
+
+The model writes one line per text line, ``<bbox><x_53><y_573><x_69><y_606></bbox>text\\n``, with
+coordinates in the pixels of its resized input image (the patch grid, ``width``×``height`` =
+cols·16 × rows·16). `parse_ocr` scales them to the page as rendered (``page_w/width``,
+``page_h/height``, truncated to int like the reference code), clips them to the page, and returns
+`Line`s with the documented 8-point polygon ``[x0, y0, x1, y0, x1, y1, x0, y1]``.
+
+Dropped, never raised on (generation may stop anywhere, e.g. at max_new_tokens):
+- text before the first ``<bbox>`` and text after an incomplete box (``<bbox><x_12><y_3``): a line
+  without a complete box has no position, and every line in the JSON schema has a polygon;
+- boxes with x0 >= x1 or y0 >= y1 (before or after clipping), and lines whose text is empty.
+A missing ``</bbox>`` is tolerated. A line cut in the middle of its text keeps its box and the text
+that was generated (the page result's ``truncated`` flag tells the reader).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+PROMPT = "<ocr>"
+
+# Tokens that may survive decoding and are never page text.
+_SPECIAL = re.compile(r"</?s>|<pad>|<unk>|<mask>|</?image>|</chunk>|</?bbox>|<ocr>|<md>|<[xy]_\d+>")
+# A special token cut short at the very end of the output (only possible when text is decoded byte-wise).
+_PARTIAL_TAIL = re.compile(r"\s*<(?:/?(?:b|bb|bbo|bbox)|[xy]_?\d*|/?s?|/)?\Z")
+_BOX = re.compile(r"\s*<x_(\d+)>\s*<y_(\d+)>\s*<x_(\d+)>\s*<y_(\d+)>\s*(?:</bbox>)?(.*)\Z", re.DOTALL)
+
+
+@dataclass
+class Line:
+    """One OCR line: text and polygon ``[x0, y0, x1, y0, x1, y1, x0, y1]`` in page pixels."""
+
+    text: str
+    polygon: list[int]
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)``."""
+        p = self.polygon
+        return p[0], p[1], p[4], p[5]
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "polygon": list(self.polygon)}
+
+
+def parse_ocr(raw: str, image_size: tuple[int, int], page_size: tuple[int, int]) -> list[Line]:
+    """Parse raw ``<ocr>`` output into lines in page pixels.
+
+    ``image_size``: (width, height) of the model's resized input, the space the coordinates live in.
+    ``page_size``: (width, height) of the page as rendered, the space of the returned polygons.
+    """
+    width, height = image_size
+    page_w, page_h = page_size
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    sx, sy = page_w / width, page_h / height
+    lines: list[Line] = []
+    for segment in raw.split("<bbox>")[1:]:  # text before the first box has no position
+        m = _BOX.match(segment)
+        if m is None:  # incomplete or malformed box
+            continue
+        x0, y0, x1, y1 = (int(v) for v in m.group(1, 2, 3, 4))
+        if x0 >= x1 or y0 >= y1:
+            continue
+        text = _PARTIAL_TAIL.sub("", _SPECIAL.sub("", m.group(5)))
+        text = re.sub(r"\s*\n\s*", " ", text).strip()
+        if not text:
+            continue
+        x0, x1 = (min(max(int(v * sx), 0), page_w) for v in (x0, x1))
+        y0, y1 = (min(max(int(v * sy), 0), page_h) for v in (y0, y1))
+        if x0 >= x1 or y0 >= y1:  # entirely outside the page
+            continue
+        lines.append(Line(text, [x0, y0, x1, y0, x1, y1, x0, y1]))
+    return lines
+
+
+def ocr_text(lines: Iterable[Line]) -> str:
+    """The page text: line texts in reading order (as generated), one per line."""
+    return "\n".join(line.text for line in lines)
+
+
+def format_line(line: Line) -> str:
+    """``x0,y0,x1,y0,x1,y1,x0,y1,text`` (the documented plain OCR format; text may contain commas)."""
+    return ",".join(str(v) for v in line.polygon) + "," + line.text
+
+
+def format_lines(lines: Iterable[Line]) -> str:
+    """All lines in the plain OCR format, newline-separated, no trailing newline."""
+    return "\n".join(format_line(line) for line in lines)

@@ -1,0 +1,439 @@
+"""Results → files and stdout: the page result schema, atomic writes, resume, overlays.
+
+Output layout under ``-o OUT`` (``<stem>`` is the document's relative stem from
+`kosmos_cli.documents`, e.g. ``invoice`` or ``2024/03/invoice`` — subfolders are mirrored)::
+
+    OUT/
+    ├── <stem>.md                        md:     the selected pages' markdown, "<!-- page N -->" before each
+    ├── <stem>.txt                       ocr:    "x0,y0,x1,y0,x1,y1,x0,y1,text" lines
+    │                                    ground: the caption
+    ├── <stem>.json                      ocr, ground: {"source", "task", "model", "pages": [page objects]}
+    ├── <stem>.overlay-0003.png          --overlay: page 3 with OCR polygons / labelled grounding boxes
+    └── .kosmos/<task>/<stem>/0003.json  resume state: finished page 3, one page object (JSONL schema)
+
+In ``.txt`` files pages are separated by a form-feed line (``"\\f\\n"``, as pdftotext does); polygons
+are in each page's own pixels. A single-page selection (``pages == [1]``) gets no ``<!-- page -->``
+comment. ``ocr`` and ``ground`` both write ``.txt``/``.json``: give them different OUT folders.
+
+Resume, in four rules:
+1. Every finished page is stored at once, atomically, as ``.kosmos/<task>/<stem>/NNNN.json``. A
+   failed page is stored too, with ``"error"`` set, so its document can still be assembled (with a
+   placeholder), but it does not count as done.
+2. After storing a page, `OutputDir.assemble` (re)writes the document's files, atomically, if and only
+   if every page selected for the document in this run has a page file. The files hold exactly those
+   pages, in page order (the command's selection, not whatever earlier runs left behind).
+3. A re-run skips pages that are done (`OutputDir.is_done`: page file present, no error, same model),
+   unless ``overwrite``; skipped pages are still read back when the document is assembled.
+4. Every file is replaced atomically (temp file in the same folder, fsync, ``os.replace``), so a crash
+   leaves the old or the new version of a file, never a torn one; a document file that lags its page
+   files is rebuilt by the next run. Deleting OUT (or ``.kosmos``) starts from scratch.
+The state folder is hidden so that ``ls OUT`` shows results and directory inputs skip it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = [
+    "OutputDir",
+    "PageResult",
+    "atomic_open",
+    "atomic_save_png",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "draw_overlay",
+    "format_caption",
+    "format_jsonl",
+    "format_markdown",
+    "format_ocr",
+    "format_text",
+    "iter_jsonl",
+    "page_comment",
+    "task_kind",
+]
+
+_TASKS = {"md": "md", "markdown": "md", "ocr": "ocr", "ground": "ground", "grounding": "ground"}
+STATE_DIR = ".kosmos"
+PAGE_SEPARATOR = "\f\n"  # between pages in .txt files
+
+# Read the umask once (os.umask can only be read by setting it, which is not thread-safe later).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def task_kind(task: str) -> str:
+    """Normalise a task name: ``md``/``markdown`` → ``md``, ``ocr``, ``ground``/``grounding`` → ``ground``."""
+    try:
+        return _TASKS[task]
+    except KeyError:
+        raise ValueError(f"unknown task {task!r} (expected one of {sorted(set(_TASKS))})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# The page result (the JSONL schema of DESIGN.md)
+# --------------------------------------------------------------------------------------------------
+
+
+def _plain(obj: Any) -> Any:
+    """Lines/entities as given by the tasks (dataclasses, tuples, dicts) → JSON-ready values."""
+    if hasattr(obj, "to_dict"):
+        return _plain(obj.to_dict())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _plain(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+@dataclass
+class PageResult:
+    """One page's result; `to_json` is one line of ``--format jsonl`` (field order as documented).
+
+    ``lines`` are ``{"text", "polygon"}`` (or `Line` objects), ``entities`` are ``{"text", "span",
+    "boxes", ...}`` (or objects with ``to_dict``); ``width``/``height`` are the rendered page size.
+    """
+
+    source: str
+    page: int
+    task: str
+    model: str
+    width: int = 0
+    height: int = 0
+    text: str = ""
+    lines: list = field(default_factory=list)
+    entities: list = field(default_factory=list)
+    raw: str = ""
+    truncated: bool = False
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "source": os.fspath(self.source),
+            "page": int(self.page),
+            "task": self.task,
+            "model": self.model,
+            "width": int(self.width),
+            "height": int(self.height),
+            "text": self.text,
+            "lines": _plain(list(self.lines)),
+            "entities": _plain(list(self.entities)),
+            "raw": self.raw,
+            "truncated": bool(self.truncated),
+            "error": self.error,
+        }
+
+    def to_json(self) -> str:
+        """One line of JSON (no newline)."""
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PageResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_json(cls, s: str) -> PageResult:
+        return cls.from_dict(json.loads(s))
+
+    @classmethod
+    def failed(cls, source, page: int, task: str, model: str, error: str) -> PageResult:
+        """A page (or document, page 0) that produced no result."""
+        return cls(source=os.fspath(source), page=page, task=task, model=model, error=str(error))
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic files
+# --------------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """Write ``path`` atomically: yields a binary file in the same folder; on success it is fsynced
+    and renamed over ``path``; on any exception (KeyboardInterrupt included) it is removed and
+    ``path`` is untouched. Parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        try:  # mkstemp makes 0600 files; give the result the mode a plain open() would
+            mode = os.stat(path).st_mode & 0o777
+        except OSError:
+            mode = 0o666 & ~_UMASK
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (see `atomic_open`)."""
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_png(path: str | os.PathLike, image: Image.Image) -> None:
+    """Save ``image`` as PNG at ``path`` atomically."""
+    with atomic_open(path) as f:
+        image.save(f, format="PNG")
+
+
+# --------------------------------------------------------------------------------------------------
+# Text formats (stdout and document files)
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_dict(result: PageResult | dict) -> dict:
+    return result.to_dict() if isinstance(result, PageResult) else result
+
+
+def format_markdown(result: PageResult | dict) -> str:
+    """The page's markdown."""
+    return _as_dict(result)["text"]
+
+
+def format_ocr(result: PageResult | dict) -> str:
+    """The page's lines as ``x0,y0,x1,y0,x1,y1,x0,y1,text``, one per line, no trailing newline."""
+    lines = _as_dict(result)["lines"]
+    return "\n".join(",".join(str(int(v)) for v in ln["polygon"]) + "," + ln["text"] for ln in lines)
+
+
+def format_caption(result: PageResult | dict) -> str:
+    """The grounded caption (tags removed)."""
+    return _as_dict(result)["text"]
+
+
+def format_text(result: PageResult | dict) -> str:
+    """The plain stdout form of a page for its task (markdown, OCR lines, or caption)."""
+    d = _as_dict(result)
+    kind = task_kind(d["task"])
+    return {"md": format_markdown, "ocr": format_ocr, "ground": format_caption}[kind](d)
+
+
+def format_jsonl(result: PageResult | dict) -> str:
+    """One JSON line (no newline)."""
+    return result.to_json() if isinstance(result, PageResult) else json.dumps(result, ensure_ascii=False)
+
+
+def page_comment(page: int, error: str | None = None, source: str | None = None) -> str:
+    """``<!-- page 3 -->`` (with the source or an error when given), safe inside markdown."""
+    parts = []
+    if source is not None:
+        parts.append(str(source))
+    parts.append(f"page {page}")
+    body = ", ".join(parts)
+    if error:
+        body += f": error: {error}"
+    return "<!-- " + body.replace("--", "- -") + " -->"
+
+
+# --------------------------------------------------------------------------------------------------
+# The output folder
+# --------------------------------------------------------------------------------------------------
+
+
+class OutputDir:
+    """The ``-o OUT`` folder for one task: page state, document assembly and overlays.
+
+    Typical use (see the module docstring for the layout and the resume rules)::
+
+        out = OutputDir("out", "ocr", model=model_id, overwrite=False)
+        jobs = iter_pages(files, pages, dpi, skip=lambda j: out.is_done(j.stem, j.page))
+        for job in prefetch(jobs):
+            ... out.write_page(job.stem, result); out.assemble(job.stem, job.selected)
+    """
+
+    def __init__(self, root: str | os.PathLike, task: str, *, model: str | None = None, overwrite: bool = False):
+        self.root = Path(root)
+        self.task = task
+        self.kind = task_kind(task)
+        self.model = model
+        self.overwrite = overwrite
+
+    def __repr__(self) -> str:
+        return f"OutputDir({str(self.root)!r}, task={self.task!r})"
+
+    # paths
+    def page_file(self, stem: str, page: int) -> Path:
+        return self.root / STATE_DIR / self.kind / stem / f"{page:04d}.json"
+
+    def overlay_file(self, stem: str, page: int) -> Path:
+        return self.root / f"{stem}.overlay-{page:04d}.png"
+
+    def document_files(self, stem: str) -> list[Path]:
+        """The files `assemble` writes for ``stem``."""
+        exts = {"md": [".md"], "ocr": [".txt", ".json"], "ground": [".txt", ".json"]}[self.kind]
+        return [self.root / f"{stem}{ext}" for ext in exts]
+
+    # pages
+    def read_page(self, stem: str, page: int) -> PageResult | None:
+        """The stored page, or None if absent or unreadable."""
+        try:
+            return PageResult.from_json(self.page_file(stem, page).read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def is_done(self, stem: str, page: int) -> bool:
+        """True if the page needs no work: stored without error, by the same model, and not overwriting."""
+        if self.overwrite:
+            return False
+        r = self.read_page(stem, page)
+        return r is not None and r.error is None and (self.model is None or r.model == self.model)
+
+    def write_page(self, stem: str, result: PageResult) -> Path:
+        """Store one page's result atomically (rule 1); returns the page file."""
+        path = self.page_file(stem, result.page)
+        atomic_write_text(path, result.to_json() + "\n")
+        return path
+
+    def write_overlay(self, stem: str, page: int, image: Image.Image) -> Path:
+        path = self.overlay_file(stem, page)
+        atomic_save_png(path, image)
+        return path
+
+    # documents
+    def assemble(self, stem: str, pages: Sequence[int]) -> list[Path]:
+        """Write the document files if every page in ``pages`` is stored (rule 2).
+
+        Returns the files written, or [] while pages are missing.
+        """
+        results = []
+        for page in sorted(set(pages)):
+            r = self.read_page(stem, page)
+            if r is None:
+                return []
+            results.append(r)
+        if not results:
+            return []
+        contents = self._render_document(results)
+        paths = self.document_files(stem)
+        for path, text in zip(paths, contents):
+            atomic_write_text(path, text)
+        return paths
+
+    def _render_document(self, results: list[PageResult]) -> list[str]:
+        single = [r.page for r in results] == [1]
+        if self.kind == "md":
+            parts = []
+            for r in results:
+                if r.error is not None:
+                    parts.append(page_comment(r.page, r.error))
+                elif single:
+                    parts.append(r.text)
+                else:
+                    parts.append(page_comment(r.page) + "\n\n" + r.text)
+            return ["\n\n".join(p.rstrip("\n") for p in parts) + "\n"]
+        fmt = format_ocr if self.kind == "ocr" else format_caption
+        txt = PAGE_SEPARATOR.join(_terminated(fmt(r) if r.error is None else "") for r in results)
+        first = results[0]
+        doc = {
+            "source": first.to_dict()["source"],
+            "task": first.task,
+            "model": first.model,
+            "pages": [r.to_dict() for r in results],
+        }
+        return [txt, json.dumps(doc, ensure_ascii=False, indent=1) + "\n"]
+
+
+def _terminated(text: str) -> str:
+    return text if not text or text.endswith("\n") else text + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Overlays
+# --------------------------------------------------------------------------------------------------
+
+_PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+            (70, 240, 240), (240, 50, 230), (128, 128, 0), (0, 128, 128), (170, 110, 40)]
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except Exception:  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def draw_overlay(image: Image.Image, result: PageResult | dict) -> Image.Image:
+    """A copy of the page with the OCR polygons, or the grounding boxes labelled with their phrase.
+
+    Coordinates are scaled from the result's width/height to the image if they differ; grounding
+    boxes may be normalised (0–1) or in pixels.
+    """
+    d = _as_dict(result)
+    im = image.convert("RGB") if image.mode != "RGB" else image.copy()
+    w, h = im.size
+    sx = w / d["width"] if d.get("width") else 1.0
+    sy = h / d["height"] if d.get("height") else 1.0
+    lw = max(2, round(max(w, h) / 600))
+    draw = ImageDraw.Draw(im)
+    for i, line in enumerate(d.get("lines") or []):
+        poly = line.get("polygon") if isinstance(line, dict) else None
+        if not poly or len(poly) < 8:
+            continue
+        pts = [(poly[k] * sx, poly[k + 1] * sy) for k in range(0, len(poly) - 1, 2)]
+        draw.polygon(pts, outline=_PALETTE[i % 3], width=lw)
+    font = _font(max(12, round(max(w, h) / 60)))
+    for i, ent in enumerate(d.get("entities") or []):
+        color = _PALETTE[i % len(_PALETTE)]
+        for box in ent.get("boxes") or []:
+            x0, y0, x1, y1 = (float(v) for v in box[:4])
+            if max(x0, y0, x1, y1) <= 1.0:  # normalised
+                x0, x1, y0, y1 = x0 * w, x1 * w, y0 * h, y1 * h
+            else:
+                x0, x1, y0, y1 = x0 * sx, x1 * sx, y0 * sy, y1 * sy
+            draw.rectangle([x0, y0, x1, y1], outline=color, width=lw)
+            label = str(ent.get("text", ""))
+            if label:
+                l, t, r, b = draw.textbbox((0, 0), label, font=font)
+                tw, th = r - l + 2 * lw, b - t + 2 * lw
+                ty = y0 - th if y0 - th >= 0 else y0  # above the box, or inside at the top edge
+                draw.rectangle([x0, ty, x0 + tw, ty + th], fill=color)
+                draw.text((x0 + lw - l, ty + lw - t), label, fill=(255, 255, 255), font=font)
+    return im
+
+
+def iter_jsonl(lines: Iterable[str]) -> Iterator[PageResult]:
+    """Parse ``--format jsonl`` output back into PageResults (blank lines ignored)."""
+    for line in lines:
+        if line.strip():
+            yield PageResult.from_json(line)

@@ -1,0 +1,130 @@
+"""Test helpers: PDFs and images built at test time, without extra packages.
+
+`make_pdf` writes a minimal PDF by hand, optionally encrypted with the standard security handler
+(revision 2, 40-bit RC4: MD5 and RC4 are a few lines of Python), which pdfium opens like any other.
+`make_image_pdf` uses pypdfium2 itself to place a coloured square on every page.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+from pathlib import Path
+
+import pypdfium2 as pdfium
+from PIL import Image
+
+_PAD = bytes.fromhex("28BF4E5E4E758A4164004E56FFFA01082E2E00B6D0683E802F0CA9FE6453697A")
+
+
+def _rc4(key: bytes, data: bytes) -> bytes:
+    s = list(range(256))
+    j = 0
+    for i in range(256):
+        j = (j + s[i] + key[i % len(key)]) % 256
+        s[i], s[j] = s[j], s[i]
+    i = j = 0
+    out = bytearray()
+    for b in data:
+        i = (i + 1) % 256
+        j = (j + s[i]) % 256
+        s[i], s[j] = s[j], s[i]
+        out.append(b ^ s[(s[i] + s[j]) % 256])
+    return bytes(out)
+
+
+def _pad(pw: str) -> bytes:
+    return (pw.encode("latin-1") + _PAD)[:32]
+
+
+BLACK_BOX = b"0 0 0 rg 20 20 60 60 re f"  # a black 60×60 pt square at (20, 20) from the bottom left
+
+
+def make_pdf(
+    path: Path,
+    pages: list[bytes] | int = 1,
+    *,
+    size: tuple[float, float] = (200, 100),
+    user_password: str | None = None,
+    owner_password: str = "owner",
+) -> Path:
+    """Write a PDF whose pages have the given content streams (or ``pages`` black-box pages).
+
+    With ``user_password`` (may be "" for an owner-only PDF) the file is RC4-40 encrypted.
+    """
+    contents = [BLACK_BOX] * pages if isinstance(pages, int) else list(pages)
+    file_id = b"0123456789abcdef"
+    n = len(contents)
+    objs: dict[int, bytes] = {1: b"<< /Type /Catalog /Pages 2 0 R >>"}
+    kids = " ".join(f"{3 + 2 * i} 0 R" for i in range(n))
+    objs[2] = f"<< /Type /Pages /Kids [{kids}] /Count {n} >>".encode()
+    key = None
+    enc_num = 3 + 2 * n
+    if user_password is not None:
+        p = -4
+        o = _rc4(hashlib.md5(_pad(owner_password)).digest()[:5], _pad(user_password))
+        key = hashlib.md5(_pad(user_password) + o + struct.pack("<i", p) + file_id).digest()[:5]
+        u = _rc4(key, _PAD)
+        objs[enc_num] = f"<< /Filter /Standard /V 1 /R 2 /O <{o.hex()}> /U <{u.hex()}> /P {p} >>".encode()
+    w, h = size
+    for i, content in enumerate(contents):
+        pn, cn = 3 + 2 * i, 4 + 2 * i
+        objs[pn] = f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 {w} {h}] /Contents {cn} 0 R >>".encode()
+        data = content
+        if key is not None:
+            data = _rc4(hashlib.md5(key + struct.pack("<i", cn)[:3] + b"\0\0").digest()[:10], data)
+        objs[cn] = f"<< /Length {len(data)} >>\nstream\n".encode() + data + b"\nendstream"
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = {}
+    for num in sorted(objs):
+        offsets[num] = len(out)
+        out += f"{num} 0 obj\n".encode() + objs[num] + b"\nendobj\n"
+    xref = len(out)
+    count = max(objs) + 1
+    out += f"xref\n0 {count}\n0000000000 65535 f \n".encode()
+    for num in range(1, count):
+        out += f"{offsets[num]:010d} 00000 n \n".encode()
+    trailer = f"trailer\n<< /Size {count} /Root 1 0 R /ID [<{file_id.hex()}> <{file_id.hex()}>]"
+    if key is not None:
+        trailer += f" /Encrypt {enc_num} 0 R"
+    out += (trailer + f" >>\nstartxref\n{xref}\n%%EOF\n").encode()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(bytes(out))
+    return Path(path)
+
+
+def page_color(k: int) -> tuple[int, int, int]:
+    """The colour of the square on page k (0-based) of `make_image_pdf`."""
+    return (40 * k % 256, 255 - 30 * k % 256, 100)
+
+
+def make_image_pdf(path: Path, n_pages: int, size: tuple[float, float] = (144, 72)) -> Path:
+    """A PDF made with pypdfium2: page k holds a 36×36 pt square of `page_color(k)` at (18, 18) pt."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pdf = pdfium.PdfDocument.new()
+    try:
+        for k in range(n_pages):
+            page = pdf.new_page(*size)
+            img = pdfium.PdfImage.new(pdf)
+            img.set_bitmap(pdfium.PdfBitmap.from_pil(Image.new("RGB", (4, 4), page_color(k))))
+            img.set_matrix(pdfium.PdfMatrix().scale(36, 36).translate(18, 18))
+            page.insert_obj(img)
+            page.gen_content()
+            page.close()
+        pdf.save(str(path))
+    finally:
+        pdf.close()
+    return Path(path)
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG that claims ``width``×``height`` but holds one empty IDAT: a decompression-bomb stand-in."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    Path(path).write_bytes(data)
+    return Path(path)

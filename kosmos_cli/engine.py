@@ -3,18 +3,35 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
 
-from .models import kosmos2_5
+from .models import kosmos2, kosmos2_5
 from .models.config import Kosmos25Config, read_config
-from .models.generation import Prompt, greedy_generate
+from .models.generation import Generated, Prompt, greedy_generate
 from .models.loading import ModelLoadError, load_weights, resolve_model_dir
-from .processing.images import kosmos2_5_patches, read_image_processor_config
+from .processing.images import clip_pixels, kosmos2_5_patches, read_image_processor_config
+from .processing.kosmos2 import Kosmos2Tokenizer
 from .processing.kosmos2_5 import Kosmos25Tokenizer
+
+
+@dataclass
+class Output:
+    """One image's generation: new ids, their text, why decoding stopped ("eos", "length", "loop"),
+    and the size (width, height) of the image as the model saw it (Kosmos-2.5 OCR boxes live there)."""
+
+    ids: list[int]
+    text: str
+    stop: str
+    model_size: tuple[int, int]
+
+    @property
+    def truncated(self) -> bool:
+        return self.stop != "eos"
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -43,24 +60,43 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
 
 
 class Engine:
-    """A loaded model with its tokenizer and image preprocessing. Build it with `kosmos_cli.load()`."""
+    """A loaded model with its tokenizer and image preprocessing. Build it with `kosmos_cli.load()`.
+
+    kind: "kosmos-2.5" (Pix2Struct patches, prompts "<ocr>" / "<md>" / chat) or "kosmos-2"
+    (CLIP pixels, grounding prompts such as "<grounding> An image of")."""
 
     def __init__(self, name: str, model_dir: Path, device: torch.device, dtype: torch.dtype):
         self.name, self.device, self.dtype = name, device, dtype
-        config = read_config(model_dir)
-        if not isinstance(config, Kosmos25Config):
-            raise ModelLoadError(f"{name}: Kosmos-2 support is not built yet")
-        self.config = config
-        self.kind = kosmos2_5.Kosmos25.kind
-        self.tokenizer = Kosmos25Tokenizer.from_dir(model_dir)
-        self.max_patches = int(read_image_processor_config(model_dir).get("max_patches", config.vision.max_num_patches))
+        self.config = config = read_config(model_dir)
+        self.image_config = read_image_processor_config(model_dir)
+        if isinstance(config, Kosmos25Config):
+            arch, self.tokenizer = kosmos2_5, Kosmos25Tokenizer.from_dir(model_dir)
+            model_class = kosmos2_5.Kosmos25
+            self.max_patches = int(self.image_config.get("max_patches", config.vision.max_num_patches))
+            # The original Kosmos-2.5 decodes plainly: OCR legitimately repeats n-grams.
+            self.no_repeat_ngram_size = 0
+        else:
+            arch, self.tokenizer = kosmos2, Kosmos2Tokenizer.from_dir(model_dir)
+            model_class = kosmos2.Kosmos2
+            # The Kosmos-2 demo blocks repeated 3-grams; transformers 5 needs it passed explicitly.
+            self.no_repeat_ngram_size = 3
+        self.kind = model_class.kind
         with torch.device("meta"):
-            model = kosmos2_5.Kosmos25(config)
+            model = model_class(config)
         ignore = ("text_model.lm_head.",) if config.tie_word_embeddings else ()
-        load_weights(model, model_dir, kosmos2_5.CHECKPOINT_NAMES, kosmos2_5.CHECKPOINT_LEAF_NAMES,
+        load_weights(model, model_dir, arch.CHECKPOINT_NAMES, arch.CHECKPOINT_LEAF_NAMES,
                      dtype=dtype, device=device, ignore=ignore)
         self.model = model.eval()
         self.eos_ids = _eos_ids(model_dir, config.text.eos_token_id)
+
+    def pixel_inputs(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """The vision tower's input for a batch (Kosmos-2.5 patches (B, P, 770) or CLIP pixels
+        (B, 3, H, W)) and each image's (width, height) as the model sees it."""
+        if self.kind == "kosmos-2.5":
+            grids = [kosmos2_5_patches(image, self.max_patches) for image in images]
+            return torch.stack([g.patches for g in grids]).to(self.device), [(g.width, g.height) for g in grids]
+        pixels = torch.stack([clip_pixels(image, self.image_config) for image in images])
+        return pixels.to(self.device), [(pixels.shape[3], pixels.shape[2])] * len(images)
 
     def generate(
         self,
@@ -68,9 +104,26 @@ class Engine:
         prompts: str | Sequence[str],
         max_new_tokens: int | Sequence[int] = 1024,
         min_new_tokens: int = 0,
+        no_repeat_ngram_size: int | None = None,
     ) -> list[list[int]]:
         """Greedy new token ids per image (EOS excluded). `prompts`: one task text for all images or
-        one per image (e.g. "<ocr>", "<md>"). Batching never changes the result."""
+        one per image (e.g. "<ocr>", "<md>", "<grounding> An image of"); `max_new_tokens` likewise.
+        Batching never changes the result. no_repeat_ngram_size: None = the model's default (3 for
+        Kosmos-2, as its demo; 0 for Kosmos-2.5)."""
+        outputs = self.run(images, prompts, max_new_tokens, min_new_tokens, no_repeat_ngram_size)
+        return [out.ids for out in outputs]
+
+    def run(
+        self,
+        images: Sequence[Image.Image],
+        prompts: str | Sequence[str],
+        max_new_tokens: int | Sequence[int] = 1024,
+        min_new_tokens: int = 0,
+        no_repeat_ngram_size: int | None = None,
+        loop_check: Callable[[list[int]], int | None] | None = None,
+    ) -> list[Output]:
+        """Like generate(), with decoded text, stop reasons and model-space sizes; `loop_check`
+        (new ids -> how many to keep, or None) ends rows that have fallen into a loop."""
         images = list(images)
         prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         limits = [max_new_tokens] * len(images) if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -78,12 +131,11 @@ class Engine:
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts and {len(limits)} token limits")
         if not images:
             return []
-        grids = [kosmos2_5_patches(image, self.max_patches) for image in images]
-        patches = torch.stack([g.patches for g in grids]).to(self.device)
+        pixels, sizes = self.pixel_inputs(images)
         encoded = [self.tokenizer.prompt(p, self.config.latent_query_num) for p in prompts]
         with torch.inference_mode():
-            image_embeds = self.model.encode_images(patches)
-        return greedy_generate(
+            image_embeds = self.model.encode_images(pixels)
+        generated: list[Generated] = greedy_generate(
             self.model.text,
             [Prompt(ids, mask) for ids, mask in encoded],
             image_embeds,
@@ -91,7 +143,10 @@ class Engine:
             min_new_tokens=min_new_tokens,
             eos_ids=self.eos_ids,
             pad_id=self.config.text.pad_token_id,
+            no_repeat_ngram_size=self.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size,
+            loop_check=loop_check,
         )
+        return [Output(g.ids, self.decode(g.ids), g.stop, size) for g, size in zip(generated, sizes)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))

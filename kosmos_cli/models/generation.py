@@ -6,6 +6,7 @@ lengths (right-padded at prefill) and still give exactly what each sequence give
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -14,6 +15,8 @@ from .layers import DecodeStep, TextDecoder
 # How many decode steps run between checks that every sequence has finished: each check is a
 # host-device sync, which would otherwise stall the GPU queue once per token.
 DONE_CHECK_EVERY = 8
+# The loop guard copies the generated tokens to the host and scans them in Python, so it runs less often.
+LOOP_CHECK_EVERY = 32
 
 
 @dataclass
@@ -22,6 +25,14 @@ class Prompt:
 
     ids: list[int]
     image_mask: list[int]
+
+
+@dataclass
+class Generated:
+    """One sequence's new ids (EOS excluded) and why it stopped: "eos", "length" or "loop"."""
+
+    ids: list[int]
+    stop: str
 
 
 @torch.inference_mode()
@@ -35,8 +46,12 @@ def greedy_generate(
     eos_ids: list[int],
     pad_id: int,
     no_repeat_ngram_size: int = 0,
-) -> list[list[int]]:
-    """image_embeds (B, Q, D), one row per prompt. Returns the new ids per prompt, EOS excluded."""
+    loop_check: Callable[[list[int]], int | None] | None = None,
+) -> list[Generated]:
+    """image_embeds (B, Q, D), one row per prompt. Returns the new ids per prompt, EOS excluded.
+
+    loop_check(new ids) -> None, or how many of them to keep when the row has fallen into a loop;
+    such a row stops there with stop="loop"."""
     device = image_embeds.device
     batch = len(prompts)
     lengths_host = [len(p.ids) for p in prompts]
@@ -59,6 +74,7 @@ def greedy_generate(
     hidden = decoder(x, cache, DecodeStep.prefill_rows(rows))[rows, lengths - 1]  # (B, D)
 
     done = torch.tensor([m <= 0 for m in max_new_tokens], device=device)
+    looped: dict[int, int] = {}  # row -> number of new ids to keep
     for step in range(max(max_new_tokens)):
         logits = decoder.logits(hidden).float()  # (B, V)
         if step < min_new_tokens:
@@ -70,6 +86,8 @@ def greedy_generate(
         done = done | torch.isin(next_ids, eos) | (lengths + 1 >= limits)
         if step + 1 == max(max_new_tokens):
             break
+        if loop_check is not None and (step + 1) % LOOP_CHECK_EVERY == 0:
+            done = _stop_loops(tokens, lengths_host, prompts, done, looped, loop_check)
         if (step + 1) % DONE_CHECK_EVERY == 0 and bool(done.all()):
             break
         # Finished rows keep stepping on pad tokens (fixed shapes); their outputs are ignored.
@@ -81,19 +99,31 @@ def greedy_generate(
 
     results = []
     for b, p in enumerate(prompts):
-        new = tokens[b, len(p.ids) :].tolist()
-        results.append(_until_stop(new, set(eos_ids), pad_id))
+        new = tokens[b, len(p.ids) : len(p.ids) + max_new_tokens[b]].tolist()
+        if b in looped:
+            results.append(Generated(new[: looped[b]], "loop"))
+            continue
+        stop = next((i for i, t in enumerate(new) if t in eos_ids), None)
+        results.append(Generated(new[:stop], "eos") if stop is not None else Generated(new, "length"))
     return results
 
 
-def _until_stop(ids: list[int], eos: set[int], pad_id: int) -> list[int]:
-    for i, t in enumerate(ids):
-        if t in eos:
-            return ids[:i]
-    # No EOS: the row stopped at its token limit; trailing pads are the unused capacity.
-    while ids and ids[-1] == pad_id:
-        ids.pop()
-    return ids
+def _stop_loops(tokens, lengths_host, prompts, done, looped, loop_check) -> torch.Tensor:
+    """Run loop_check on every unfinished row; mark looping rows done. One device-to-host copy."""
+    active = (~done).tolist()
+    if not any(active):
+        return done
+    host = tokens[:, : max(lengths_host) + 1].tolist()
+    for b, p in enumerate(prompts):
+        if active[b]:
+            keep = loop_check(host[b][len(p.ids) : lengths_host[b] + 1])
+            if keep is not None:
+                looped[b] = keep
+    if not looped:
+        return done
+    stopped = torch.zeros_like(done)
+    stopped[list(looped)] = True
+    return done | stopped
 
 
 def ban_repeated_ngrams(logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, n: int) -> None:

@@ -25,3 +25,8 @@ def clean_markdown(raw: str) -> str:
     text = "\n".join(line.strip() for line in text.splitlines())
     text = re.sub(r"\n{3,}", "\n\n", text)
     return text.strip()
+
+
+def page_fields(raw: str, model_size: tuple[int, int], page_size: tuple[int, int]) -> dict:
+    """The page result's fields for raw ``<md>`` output."""
+    return {"text": clean_markdown(raw)}

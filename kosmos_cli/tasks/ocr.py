@@ -90,3 +90,9 @@ def format_line(line: Line) -> str:
 def format_lines(lines: Iterable[Line]) -> str:
     """All lines in the plain OCR format, newline-separated, no trailing newline."""
     return "\n".join(format_line(line) for line in lines)
+
+
+def page_fields(raw: str, model_size: tuple[int, int], page_size: tuple[int, int]) -> dict:
+    """The page result's fields for raw ``<ocr>`` output: text and lines with page-pixel polygons."""
+    lines = parse_ocr(raw, image_size=model_size, page_size=page_size)
+    return {"text": ocr_text(lines), "lines": [line.to_dict() for line in lines]}

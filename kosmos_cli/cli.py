@@ -1,0 +1,367 @@
+"""The `kosmos` command: thin Typer layer (flags -> library calls -> exit code).
+
+Exit codes: 0 every page done; 1 some inputs or pages failed (each named on stderr, the rest still
+written); 2 usage error (bad flag, nothing to do); 130 interrupted."""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+
+from . import documents
+from .documents import ErrorJob, PageJob
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Transcribe documents with Kosmos-2.5 (markdown, OCR lines with polygons) and ground captions "
+    "with Kosmos-2. Results go to stdout (or to files with -o); progress and errors go to stderr.",
+)
+
+INPUTS_HELP = "Files (PDF, PNG, JPEG, TIFF, WebP, BMP, GIF), directories (searched recursively), globs, or - to read paths from stdin."
+
+
+@dataclass
+class Options:
+    output: Optional[Path]
+    model: Optional[str]
+    device: str
+    dtype: str
+    batch_size: str
+    max_new_tokens: Optional[int]
+    pages: Optional[str]
+    dpi: float
+    password: Optional[str]
+    format: str
+    overlay: bool
+    overwrite: bool
+    quiet: bool
+    debug: bool
+
+
+def _options(
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write files under this directory (mirrors input subfolders) instead of stdout; re-runs skip finished pages."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hugging Face repo id or local checkpoint directory. [default: microsoft/kosmos-2.5 for ocr/md, microsoft/kosmos-2-patch14-224 for ground]"),
+    device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32."),
+    batch_size: str = typer.Option("auto", "--batch-size", "-b", help="Pages decoded together: a number, or auto (8 on CUDA, 1 on CPU)."),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="Token budget per page; a page that hits it is marked truncated. [default: 3072 for ocr/md, 128 for ground]"),
+    pages: Optional[str] = typer.Option(None, "--pages", "-p", help="Pages to process in every document, 1-based: 1-3,7 or 5- or -2."),
+    dpi: float = typer.Option(documents.DEFAULT_DPI, min=36, max=1200, help="PDF rendering resolution. 200 dpi puts a letter page at 1700x2200 px, about twice the ~1 MP grid Kosmos-2.5 reads."),
+    password: Optional[str] = typer.Option(None, help="Password for encrypted PDFs."),
+    format: str = typer.Option("text", "--format", "-f", help="stdout format: text (markdown, OCR lines x0,y0,x1,y0,x1,y1,x0,y1,text, or the caption) or jsonl (one JSON object per page)."),
+    overlay: bool = typer.Option(False, help="With -o: also write a PNG per page with the boxes drawn."),
+    overwrite: bool = typer.Option(False, help="With -o: redo pages that are already written."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary; errors are still reported."),
+    debug: bool = typer.Option(False, help="Show Python tracebacks for errors."),
+) -> Options:
+    return Options(output, model, device, dtype, batch_size, max_new_tokens, pages, dpi, password, format,
+                   overlay, overwrite, quiet, debug)
+
+
+def _fail_usage(message: str) -> None:
+    typer.echo(f"kosmos: {message}", err=True)
+    raise typer.Exit(2)
+
+
+# Typer has no option groups shared between commands, so each command takes the common options
+# through this wrapper, which copies _options' parameters onto the command's signature.
+def _command(name: str, doc: str, *, ask: bool = False, ground: bool = False):
+    import inspect
+    import typing
+
+    # Real types, not the strings `from __future__ import annotations` leaves: Typer validates with them.
+    hints = typing.get_type_hints(_options)
+    common = [p.replace(annotation=hints[p.name]) for p in inspect.signature(_options).parameters.values()]
+    first = [inspect.Parameter("inputs", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[str],
+                               default=typer.Argument(..., help=INPUTS_HELP if not ground else
+                                                      INPUTS_HELP + " A last argument that is not a path is the prompt (default \"<grounding> An image of\").",
+                                                      show_default=False))]
+    extra = []
+    if ask:
+        extra.append(inspect.Parameter("ask", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
+            None, "--ask", help="Ask a question about each page with microsoft/kosmos-2.5-chat (the default model then).")))
+    if ground:
+        extra.append(inspect.Parameter("prompt", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
+            None, "--prompt", help="Prompt to ground, e.g. \"<grounding> An image of\" or \"<grounding><phrase> a dog</phrase>\".")))
+    params = first + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in common] + extra
+
+    def command(**kwargs):
+        inputs = kwargs.pop("inputs")
+        question = kwargs.pop("ask", None)
+        prompt = kwargs.pop("prompt", None)
+        opts = _options(**kwargs)
+        if ground and prompt is None and len(inputs) > 1 and _looks_like_prompt(inputs[-1]):
+            inputs, prompt = inputs[:-1], inputs[-1]
+        raise typer.Exit(run(name, inputs, opts, prompt=prompt, question=question))
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = doc
+    command.__name__ = name
+    return command
+
+
+def _looks_like_prompt(arg: str) -> bool:
+    return not Path(arg).exists() and not any(c in arg for c in "*?[") and (" " in arg or arg.startswith("<"))
+
+
+app.command("ocr")(_command("ocr", "Kosmos-2.5 OCR: text lines with 8-point polygons (x0,y0,x1,y0,x1,y1,x0,y1) in page pixels."))
+app.command("md")(_command("md", "Kosmos-2.5 markdown of each page (or answers with --ask).", ask=True))
+app.command("ground")(_command("ground", "Kosmos-2 grounded caption of each image: caption, phrases and their boxes.", ground=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    pages: int = 0
+    failed: int = 0
+    skipped: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    failed_inputs: set = field(default_factory=set)
+
+
+def run(task_name: str, inputs: list[str], opts: Options, *, prompt: str | None = None, question: str | None = None) -> int:
+    """Run one command; returns the exit code."""
+    from .pipeline import TASKS
+
+    task = TASKS[task_name]
+    if opts.format not in ("text", "jsonl"):
+        _fail_usage(f"--format must be text or jsonl, not {opts.format!r}")
+    if (opts.overlay or opts.overwrite) and opts.output is None:
+        _fail_usage("--overlay and --overwrite need -o/--output DIR")
+    try:
+        selection = documents.parse_pages(opts.pages) if opts.pages else None
+    except ValueError as err:
+        _fail_usage(f"--pages: {err}")
+    batch_size = _batch_size(opts.batch_size)
+    if question is not None:
+        from .processing.kosmos2_5 import chat_prompt
+
+        prompt = chat_prompt(question)
+    model_name = opts.model or ("microsoft/kosmos-2.5-chat" if question is not None else task.default_model)
+
+    files, input_errors = documents.collect_inputs(inputs, exclude=[opts.output] if opts.output else ())
+    tally = Tally()
+    for error in input_errors:
+        _report(f"{error.path}: {error.reason}")
+        tally.failed_inputs.add(str(error.path))
+    if not files:
+        if input_errors:
+            return 1
+        _fail_usage("no supported input files found (PDF, PNG, JPEG, TIFF, WebP, BMP, GIF)")
+
+    out = None
+    if opts.output is not None:
+        from .writers import OutputDir
+
+        out = OutputDir(opts.output, task.name, model=model_name, overwrite=opts.overwrite)
+    skip = (lambda job: out.is_done(job.stem, job.page)) if out is not None else None
+    jobs = documents.iter_pages(files, selection, opts.dpi, opts.password, skip=skip)
+
+    progress = _Progress(not opts.quiet and sys.stderr.isatty(), _count_pages(files, selection, opts), tally)
+    started = time.monotonic()
+    try:
+        with progress:
+            engine_holder: list = []
+            for item, result in _process(task, jobs, engine_holder, model_name, opts, batch_size, prompt, progress, tally):
+                _emit(item, result, out, opts, tally)
+                progress.advance(item, result)
+    except KeyboardInterrupt:
+        _report("interrupted; finished pages are saved and a re-run with -o continues where it stopped")
+        return 130
+    except _Fatal as err:
+        _report(str(err.__cause__ if opts.debug else err))
+        if opts.debug:
+            traceback.print_exception(err.__cause__, file=sys.stderr)
+        return err.code
+    if not opts.quiet:
+        _summary(tally, time.monotonic() - started)
+    return 1 if tally.failed or tally.failed_inputs else 0
+
+
+class _Fatal(Exception):
+    """An error that stops the whole run (the model cannot be loaded)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def _batch_size(value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        _fail_usage(f"--batch-size must be a positive number or auto, not {value!r}")
+    return size
+
+
+def _load_engine(task, model_name: str, opts: Options):
+    """Load the model once the first page needs it (a run whose pages are all done loads nothing)."""
+    from . import engine as engine_module
+    from .models.loading import ModelLoadError
+
+    try:
+        engine = engine_module.load(model_name, device=opts.device, dtype=opts.dtype)
+    except (ModelLoadError, ValueError, FileNotFoundError, RuntimeError) as err:
+        raise _Fatal(f"cannot load model {model_name}: {err}", 1) from err
+    if engine.kind != task.model_kind:
+        raise _Fatal(f"`kosmos {task.name}` needs a {task.model_kind} model, but {model_name} is {engine.kind}", 2)
+    return engine
+
+
+def _process(task, jobs, engine_holder, model_name, opts, batch_size, prompt, progress, tally) -> Iterator:
+    """(item, result) for every page job, rendering ahead and loading the model lazily."""
+    from .pipeline import transcribe
+
+    def lazy_engine_items():
+        for item in documents.prefetch(jobs, depth=max(4, 2 * (batch_size or 8))):
+            if not engine_holder and isinstance(item, PageJob) and not item.skipped:
+                engine_holder.append(_load_engine(task, model_name, opts))
+            yield item
+
+    items = lazy_engine_items()
+    # Items before the first page that needs the model (errors, skipped pages) pass straight through.
+    for item in items:
+        if engine_holder:
+            chained = _chain([item], items)
+            break
+        yield item, None
+    else:
+        return
+    engine = engine_holder[0]
+    size = batch_size or (8 if engine.device.type == "cuda" else 1)
+    yield from transcribe(engine, task, chained, prompt=prompt, batch_size=size, max_new_tokens=opts.max_new_tokens,
+                          on_batch=progress.batch_done)
+
+
+def _chain(first, rest):
+    yield from first
+    yield from rest
+
+
+def _emit(item, result, out, opts: Options, tally: Tally) -> None:
+    """Write one item's outcome: stdout or files, and errors on stderr."""
+    from . import writers
+
+    if isinstance(item, ErrorJob):
+        where = f"{item.source}" + (f": page {item.page}" if item.page else "")
+        if item.warning:
+            _report(f"{where}: {item.error}", note=True)
+        else:
+            _report(f"{where}: {item.error}")
+            tally.failed += 1
+            tally.failed_inputs.add(str(item.source))
+        return
+    if item.skipped:
+        tally.skipped += 1
+    elif result is not None:
+        tally.pages += 1
+        tally.truncated += result.truncated
+        if result.error:
+            _report(f"{item.source}: page {item.page}: {result.error}")
+            tally.failed += 1
+        if out is None:
+            sys.stdout.write(writers.format_jsonl(result) if opts.format == "jsonl" else _text_block(item, result))
+            sys.stdout.flush()
+        else:
+            out.write_page(item.stem, result)
+            if opts.overlay and not result.error:
+                out.write_overlay(item.stem, item.page, writers.draw_overlay(item.image, result))
+    if out is not None and item.is_last:
+        out.assemble(item.stem, item.selected)
+    item.image = None  # the page is done: let its pixels go
+
+
+def _text_block(item: PageJob, result) -> str:
+    from . import writers
+
+    body = writers.format_text(result)
+    header = writers.page_comment(item.page, source=str(item.source)) if len(item.selected) > 1 or item.page != 1 else ""
+    return (header + "\n" if header else "") + body.rstrip("\n") + "\n"
+
+
+def _report(message: str, note: bool = False) -> None:
+    sys.stderr.write(f"kosmos: {'note: ' if note else ''}{message}\n")
+
+
+def _count_pages(files, selection, opts: Options) -> int | None:
+    """Total selected pages, for the progress bar's ETA (documents are only opened, not rendered)."""
+    if opts.quiet or not sys.stderr.isatty():
+        return None
+    total = 0
+    for f in files:
+        try:
+            with documents.open_document(f.path, opts.dpi, opts.password) as doc:
+                total += len(selection.select(doc.num_pages)[0]) if selection else doc.num_pages
+        except documents.DocumentError:
+            continue
+    return total
+
+
+def _summary(tally: Tally, seconds: float) -> None:
+    rate = f"{tally.pages / seconds:.2f} pages/s, {tally.tokens / seconds:.0f} tokens/s" if seconds > 0 else ""
+    parts = [f"{tally.pages} page{'s' * (tally.pages != 1)} in {seconds:.1f}s ({rate})"]
+    if tally.truncated:
+        parts.append(f"{tally.truncated} truncated")
+    if tally.skipped:
+        parts.append(f"{tally.skipped} already done")
+    if tally.failed:
+        parts.append(f"{tally.failed} failed")
+    if tally.failed_inputs:
+        parts.append(f"problems in {len(tally.failed_inputs)} input{'s' * (len(tally.failed_inputs) != 1)}")
+    _report("; ".join(parts))
+
+
+class _Progress:
+    """A rich progress bar on stderr (pages, pages/s, tokens/s, ETA), only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool, total: int | None, tally: Tally):
+        self.enabled, self.total, self.tally = enabled, total, tally
+        self.tokens, self.started = 0, time.monotonic()
+        self.bar = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                                console=Console(stderr=True), transient=True)
+            self.bar.__enter__()
+            self.task = self.bar.add_task("pages", total=self.total, rate="")
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def batch_done(self, results, new_tokens: int) -> None:
+        self.tokens += new_tokens
+        self.tally.tokens += new_tokens
+
+    def advance(self, item, result) -> None:
+        if self.bar is None or isinstance(item, ErrorJob):
+            return
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        done = self.bar.tasks[0].completed + 1
+        self.bar.update(self.task, advance=1, rate=f"{done / elapsed:.2f} pages/s, {self.tokens / elapsed:.0f} tok/s")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
+import click
 import typer
 
 from . import documents
@@ -99,7 +100,19 @@ def _command(name: str, doc: str, *, ask: bool = False, ground: bool = False):
         opts = _options(**kwargs)
         if ground and prompt is None and len(inputs) > 1 and _looks_like_prompt(inputs[-1]):
             inputs, prompt = inputs[:-1], inputs[-1]
-        raise typer.Exit(run(name, inputs, opts, prompt=prompt, question=question))
+        try:
+            code = run(name, inputs, opts, prompt=prompt, question=question)
+        except (typer.Exit, click.exceptions.ClickException):
+            raise
+        except KeyboardInterrupt:
+            _report("interrupted")
+            code = 130
+        except Exception as err:  # a bug or an unforeseen failure: one line, the traceback only with --debug
+            if opts.debug:
+                raise
+            _report(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)")
+            code = 1
+        raise typer.Exit(code)
 
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = doc
@@ -246,7 +259,7 @@ def _process(task, jobs, engine_holder, model_name, opts, batch_size, prompt, pr
     engine = engine_holder[0]
     size = batch_size or (8 if engine.device.type == "cuda" else 1)
     yield from transcribe(engine, task, chained, prompt=prompt, batch_size=size, max_new_tokens=opts.max_new_tokens,
-                          on_batch=progress.batch_done)
+                          on_page=progress.page_done)
 
 
 def _chain(first, rest):
@@ -276,7 +289,7 @@ def _emit(item, result, out, opts: Options, tally: Tally) -> None:
             _report(f"{item.source}: page {item.page}: {result.error}")
             tally.failed += 1
         if out is None:
-            sys.stdout.write(writers.format_jsonl(result) if opts.format == "jsonl" else _text_block(item, result))
+            sys.stdout.write(writers.format_jsonl(result) + "\n" if opts.format == "jsonl" else _text_block(item, result))
             sys.stdout.flush()
         else:
             out.write_page(item.stem, result)
@@ -351,7 +364,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.__exit__(*exc)
 
-    def batch_done(self, results, new_tokens: int) -> None:
+    def page_done(self, result, new_tokens: int) -> None:
         self.tokens += new_tokens
         self.tally.tokens += new_tokens
 

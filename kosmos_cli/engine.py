@@ -5,18 +5,26 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
 
 from .models import kosmos2, kosmos2_5
 from .models.config import Kosmos25Config, read_config
-from .models.generation import Generated, Prompt, greedy_generate
+from .models.generation import DecodeSettings, Prompt, Request, generate
 from .models.loading import ModelLoadError, load_weights, resolve_model_dir
 from .processing.images import clip_pixels, kosmos2_5_patches, read_image_processor_config
 from .processing.kosmos2 import Kosmos2Tokenizer
 from .processing.kosmos2_5 import Kosmos25Tokenizer
+
+
+@dataclass
+class Prepared:
+    """One image ready for the model: the vision tower's input (CPU) and its model-space size."""
+
+    vision_input: torch.Tensor
+    model_size: tuple[int, int]
 
 
 @dataclass
@@ -89,14 +97,14 @@ class Engine:
         self.model = model.eval()
         self.eos_ids = _eos_ids(model_dir, config.text.eos_token_id)
 
-    def pixel_inputs(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """The vision tower's input for a batch (Kosmos-2.5 patches (B, P, 770) or CLIP pixels
-        (B, 3, H, W)) and each image's (width, height) as the model sees it."""
+    def prepare(self, image: Image.Image) -> Prepared:
+        """Preprocess one image on the CPU (thread-safe: run it in background threads to overlap
+        with the GPU): Kosmos-2.5 patches (P, 770) or CLIP pixels (3, H, W)."""
         if self.kind == "kosmos-2.5":
-            grids = [kosmos2_5_patches(image, self.max_patches) for image in images]
-            return torch.stack([g.patches for g in grids]).to(self.device), [(g.width, g.height) for g in grids]
-        pixels = torch.stack([clip_pixels(image, self.image_config) for image in images])
-        return pixels.to(self.device), [(pixels.shape[3], pixels.shape[2])] * len(images)
+            grid = kosmos2_5_patches(image, self.max_patches)
+            return Prepared(grid.patches, (grid.width, grid.height))
+        pixels = clip_pixels(image, self.image_config)
+        return Prepared(pixels, (pixels.shape[2], pixels.shape[1]))
 
     def generate(
         self,
@@ -121,9 +129,11 @@ class Engine:
         min_new_tokens: int = 0,
         no_repeat_ngram_size: int | None = None,
         loop_check: Callable[[list[int]], int | None] | None = None,
+        batch_size: int | None = None,
     ) -> list[Output]:
-        """Like generate(), with decoded text, stop reasons and model-space sizes; `loop_check`
-        (new ids -> how many to keep, or None) ends rows that have fallen into a loop."""
+        """Like generate(), with decoded text, stop reasons and model-space sizes, in input order.
+        `loop_check` (new ids -> how many to keep, or None) ends rows that have fallen into a loop;
+        `batch_size` caps the slots decoded together (default: all images at once)."""
         images = list(images)
         prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         limits = [max_new_tokens] * len(images) if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -131,22 +141,49 @@ class Engine:
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts and {len(limits)} token limits")
         if not images:
             return []
-        pixels, sizes = self.pixel_inputs(images)
-        encoded = [self.tokenizer.prompt(p, self.config.latent_query_num) for p in prompts]
-        with torch.inference_mode():
-            image_embeds = self.model.encode_images(pixels)
-        generated: list[Generated] = greedy_generate(
-            self.model.text,
-            [Prompt(ids, mask) for ids, mask in encoded],
-            image_embeds,
-            max_new_tokens=limits,
-            min_new_tokens=min_new_tokens,
-            eos_ids=self.eos_ids,
-            pad_id=self.config.text.pad_token_id,
-            no_repeat_ngram_size=self.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size,
-            loop_check=loop_check,
-        )
-        return [Output(g.ids, self.decode(g.ids), g.stop, size) for g, size in zip(generated, sizes)]
+        jobs = [(i, self.prepare(im), p, n) for i, (im, p, n) in enumerate(zip(images, prompts, limits))]
+        results = dict(self.stream(jobs, slots=batch_size or len(images), min_new_tokens=min_new_tokens,
+                                   no_repeat_ngram_size=no_repeat_ngram_size, loop_check=loop_check))
+        return [results[i] for i in range(len(images))]
+
+    def stream(
+        self,
+        jobs: Iterable[tuple[Any, Prepared, str, int]],
+        *,
+        slots: int,
+        max_prompt_tokens: int | None = None,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
+        no_repeat_ngram_size: int | None = None,
+        loop_check: Callable[[list[int]], int | None] | None = None,
+    ) -> Iterator[tuple[Any, Output]]:
+        """Continuous batching: yield (key, Output) as pages finish, for jobs (key, prepared image,
+        prompt text, max new tokens) that may arrive lazily. A lazy stream must bound its prompts
+        and budgets up front (max_prompt_tokens, max_new_tokens) to size the KV cache."""
+        if max_prompt_tokens is None or max_new_tokens is None:
+            jobs = list(jobs)
+            if not jobs:
+                return
+            max_prompt_tokens = max(self.prompt_length(prompt) for _, _, prompt, _ in jobs)
+            max_new_tokens = max(n for *_, n in jobs)
+        sizes: dict[Any, tuple[int, int]] = {}
+
+        def requests() -> Iterator[Request]:
+            for key, prepared, prompt, limit in jobs:
+                ids, mask = self.tokenizer.prompt(prompt, self.config.latent_query_num)
+                sizes[key] = prepared.model_size
+                yield Request(Prompt(ids, mask), limit, prepared.vision_input, key)
+
+        ngram = self.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size
+        settings = DecodeSettings(min_new_tokens, tuple(self.eos_ids), self.config.text.pad_token_id, ngram, loop_check)
+        for key, generated in generate(
+            self.model.encode_images, self.model.text, requests(), slots=slots,
+            capacity=max_prompt_tokens + max_new_tokens, settings=settings, dtype=self.dtype, device=self.device,
+        ):
+            yield key, Output(generated.ids, self.decode(generated.ids), generated.stop, sizes.pop(key))
+
+    def prompt_length(self, prompt: str) -> int:
+        return len(self.tokenizer.prompt(prompt, self.config.latent_query_num)[0])
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))

@@ -7,13 +7,15 @@ pass straight through with no result."""
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
 
 from .documents import ErrorJob, PageJob
-from .engine import Engine, Output
+from .engine import Engine, Output, Prepared
 from .tasks import grounding, markdown, ocr
 from .tasks.repetition import find_loop
 from .writers import PageResult
@@ -47,8 +49,7 @@ def loop_guard(ids: list[int]) -> int | None:
     return None if loop is None else loop.keep
 
 
-class OutOfMemory(RuntimeError):
-    """A single page did not fit in GPU memory."""
+OUT_OF_MEMORY = "out of GPU memory on a single page: lower --max-new-tokens or --dpi, or use --device cpu"
 
 
 def transcribe(
@@ -59,58 +60,82 @@ def transcribe(
     prompt: str | None = None,
     batch_size: int = 1,
     max_new_tokens: int | None = None,
-    on_batch: Callable[[list[PageResult], int], None] | None = None,
+    on_page: Callable[[PageResult, int], None] | None = None,
+    lookahead: int = 4,
 ) -> Iterator[tuple[PageJob | ErrorJob, PageResult | None]]:
-    """Run the task on every rendered page; yield (item, result) in input order.
+    """Run the task on every rendered page with continuous batching (`batch_size` slots); yield
+    (item, result) in input order. Error items and skipped pages come out with result None.
 
-    Error items and skipped pages come out with result None. `on_batch(results, new_tokens)` is
-    called after each batch (progress reporting)."""
+    Images are preprocessed up to `lookahead` pages ahead in background threads. On CUDA
+    out-of-memory the slots are halved and the pages in flight start again (greedy decoding is
+    deterministic), so no page is lost; a page that does not fit alone gets an error result.
+    `on_page(result, new_tokens)` is called as each page finishes (progress reporting)."""
     prompt = task.prompt if prompt is None else prompt
     limit = task.max_new_tokens if max_new_tokens is None else max_new_tokens
-    pending: list[PageJob | ErrorJob] = []
+    order: deque[PageJob | ErrorJob] = deque()  # items pulled, waiting for their turn
+    results: dict[int, PageResult] = {}
+    in_flight: dict[int, tuple[PageJob, Prepared]] = {}
+    source = _prepared(engine, items, lookahead, order)
+    retry: list[tuple[PageJob, Prepared]] = []
 
-    def flush() -> Iterator[tuple[PageJob | ErrorJob, PageResult | None]]:
-        pages = [item for item in pending if isinstance(item, PageJob) and not item.skipped]
-        batch, new_tokens = _run(engine, task, pages, prompt, limit)
-        results = {id(job): res for job, res in zip(pages, batch)}
-        if on_batch is not None and pages:
-            on_batch(batch, new_tokens)
-        for item in pending:
-            yield item, results.get(id(item))
-        pending.clear()
+    def ready() -> Iterator[tuple[PageJob | ErrorJob, PageResult | None]]:
+        while order and (not _needs_model(order[0]) or id(order[0]) in results):
+            item = order.popleft()
+            yield item, results.pop(id(item), None)
 
-    for item in items:
-        pending.append(item)
-        if sum(isinstance(i, PageJob) and not i.skipped for i in pending) >= batch_size:
-            yield from flush()
-    yield from flush()
+    def jobs() -> Iterator[tuple[int, Prepared, str, int]]:
+        while retry:
+            page, prepared = retry.pop(0)
+            in_flight[id(page)] = (page, prepared)
+            yield id(page), prepared, prompt, limit
+        for page, prepared in source:
+            in_flight[id(page)] = (page, prepared)
+            yield id(page), prepared, prompt, limit
+
+    slots, prompt_tokens = batch_size, engine.prompt_length(prompt)
+    while True:
+        try:
+            for key, out in engine.stream(jobs(), slots=slots, max_prompt_tokens=prompt_tokens,
+                                          max_new_tokens=limit, loop_check=loop_guard):
+                page, _ = in_flight.pop(key)
+                results[key] = _result(engine, task, page, out, prompt)
+                if on_page is not None:
+                    on_page(results[key], len(out.ids))
+                yield from ready()
+            break
+        except torch.OutOfMemoryError:
+            if engine.device.type == "cuda":
+                torch.cuda.empty_cache()
+            retry = list(in_flight.values())
+            in_flight.clear()
+            if slots > 1:
+                slots //= 2
+                continue
+            page, _ = retry.pop(0)
+            results[id(page)] = PageResult.failed(page.source, page.page, task.name, engine.name, OUT_OF_MEMORY)
+            yield from ready()
+    yield from ready()
 
 
-def _run(engine: Engine, task: Task, pages: list[PageJob], prompt: str, limit: int) -> tuple[list[PageResult], int]:
-    """Results for the pages and the number of new tokens generated."""
-    if not pages:
-        return [], 0
-    try:
-        outputs = _generate(engine, [p.image for p in pages], prompt, limit)
-    except OutOfMemory as err:
-        return [PageResult.failed(p.source, p.page, task.name, engine.name, str(err)) for p in pages], 0
-    results = [_result(engine, task, page, out, prompt) for page, out in zip(pages, outputs)]
-    return results, sum(len(out.ids) for out in outputs)
+def _needs_model(item: PageJob | ErrorJob) -> bool:
+    return isinstance(item, PageJob) and not item.skipped
 
 
-def _generate(engine: Engine, images: list, prompt: str, limit: int) -> list[Output]:
-    """engine.run, halving the batch on CUDA out-of-memory so no page is lost."""
-    try:
-        return engine.run(images, prompt, limit, loop_check=loop_guard)
-    except torch.OutOfMemoryError:
-        if engine.device.type == "cuda":
-            torch.cuda.empty_cache()
-        if len(images) == 1:
-            raise OutOfMemory(
-                "out of GPU memory on a single page: lower --max-new-tokens or --dpi, or use --device cpu"
-            ) from None
-        half = len(images) // 2
-        return _generate(engine, images[:half], prompt, limit) + _generate(engine, images[half:], prompt, limit)
+def _prepared(engine: Engine, items: Iterable[PageJob | ErrorJob], lookahead: int, order: deque):
+    """Yield (page, engine.prepare(page.image)) for the pages that need the model, preprocessing up
+    to `lookahead` pages ahead in threads; every item pulled is appended to `order`."""
+    pending: deque[tuple[PageJob, Future]] = deque()
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="kosmos-prepare") as pool:
+        for item in items:
+            order.append(item)
+            if _needs_model(item):
+                pending.append((item, pool.submit(engine.prepare, item.image)))
+            while len(pending) > lookahead or (pending and pending[0][1].done()):
+                page, future = pending.popleft()
+                yield page, future.result()
+        while pending:
+            page, future = pending.popleft()
+            yield page, future.result()
 
 
 def _result(engine: Engine, task: Task, page: PageJob, out: Output, prompt: str) -> PageResult:

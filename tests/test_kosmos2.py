@@ -37,7 +37,7 @@ def full_forward(engine, image, ids, mask):
     decoder, ids, mask = engine.model.text, torch.tensor([ids]), torch.tensor([mask])
     rows = torch.arange(1)
     with torch.inference_mode():
-        embeds = engine.model.encode_images(engine.pixel_inputs([image])[0])
+        embeds = engine.model.encode_images(engine.prepare(image).vision_input[None])
         cache = decoder.new_cache(1, ids.shape[1], dtype=torch.float32, device="cpu")
         x = decoder.embed(ids, torch.zeros_like(rows), embeds, mask)
         return decoder.logits(decoder(x, cache, DecodeStep.prefill_rows(rows)))[0]

@@ -1,22 +1,29 @@
-"""Greedy generation over a preallocated KV cache: one batched prefill, then one-token decode steps.
+"""Greedy generation with continuous batching over a preallocated KV cache.
 
-Every sequence owns one cache slot and its own length, so a batch may mix prompts of different
-lengths (right-padded at prefill) and still give exactly what each sequence gives alone."""
+Each sequence owns a cache slot (one row of the cache) with its own length. The decoder runs one
+fixed-shape step over all slots at a time; when a sequence finishes, its slot is handed to the next
+waiting sequence (vision encoder + prefill for the newcomer) while the other slots keep decoding.
+Nothing a slot computes depends on the other slots, so results equal decoding each sequence alone.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from .layers import DecodeStep, TextDecoder
 
-# How many decode steps run between checks that every sequence has finished: each check is a
-# host-device sync, which would otherwise stall the GPU queue once per token.
-DONE_CHECK_EVERY = 8
+# How many decode steps run between host checks for finished sequences: each check is a
+# host-device sync, which would otherwise stall the GPU queue once per token. A finished slot idles
+# at most this many steps before it is refilled.
+SYNC_EVERY = 8
 # The loop guard copies the generated tokens to the host and scans them in Python, so it runs less often.
 LOOP_CHECK_EVERY = 32
+# Decode attention reads the cache prefix [0, span) rounded up to this: masked keys weigh exactly 0,
+# so the bucket changes no result, and the decode step keeps one shape for many steps (CUDA graphs).
+SPAN_BUCKET = 64
 
 
 @dataclass
@@ -28,6 +35,17 @@ class Prompt:
 
 
 @dataclass
+class Request:
+    """A sequence to generate: its prompt, token budget, the vision tower's input for its image
+    (one row, e.g. patches (P, 770)) and a key the caller uses to match results."""
+
+    prompt: Prompt
+    max_new_tokens: int
+    vision_input: torch.Tensor
+    key: Any = None
+
+
+@dataclass
 class Generated:
     """One sequence's new ids (EOS excluded) and why it stopped: "eos", "length" or "loop"."""
 
@@ -35,95 +53,171 @@ class Generated:
     stop: str
 
 
-@torch.inference_mode()
-def greedy_generate(
+@dataclass
+class DecodeSettings:
+    min_new_tokens: int = 0
+    eos_ids: tuple[int, ...] = (2,)
+    pad_id: int = 1
+    no_repeat_ngram_size: int = 0
+    loop_check: Callable[[list[int]], int | None] | None = None  # new ids -> how many to keep, or None
+
+
+def generate(
+    encode_images: Callable[[torch.Tensor], torch.Tensor],
     decoder: TextDecoder,
-    prompts: list[Prompt],
-    image_embeds: torch.Tensor,
+    requests: Iterable[Request],
     *,
-    max_new_tokens: list[int],
-    min_new_tokens: int,
-    eos_ids: list[int],
-    pad_id: int,
-    no_repeat_ngram_size: int = 0,
-    loop_check: Callable[[list[int]], int | None] | None = None,
-) -> list[Generated]:
-    """image_embeds (B, Q, D), one row per prompt. Returns the new ids per prompt, EOS excluded.
+    slots: int,
+    capacity: int,
+    settings: DecodeSettings,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Iterator[tuple[Any, Generated]]:
+    """Yield (request.key, Generated) as sequences finish (not in request order).
 
-    loop_check(new ids) -> None, or how many of them to keep when the row has fallen into a loop;
-    such a row stops there with stop="loop"."""
-    device = image_embeds.device
-    batch = len(prompts)
-    lengths_host = [len(p.ids) for p in prompts]
-    width = max(lengths_host)
-    # Finished rows keep stepping until the longest limit is reached, so size for that.
-    capacity = width + max(max_new_tokens)
-    # tokens holds every sequence (prompt, then generated ids) for the n-gram ban and the result.
-    tokens = torch.full((batch, capacity + 1), pad_id, dtype=torch.long, device=device)
-    image_mask = torch.zeros((batch, width), dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        tokens[b, : len(p.ids)] = torch.tensor(p.ids, device=device)
-        image_mask[b, : len(p.ids)] = torch.tensor(p.image_mask, device=device)
-    lengths = torch.tensor(lengths_host, device=device)
-    limits = lengths + torch.tensor(max_new_tokens, device=device)
-    eos = torch.tensor(eos_ids, device=device)
-
-    cache = decoder.new_cache(batch, capacity, dtype=image_embeds.dtype, device=device)
-    rows = torch.arange(batch, device=device)
-    x = decoder.embed(tokens[:, :width], torch.zeros_like(rows), image_embeds, image_mask)
-    hidden = decoder(x, cache, DecodeStep.prefill_rows(rows))[rows, lengths - 1]  # (B, D)
-
-    done = torch.tensor([m <= 0 for m in max_new_tokens], device=device)
-    looped: dict[int, int] = {}  # row -> number of new ids to keep
-    for step in range(max(max_new_tokens)):
-        logits = decoder.logits(hidden).float()  # (B, V)
-        if step < min_new_tokens:
-            logits[:, eos] = float("-inf")
-        if no_repeat_ngram_size > 0:
-            ban_repeated_ngrams(logits, tokens, lengths, no_repeat_ngram_size)
-        next_ids = torch.where(done, pad_id, logits.argmax(-1))
-        tokens[rows, lengths] = next_ids
-        done = done | torch.isin(next_ids, eos) | (lengths + 1 >= limits)
-        if step + 1 == max(max_new_tokens):
-            break
-        if loop_check is not None and (step + 1) % LOOP_CHECK_EVERY == 0:
-            done = _stop_loops(tokens, lengths_host, prompts, done, looped, loop_check)
-        if (step + 1) % DONE_CHECK_EVERY == 0 and bool(done.all()):
-            break
-        # Finished rows keep stepping on pad tokens (fixed shapes); their outputs are ignored.
-        x = decoder.embed(next_ids[:, None], lengths)
-        span = max(lengths_host) + 1
-        hidden = decoder(x, cache, DecodeStep.decode_all(lengths, span))[:, 0]
-        lengths = lengths + 1
-        lengths_host = [n + 1 for n in lengths_host]
-
-    results = []
-    for b, p in enumerate(prompts):
-        new = tokens[b, len(p.ids) : len(p.ids) + max_new_tokens[b]].tolist()
-        if b in looped:
-            results.append(Generated(new[: looped[b]], "loop"))
-            continue
-        stop = next((i for i, t in enumerate(new) if t in eos_ids), None)
-        results.append(Generated(new[:stop], "eos") if stop is not None else Generated(new, "length"))
-    return results
+    slots: sequences decoded together; capacity: the longest prompt + max_new_tokens any request
+    may need. encode_images(stacked vision inputs) -> image embeddings (n, Q, D)."""
+    with torch.inference_mode():
+        yield from _Batch(encode_images, decoder, slots, capacity, settings, dtype, device).run(iter(requests))
 
 
-def _stop_loops(tokens, lengths_host, prompts, done, looped, loop_check) -> torch.Tensor:
-    """Run loop_check on every unfinished row; mark looping rows done. One device-to-host copy."""
-    active = (~done).tolist()
-    if not any(active):
-        return done
-    host = tokens[:, : max(lengths_host) + 1].tolist()
-    for b, p in enumerate(prompts):
-        if active[b]:
-            keep = loop_check(host[b][len(p.ids) : lengths_host[b] + 1])
+class _Batch:
+    """The state of a continuous batch. Device tensors: tokens (S, C) every slot's sequence,
+    lengths (S,), prompt_lens (S,), limits (S,), done (S,), hidden (S, D) the last hidden state.
+    The host mirrors lengths exactly (every assigned slot advances by one per step) so that it
+    never has to read them back."""
+
+    def __init__(self, encode_images, decoder, slots, capacity, settings, dtype, device):
+        self.encode_images, self.decoder, self.settings = encode_images, decoder, settings
+        self.slots, self.device = slots, device
+        # Slack: a finished slot keeps stepping (on pad tokens) until the next sync frees it.
+        self.capacity = capacity + SYNC_EVERY + 1
+        self.cache = decoder.new_cache(slots, self.capacity, dtype=dtype, device=device)
+        self.tokens = torch.full((slots, self.capacity), settings.pad_id, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.prompt_lens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.limits = torch.zeros(slots, dtype=torch.long, device=device)
+        self.done = torch.ones(slots, dtype=torch.bool, device=device)
+        self.advance = torch.zeros(slots, dtype=torch.long, device=device)  # 1 for assigned slots
+        self.hidden = torch.zeros(slots, decoder.dim, dtype=dtype, device=device)
+        self.eos = torch.tensor(settings.eos_ids, device=device)
+        self.owner: list[Request | None] = [None] * slots
+        self.lengths_host = [0] * slots
+        self.looped: dict[int, int] = {}
+
+    def run(self, requests: Iterator[Request]) -> Iterator[tuple[Any, Generated]]:
+        exhausted = False
+        step = 0
+        while True:
+            if not exhausted:
+                exhausted = self._admit(requests)
+            if all(owner is None for owner in self.owner):
+                return
+            for _ in range(SYNC_EVERY):
+                self._step()
+                step += 1
+                if self.settings.loop_check is not None and step % LOOP_CHECK_EVERY == 0:
+                    self._check_loops()
+            yield from self._collect()
+
+    def _admit(self, requests: Iterator[Request]) -> bool:
+        """Fill free slots with waiting requests (encode + prefill). Returns True when none are left."""
+        free = [s for s, owner in enumerate(self.owner) if owner is None]
+        newcomers: list[Request] = []
+        exhausted = False
+        while len(newcomers) < len(free):
+            try:
+                newcomers.append(next(requests))
+            except StopIteration:
+                exhausted = True
+                break
+        if not newcomers:
+            return exhausted
+        rows = free[: len(newcomers)]
+        lens = [len(r.prompt.ids) for r in newcomers]
+        for r, n in zip(newcomers, lens):
+            if n + r.max_new_tokens > self.capacity - SYNC_EVERY - 1:
+                raise ValueError(f"prompt of {n} tokens + {r.max_new_tokens} new tokens exceeds the cache capacity")
+        width = max(lens)
+        ids = torch.full((len(rows), width), self.settings.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(newcomers):
+            ids[i, : lens[i]] = torch.tensor(r.prompt.ids)
+            mask[i, : lens[i]] = torch.tensor(r.prompt.image_mask)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        rows_t = torch.tensor(rows, device=self.device)
+        lens_t = torch.tensor(lens, device=self.device)
+        embeds = self.encode_images(torch.stack([r.vision_input for r in newcomers]).to(self.device))
+        x = self.decoder.embed(ids, torch.zeros_like(rows_t), embeds, mask)
+        h = self.decoder(x, self.cache, DecodeStep.prefill_rows(rows_t))
+        self.hidden[rows_t] = h[torch.arange(len(rows), device=self.device), lens_t - 1]
+        self.tokens[rows_t] = self.settings.pad_id
+        self.tokens[rows_t, :width] = ids
+        self.lengths[rows_t] = lens_t
+        self.prompt_lens[rows_t] = lens_t
+        limits = torch.tensor([r.max_new_tokens for r in newcomers], device=self.device)
+        self.limits[rows_t] = lens_t + limits
+        self.done[rows_t] = limits <= 0
+        self.advance[rows_t] = 1
+        for row, r, n in zip(rows, newcomers, lens):
+            self.owner[row] = r
+            self.lengths_host[row] = n
+        return exhausted
+
+    def _step(self) -> None:
+        """Pick every slot's next token from `hidden`, then run the decoder one step on it."""
+        s = self.settings
+        logits = self.decoder.logits(self.hidden).float()  # (S, V)
+        if s.min_new_tokens > 0:
+            early = (self.lengths - self.prompt_lens) < s.min_new_tokens
+            logits[:, self.eos] = logits[:, self.eos].masked_fill(early.unsqueeze(1), float("-inf"))
+        if s.no_repeat_ngram_size > 0:
+            ban_repeated_ngrams(logits, self.tokens, self.lengths, s.no_repeat_ngram_size)
+        rows = torch.arange(self.slots, device=self.device)
+        next_ids = torch.where(self.done, s.pad_id, logits.argmax(-1))
+        # Finished slots write pad past their end; free slots (advance 0) rewrite index 0 harmlessly.
+        self.tokens[rows, self.lengths] = next_ids
+        self.done |= torch.isin(next_ids, self.eos) | (self.lengths + 1 >= self.limits)
+        span = min(self.capacity, -(-(max(self.lengths_host) + 1) // SPAN_BUCKET) * SPAN_BUCKET)
+        x = self.decoder.embed(next_ids[:, None], self.lengths)
+        self.hidden = self.decoder(x, self.cache, DecodeStep.decode_all(self.lengths, span))[:, 0]
+        self.lengths += self.advance
+        self.lengths_host = [n + (o is not None) for n, o in zip(self.lengths_host, self.owner)]
+
+    def _check_loops(self) -> None:
+        """Run the loop check on every unfinished slot; stop looping ones. One device-to-host copy."""
+        active = [s for s, done in enumerate(self.done.tolist()) if not done and self.owner[s] is not None]
+        if not active:
+            return
+        host = self.tokens[:, : max(self.lengths_host) + 1].tolist()
+        for s in active:
+            start = len(self.owner[s].prompt.ids)
+            keep = self.settings.loop_check(host[s][start : self.lengths_host[s]])
             if keep is not None:
-                looped[b] = keep
-    if not looped:
-        return done
-    stopped = torch.zeros_like(done)
-    stopped[list(looped)] = True
-    return done | stopped
+                self.looped[s] = keep
+                self.done[s] = True
+
+    def _collect(self) -> Iterator[tuple[Any, Generated]]:
+        """Hand finished sequences back and free their slots."""
+        finished = [s for s, done in enumerate(self.done.tolist()) if done and self.owner[s] is not None]
+        if not finished:
+            return
+        host = self.tokens[finished].tolist()
+        for s, row in zip(finished, host):
+            request = self.owner[s]
+            start = len(request.prompt.ids)
+            new = row[start : start + request.max_new_tokens]
+            if s in self.looped:
+                result = Generated(new[: self.looped.pop(s)], "loop")
+            else:
+                stop = next((i for i, t in enumerate(new) if t in self.settings.eos_ids), None)
+                result = Generated(new[:stop], "eos") if stop is not None else Generated(new, "length")
+            self.owner[s] = None
+            self.lengths_host[s] = 0
+            yield request.key, result
+        free = torch.tensor(finished, device=self.device)
+        self.advance[free] = 0
+        self.lengths[free] = 0
 
 
 def ban_repeated_ngrams(logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, n: int) -> None:

@@ -1,0 +1,138 @@
+"""Continuous batching, per-page budgets, the n-gram ban, the loop guard, and the pipeline on top."""
+
+import pytest
+import torch
+
+import kosmos_cli
+from kosmos_cli import pipeline
+from kosmos_cli.documents import ErrorJob, PageJob
+from kosmos_cli.models import generation
+from kosmos_cli.models.generation import ban_repeated_ngrams
+from kosmos_cli.processing.kosmos2_5 import chat_prompt
+from tests.test_kosmos2_5 import noise_image
+
+
+@pytest.fixture(scope="module")
+def engine(kosmos25_sharded):
+    return kosmos_cli.load(kosmos25_sharded, device="cpu", dtype="float32")
+
+
+IMAGES = [noise_image(*s, seed=i) for i, s in enumerate([(40, 30), (300, 120), (64, 640), (128, 128), (90, 200), (33, 33), (250, 80)])]
+PROMPTS = ["<ocr>", "<md>", chat_prompt("Total?"), "<ocr>", "<md>", "<ocr>", chat_prompt("Who signed it?")]
+LIMITS = [30, 3, 17, 1, 40, 0, 9]
+
+
+@pytest.fixture(scope="module")
+def alone(engine):
+    return [engine.run([im], p, n)[0] for im, p, n in zip(IMAGES, PROMPTS, LIMITS)]
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3, 7])
+def test_continuous_batching_equals_one_at_a_time(engine, alone, slots):
+    """Fewer slots than pages: finished slots are refilled mid-decode; results stay identical."""
+    outputs = engine.run(IMAGES, PROMPTS, LIMITS, batch_size=slots)
+    assert [(o.ids, o.stop) for o in outputs] == [(o.ids, o.stop) for o in alone]
+
+
+def test_per_page_budgets_and_stop_reasons(alone):
+    for out, limit in zip(alone, LIMITS):
+        assert len(out.ids) <= limit
+        assert out.stop in ("eos", "length")
+        assert (out.stop == "length") == (len(out.ids) == limit)
+    assert alone[LIMITS.index(0)].ids == []
+
+
+def test_lazy_stream_yields_every_key_once(engine, alone):
+    jobs = ((i, engine.prepare(im), p, n) for i, (im, p, n) in enumerate(zip(IMAGES, PROMPTS, LIMITS)))
+    longest = max(engine.prompt_length(p) for p in PROMPTS)
+    got = dict(engine.stream(jobs, slots=2, max_prompt_tokens=longest, max_new_tokens=max(LIMITS)))
+    assert sorted(got) == list(range(len(IMAGES)))
+    assert [got[i].ids for i in range(len(IMAGES))] == [o.ids for o in alone]
+
+
+def test_stream_rejects_budgets_beyond_the_cache(engine):
+    jobs = iter([(0, engine.prepare(IMAGES[0]), "<ocr>", 50)])
+    with pytest.raises(ValueError, match="exceeds the cache capacity"):
+        list(engine.stream(jobs, slots=1, max_prompt_tokens=engine.prompt_length("<ocr>"), max_new_tokens=10))
+
+
+def test_loop_check_stops_a_row_and_keeps_the_prefix(engine, monkeypatch):
+    monkeypatch.setattr(generation, "LOOP_CHECK_EVERY", 4)
+    calls = []
+
+    def check(ids):
+        calls.append(len(ids))
+        return 3 if len(ids) >= 8 else None
+
+    out = engine.run([IMAGES[0], IMAGES[1]], "<ocr>", [60, 2], loop_check=check)
+    full = engine.run([IMAGES[0]], "<ocr>", 60)[0]
+    assert out[0].stop == "loop" and out[0].ids == full.ids[:3]
+    assert out[1].stop in ("eos", "length")
+    assert calls
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_ngram_ban_matches_transformers(n):
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+    torch.manual_seed(n)
+    vocab, batch = 11, 5
+    lengths = torch.tensor([1, 2, 6, 15, 20])
+    tokens = torch.randint(0, 4, (batch, 24))  # a small alphabet makes repeats likely
+    logits = torch.randn(batch, vocab)
+    ours = logits.clone()
+    ban_repeated_ngrams(ours, tokens, lengths, n)
+    for b in range(batch):
+        seq = tokens[b : b + 1, : lengths[b]]
+        expected = NoRepeatNGramLogitsProcessor(n)(seq, logits[b : b + 1].clone())
+        assert torch.equal(ours[b : b + 1], expected)
+
+
+def _jobs(images):
+    """PageJobs with images already rendered, plus an error item in the middle."""
+    items = [PageJob(source=f"doc{i}.png", stem=f"doc{i}", page=1, num_pages=1, selected=(1,), image=im)
+             for i, im in enumerate(images)]
+    items.insert(2, ErrorJob("broken.pdf", "broken", None, "not a PDF"))
+    return items
+
+
+def test_pipeline_keeps_input_order_with_errors_in_between(engine):
+    task = pipeline.TASKS["ocr"]
+    items = _jobs(IMAGES[:5])
+    got = list(pipeline.transcribe(engine, task, iter(items), batch_size=2, max_new_tokens=12))
+    assert [item for item, _ in got] == items
+    assert [r is None for _, r in got] == [False, False, True, False, False, False]
+    for (item, result) in got:
+        if result is not None:
+            assert (result.width, result.height) == item.image.size and result.task == "ocr"
+
+
+def test_pipeline_recovers_from_out_of_memory(engine, monkeypatch):
+    """The first stream with more than one slot runs out of memory: slots halve, nothing is lost."""
+    real_stream, seen = engine.stream, []
+
+    def flaky_stream(jobs, *, slots, **kwargs):
+        seen.append(slots)
+        if slots > 1:
+            next(iter(jobs))  # a page is in flight when memory runs out
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        yield from real_stream(jobs, slots=slots, **kwargs)
+
+    monkeypatch.setattr(engine, "stream", flaky_stream)
+    items = _jobs(IMAGES[:4])
+    got = list(pipeline.transcribe(engine, pipeline.TASKS["md"], iter(items), batch_size=4, max_new_tokens=5))
+    assert seen == [4, 2, 1]
+    assert [item for item, _ in got] == items
+    assert all(r is not None and r.error is None for item, r in got if isinstance(item, PageJob))
+
+
+def test_pipeline_fails_only_the_page_that_never_fits(engine, monkeypatch):
+    def always_oom(jobs, *, slots, **kwargs):
+        for _ in jobs:  # any page in flight runs out of memory
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        yield from ()
+
+    monkeypatch.setattr(engine, "stream", always_oom)
+    items = [item for item in _jobs(IMAGES[:2]) if isinstance(item, PageJob)]
+    got = list(pipeline.transcribe(engine, pipeline.TASKS["md"], iter(items), batch_size=1, max_new_tokens=5))
+    assert [r.error for _, r in got] == [pipeline.OUT_OF_MEMORY] * 2

@@ -5,6 +5,7 @@ written); 2 usage error (bad flag, nothing to do); 130 interrupted."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -51,7 +52,7 @@ def _options(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hugging Face repo id or local checkpoint directory. [default: microsoft/kosmos-2.5 for ocr/md, microsoft/kosmos-2-patch14-224 for ground]"),
     device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32."),
-    batch_size: str = typer.Option("auto", "--batch-size", "-b", help="Pages decoded together: a number, or auto (8 on CUDA, 1 on CPU)."),
+    batch_size: str = typer.Option("auto", "--batch-size", "-b", help="Pages decoded together: a number, or auto (as many as fit in free GPU memory, up to 64; 4 on CPU)."),
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="Token budget per page; a page that hits it is marked truncated. [default: 3072 for ocr/md, 128 for ground]"),
     pages: Optional[str] = typer.Option(None, "--pages", "-p", help="Pages to process in every document, 1-based: 1-3,7 or 5- or -2."),
     dpi: float = typer.Option(documents.DEFAULT_DPI, min=36, max=1200, help="PDF rendering resolution. 200 dpi puts a letter page at 1700x2200 px, about twice the ~1 MP grid Kosmos-2.5 reads."),
@@ -107,6 +108,12 @@ def _command(name: str, doc: str, *, ask: bool = False, ground: bool = False):
         except KeyboardInterrupt:
             _report("interrupted")
             code = 130
+        except BrokenPipeError:  # `kosmos ... | head`: the reader left; stop quietly, as other tools do
+            try:  # keep the interpreter's final flush of stdout from failing again
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
+            code = 141
         except Exception as err:  # a bug or an unforeseen failure: one line, the traceback only with --debug
             if opts.debug:
                 raise
@@ -257,7 +264,8 @@ def _process(task, jobs, engine_holder, model_name, opts, batch_size, prompt, pr
     else:
         return
     engine = engine_holder[0]
-    size = batch_size or (8 if engine.device.type == "cuda" else 1)
+    limit = opts.max_new_tokens or task.max_new_tokens
+    size = batch_size or engine.auto_batch_size(prompt or task.prompt, limit)
     yield from transcribe(engine, task, chained, prompt=prompt, batch_size=size, max_new_tokens=opts.max_new_tokens,
                           on_page=progress.page_done)
 

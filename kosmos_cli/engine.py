@@ -111,11 +111,12 @@ class Engine:
         images: Sequence[Image.Image],
         prompts: str | Sequence[str],
         max_new_tokens: int | Sequence[int] = 1024,
-        min_new_tokens: int = 0,
+        min_new_tokens: int | Sequence[int] = 0,
         no_repeat_ngram_size: int | None = None,
     ) -> list[list[int]]:
         """Greedy new token ids per image (EOS excluded). `prompts`: one task text for all images or
-        one per image (e.g. "<ocr>", "<md>", "<grounding> An image of"); `max_new_tokens` likewise.
+        one per image (e.g. "<ocr>", "<md>", "<grounding> An image of"); `max_new_tokens` and
+        `min_new_tokens` (EOS forbidden before it) likewise.
         Batching never changes the result. no_repeat_ngram_size: None = the model's default (3 for
         Kosmos-2, as its demo; 0 for Kosmos-2.5)."""
         outputs = self.run(images, prompts, max_new_tokens, min_new_tokens, no_repeat_ngram_size)
@@ -126,7 +127,7 @@ class Engine:
         images: Sequence[Image.Image],
         prompts: str | Sequence[str],
         max_new_tokens: int | Sequence[int] = 1024,
-        min_new_tokens: int = 0,
+        min_new_tokens: int | Sequence[int] = 0,
         no_repeat_ngram_size: int | None = None,
         loop_check: Callable[[list[int]], int | None] | None = None,
         batch_size: int | None = None,
@@ -137,50 +138,63 @@ class Engine:
         images = list(images)
         prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         limits = [max_new_tokens] * len(images) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        if not (len(prompts) == len(images) == len(limits)):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts and {len(limits)} token limits")
+        minimums = [min_new_tokens] * len(images) if isinstance(min_new_tokens, int) else list(min_new_tokens)
+        if not (len(prompts) == len(images) == len(limits) == len(minimums)):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts and {len(limits)}/{len(minimums)} token limits")
         if not images:
             return []
-        jobs = [(i, self.prepare(im), p, n) for i, (im, p, n) in enumerate(zip(images, prompts, limits))]
-        results = dict(self.stream(jobs, slots=batch_size or len(images), min_new_tokens=min_new_tokens,
+        jobs = [(i, self.prepare(im), p, n, m) for i, (im, p, n, m) in enumerate(zip(images, prompts, limits, minimums))]
+        results = dict(self.stream(jobs, slots=batch_size or len(images),
                                    no_repeat_ngram_size=no_repeat_ngram_size, loop_check=loop_check))
         return [results[i] for i in range(len(images))]
 
     def stream(
         self,
-        jobs: Iterable[tuple[Any, Prepared, str, int]],
+        jobs: Iterable[tuple],
         *,
         slots: int,
         max_prompt_tokens: int | None = None,
         max_new_tokens: int | None = None,
-        min_new_tokens: int = 0,
         no_repeat_ngram_size: int | None = None,
         loop_check: Callable[[list[int]], int | None] | None = None,
     ) -> Iterator[tuple[Any, Output]]:
         """Continuous batching: yield (key, Output) as pages finish, for jobs (key, prepared image,
-        prompt text, max new tokens) that may arrive lazily. A lazy stream must bound its prompts
+        prompt text, max new tokens[, min new tokens]) that may arrive lazily. A lazy stream must bound its prompts
         and budgets up front (max_prompt_tokens, max_new_tokens) to size the KV cache."""
         if max_prompt_tokens is None or max_new_tokens is None:
             jobs = list(jobs)
             if not jobs:
                 return
-            max_prompt_tokens = max(self.prompt_length(prompt) for _, _, prompt, _ in jobs)
-            max_new_tokens = max(n for *_, n in jobs)
+            max_prompt_tokens = max(self.prompt_length(job[2]) for job in jobs)
+            max_new_tokens = max(job[3] for job in jobs)
         sizes: dict[Any, tuple[int, int]] = {}
 
         def requests() -> Iterator[Request]:
-            for key, prepared, prompt, limit in jobs:
+            for key, prepared, prompt, limit, *minimum in jobs:
                 ids, mask = self.tokenizer.prompt(prompt, self.config.latent_query_num)
                 sizes[key] = prepared.model_size
-                yield Request(Prompt(ids, mask), limit, prepared.vision_input, key)
+                yield Request(Prompt(ids, mask), limit, prepared.vision_input, key, minimum[0] if minimum else 0)
 
         ngram = self.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size
-        settings = DecodeSettings(min_new_tokens, tuple(self.eos_ids), self.config.text.pad_token_id, ngram, loop_check)
+        settings = DecodeSettings(tuple(self.eos_ids), self.config.text.pad_token_id, ngram, loop_check)
         for key, generated in generate(
             self.model.encode_images, self.model.text, requests(), slots=slots,
             capacity=max_prompt_tokens + max_new_tokens, settings=settings, dtype=self.dtype, device=self.device,
         ):
             yield key, Output(generated.ids, self.decode(generated.ids), generated.stop, sizes.pop(key))
+
+    def auto_batch_size(self, prompt: str, max_new_tokens: int, limit: int = 64) -> int:
+        """The most slots that fit: on CUDA, free memory (after the weights) over one slot's KV cache
+        (prompt + budget) plus its logits, keeping a fixed reserve for the vision encoder and prefill
+        of newcomers; 4 on the CPU, where larger batches stop paying off. OOM still halves it."""
+        if self.device.type != "cuda":
+            return 4
+        free, _ = torch.cuda.mem_get_info(self.device)
+        text = self.config.text
+        kv_per_token = text.layers * 2 * text.embed_dim * torch.finfo(self.dtype).bits // 8
+        per_slot = kv_per_token * (self.prompt_length(prompt) + max_new_tokens) + text.vocab_size * 8
+        reserve = 4 * 2**30  # vision encoder + prefill activations for a few newcomers at once
+        return max(1, min(limit, int((free - reserve) * 0.9) // per_slot))
 
     def prompt_length(self, prompt: str) -> int:
         return len(self.tokenizer.prompt(prompt, self.config.latent_query_num)[0])

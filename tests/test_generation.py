@@ -136,3 +136,20 @@ def test_pipeline_fails_only_the_page_that_never_fits(engine, monkeypatch):
     items = [item for item in _jobs(IMAGES[:2]) if isinstance(item, PageJob)]
     got = list(pipeline.transcribe(engine, pipeline.TASKS["md"], iter(items), batch_size=1, max_new_tokens=5))
     assert [r.error for _, r in got] == [pipeline.OUT_OF_MEMORY] * 2
+
+
+def test_per_page_min_new_tokens(engine):
+    lengths = [5, 0, 12]
+    out = engine.run(IMAGES[:3], "<ocr>", max_new_tokens=lengths, min_new_tokens=lengths)
+    assert [len(o.ids) for o in out] == lengths
+
+
+def test_auto_batch_size_fits_free_memory(engine, monkeypatch):
+    assert engine.auto_batch_size("<ocr>", 100) == 4  # CPU
+    monkeypatch.setattr(engine, "device", torch.device("cuda"))
+    text = engine.config.text
+    per_slot = text.layers * 2 * text.embed_dim * 4 * (engine.prompt_length("<ocr>") + 100) + text.vocab_size * 8
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 * 2**30 + 10 * per_slot, 80 * 2**30))
+    assert engine.auto_batch_size("<ocr>", 100) == 9  # 90% of the room for 10 slots
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**30, 80 * 2**30))
+    assert engine.auto_batch_size("<ocr>", 100) == 1

@@ -15,10 +15,10 @@ import torch
 
 from .layers import DecodeStep, TextDecoder
 
-# How many decode steps run between host checks for finished sequences: each check is a
+# How many decode steps run between host checks for finished sequences on CUDA: each check is a
 # host-device sync, which would otherwise stall the GPU queue once per token. A finished slot idles
-# at most this many steps before it is refilled.
-SYNC_EVERY = 8
+# at most this many steps before it is refilled. On the CPU a check costs nothing: every step.
+SYNC_EVERY_CUDA = 8
 # The loop guard copies the generated tokens to the host and scans them in Python, so it runs less often.
 LOOP_CHECK_EVERY = 32
 # Decode attention reads the cache prefix [0, span) rounded up to this: masked keys weigh exactly 0,
@@ -43,6 +43,7 @@ class Request:
     max_new_tokens: int
     vision_input: torch.Tensor
     key: Any = None
+    min_new_tokens: int = 0  # EOS is forbidden before this many new tokens
 
 
 @dataclass
@@ -55,7 +56,6 @@ class Generated:
 
 @dataclass
 class DecodeSettings:
-    min_new_tokens: int = 0
     eos_ids: tuple[int, ...] = (2,)
     pad_id: int = 1
     no_repeat_ngram_size: int = 0
@@ -90,13 +90,15 @@ class _Batch:
     def __init__(self, encode_images, decoder, slots, capacity, settings, dtype, device):
         self.encode_images, self.decoder, self.settings = encode_images, decoder, settings
         self.slots, self.device = slots, device
+        self.sync_every = SYNC_EVERY_CUDA if device.type == "cuda" else 1
         # Slack: a finished slot keeps stepping (on pad tokens) until the next sync frees it.
-        self.capacity = capacity + SYNC_EVERY + 1
+        self.capacity = capacity + self.sync_every + 1
         self.cache = decoder.new_cache(slots, self.capacity, dtype=dtype, device=device)
         self.tokens = torch.full((slots, self.capacity), settings.pad_id, dtype=torch.long, device=device)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.prompt_lens = torch.zeros(slots, dtype=torch.long, device=device)
         self.limits = torch.zeros(slots, dtype=torch.long, device=device)
+        self.minimums = torch.zeros(slots, dtype=torch.long, device=device)  # prompt length + min_new_tokens
         self.done = torch.ones(slots, dtype=torch.bool, device=device)
         self.advance = torch.zeros(slots, dtype=torch.long, device=device)  # 1 for assigned slots
         self.hidden = torch.zeros(slots, decoder.dim, dtype=dtype, device=device)
@@ -113,7 +115,7 @@ class _Batch:
                 exhausted = self._admit(requests)
             if all(owner is None for owner in self.owner):
                 return
-            for _ in range(SYNC_EVERY):
+            for _ in range(self.sync_every):
                 self._step()
                 step += 1
                 if self.settings.loop_check is not None and step % LOOP_CHECK_EVERY == 0:
@@ -136,7 +138,7 @@ class _Batch:
         rows = free[: len(newcomers)]
         lens = [len(r.prompt.ids) for r in newcomers]
         for r, n in zip(newcomers, lens):
-            if n + r.max_new_tokens > self.capacity - SYNC_EVERY - 1:
+            if n + r.max_new_tokens > self.capacity - self.sync_every - 1:
                 raise ValueError(f"prompt of {n} tokens + {r.max_new_tokens} new tokens exceeds the cache capacity")
         width = max(lens)
         ids = torch.full((len(rows), width), self.settings.pad_id, dtype=torch.long)
@@ -157,6 +159,7 @@ class _Batch:
         self.prompt_lens[rows_t] = lens_t
         limits = torch.tensor([r.max_new_tokens for r in newcomers], device=self.device)
         self.limits[rows_t] = lens_t + limits
+        self.minimums[rows_t] = lens_t + torch.tensor([r.min_new_tokens for r in newcomers], device=self.device)
         self.done[rows_t] = limits <= 0
         self.advance[rows_t] = 1
         for row, r, n in zip(rows, newcomers, lens):
@@ -165,24 +168,32 @@ class _Batch:
         return exhausted
 
     def _step(self) -> None:
-        """Pick every slot's next token from `hidden`, then run the decoder one step on it."""
-        s = self.settings
-        logits = self.decoder.logits(self.hidden).float()  # (S, V)
-        if s.min_new_tokens > 0:
-            early = (self.lengths - self.prompt_lens) < s.min_new_tokens
-            logits[:, self.eos] = logits[:, self.eos].masked_fill(early.unsqueeze(1), float("-inf"))
+        """Pick the next token of the first k slots (all occupied ones) from `hidden`, then run the
+        decoder one step on them. Newcomers take the lowest free slots, so k shrinks as the last
+        pages drain; on CUDA it is rounded up to a power of two to keep few distinct shapes."""
+        s, k = self.settings, self._rows_in_use()
+        lengths, done = self.lengths[:k], self.done[:k]
+        logits = self.decoder.logits(self.hidden[:k]).float()  # (k, V)
+        early = lengths < self.minimums[:k]
+        logits[:, self.eos] = logits[:, self.eos].masked_fill(early.unsqueeze(1), float("-inf"))
         if s.no_repeat_ngram_size > 0:
-            ban_repeated_ngrams(logits, self.tokens, self.lengths, s.no_repeat_ngram_size)
-        rows = torch.arange(self.slots, device=self.device)
-        next_ids = torch.where(self.done, s.pad_id, logits.argmax(-1))
+            ban_repeated_ngrams(logits, self.tokens[:k], lengths, s.no_repeat_ngram_size)
+        rows = torch.arange(k, device=self.device)
+        next_ids = torch.where(done, s.pad_id, logits.argmax(-1))
         # Finished slots write pad past their end; free slots (advance 0) rewrite index 0 harmlessly.
-        self.tokens[rows, self.lengths] = next_ids
-        self.done |= torch.isin(next_ids, self.eos) | (self.lengths + 1 >= self.limits)
-        span = min(self.capacity, -(-(max(self.lengths_host) + 1) // SPAN_BUCKET) * SPAN_BUCKET)
-        x = self.decoder.embed(next_ids[:, None], self.lengths)
-        self.hidden = self.decoder(x, self.cache, DecodeStep.decode_all(self.lengths, span))[:, 0]
-        self.lengths += self.advance
+        self.tokens[rows, lengths] = next_ids
+        done |= torch.isin(next_ids, self.eos) | (lengths + 1 >= self.limits[:k])
+        span = min(self.capacity, -(-(max(self.lengths_host[:k]) + 1) // SPAN_BUCKET) * SPAN_BUCKET)
+        x = self.decoder.embed(next_ids[:, None], lengths)
+        self.hidden[:k] = self.decoder(x, self.cache, DecodeStep.decode_all(lengths, span))[:, 0]
+        lengths += self.advance[:k]
         self.lengths_host = [n + (o is not None) for n, o in zip(self.lengths_host, self.owner)]
+
+    def _rows_in_use(self) -> int:
+        k = 1 + max(s for s, owner in enumerate(self.owner) if owner is not None)
+        if self.device.type == "cuda":
+            k = min(self.slots, 1 << (k - 1).bit_length())
+        return k
 
     def _check_loops(self) -> None:
         """Run the loop check on every unfinished slot; stop looping ones. One device-to-host copy."""

@@ -220,8 +220,9 @@ class DecoderBlock(nn.Module):
             # Fresh prompts, right-padded: causal attention over themselves (pads come last).
             out = attention(q, k, v, causal=True, scale=1.0)
         else:
-            # One new token in every slot: read only the cache prefix that any slot uses.
-            keys, values = cache.keys[layer][:, :, : step.span], cache.values[layer][:, :, : step.span]
+            # One new token in each of the first n slots: read only the cache prefix they use.
+            n = step.start.shape[0]
+            keys, values = cache.keys[layer][:n, :, : step.span], cache.values[layer][:n, :, : step.span]
             out = attention(q, keys, values, mask=step.mask, scale=1.0)
         x = x + attn.merge(out)
         return x + self.ffn(self.final_layer_norm(x))
@@ -231,9 +232,9 @@ class DecodeStep:
     """Where the tokens of one forward pass go in the cache.
 
     Prefill: `rows` (n,) are the cache slots receiving fresh prompts, written from index 0.
-    Decode: every slot gets one token at index start[b] (its current length); `span` is a host-side
-    bound on the longest slot after the step, so attention reads only the cache prefix [0, span),
-    and `mask` (slots, 1, 1, span) hides each slot's positions past its own length."""
+    Decode: each of the first n slots gets one token at index start[b] (its current length); `span`
+    is a host-side bound on the longest slot after the step, so attention reads only the cache
+    prefix [0, span), and `mask` (n, 1, 1, span) hides each slot's positions past its own length."""
 
     def __init__(self, rows: torch.Tensor, start: torch.Tensor, *, prefill: bool, span: int = 0):
         self.rows, self.start, self.prefill, self.span = rows, start, prefill, span

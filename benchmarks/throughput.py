@@ -1,0 +1,195 @@
+"""Kosmos-2.5 throughput: kosmos against transformers on the same weights, pages and output lengths.
+
+    python benchmarks/throughput.py --size full --pages 64 --batch-size 32     # one GPU
+    python benchmarks/throughput.py --size small --device cpu                 # overhead check on CPU
+
+Builds a Kosmos-2.5 with random weights in the Hub layout (no download; `full` is the released
+architecture, 1.37 B parameters; `small` a toy one), then runs the same synthetic pages through
+  (a) transformers generate(), batch 1, sdpa (the model card's recipe),
+  (b) transformers generate(), batched (every row runs to the batch's longest page),
+  (c) kosmos, continuous batching.
+Per-page output lengths are forced (min = max new tokens, drawn from --lengths) so that every system
+produces exactly the same useful tokens; tokens/s counts those. Each system is warmed up first and
+timed with the device synchronised. Needs the test extra (transformers) and runs from the repo root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.checkpoints
+
+SIZES = {
+    "full": {},  # the released configuration (transformers' defaults)
+    "small": dict(
+        text_config=dict(embed_dim=256, layers=4, attention_heads=4, ffn_dim=1024),
+        vision_config=dict(hidden_size=128, intermediate_size=256, head_dim=32, num_hidden_layers=2,
+                           num_attention_heads=4, max_num_patches=256),
+        latent_query_num=64,
+    ),
+}
+H100_BANDWIDTH = 3.35e12  # bytes/s
+
+
+def build_checkpoint(size: str, path: Path) -> Path:
+    """Random Kosmos-2.5 weights + tokenizer + preprocessor config, saved like the Hub repo."""
+    from transformers import Kosmos2_5Config, Kosmos2_5ForConditionalGeneration
+
+    from tests.checkpoints import write_kosmos2_5_tokenizer
+
+    vocab = write_kosmos2_5_tokenizer(path)
+    kwargs = json.loads(json.dumps(SIZES[size]))
+    if size == "small":
+        kwargs["text_config"]["vocab_size"] = vocab
+    config = Kosmos2_5Config(**kwargs)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Kosmos2_5ForConditionalGeneration(config)
+    model.save_pretrained(path)
+    max_patches = config.vision_config.max_num_patches
+    (path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "Kosmos2_5ImageProcessor", "max_patches": max_patches,
+         "patch_size": {"height": 16, "width": 16}, "do_normalize": True, "do_convert_rgb": True}))
+    return path
+
+
+def synthetic_pages(n: int, seed: int) -> list[Image.Image]:
+    """Letter-sized pages at ~100 dpi with lines of text, a few sizes."""
+    rng = random.Random(seed)
+    pages = []
+    for i in range(n):
+        w, h = rng.choice([(850, 1100), (1100, 850), (800, 1200)])
+        page = Image.new("RGB", (w, h), "white")
+        draw = ImageDraw.Draw(page)
+        for y in range(40, h - 40, 28):
+            draw.text((40, y), " ".join(str(rng.randint(0, 99999)) for _ in range(8)), fill="black")
+        pages.append(page)
+    return pages
+
+
+def timed(fn, device: str) -> float:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def run_transformers(model_dir: Path, pages, lengths, batch: int, device: str, dtype) -> None:
+    from tests.checkpoints import load_kosmos2_5_processor
+    from transformers import Kosmos2_5ForConditionalGeneration
+
+    model = Kosmos2_5ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(device).eval()
+    processor = load_kosmos2_5_processor(model_dir)
+
+    def go(pages, lengths):
+        for i in range(0, len(pages), batch):
+            chunk, n = pages[i : i + batch], max(lengths[i : i + batch])
+            inputs = processor(text=["<ocr>"] * len(chunk), images=chunk, return_tensors="pt")
+            inputs.pop("width"), inputs.pop("height")
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            inputs["flattened_patches"] = inputs["flattened_patches"].to(dtype)
+            with torch.inference_mode():
+                model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    return go
+
+
+def run_kosmos(model_dir: Path, pages, lengths, batch: int, device: str, dtype):
+    import kosmos_cli
+
+    engine = kosmos_cli.load(model_dir, device=device, dtype=dtype)
+
+    def go(pages, lengths):
+        engine.run(pages, "<ocr>", max_new_tokens=lengths, min_new_tokens=lengths, batch_size=batch)
+
+    return go, engine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=SIZES, default="full")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--pages", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lengths", default="50-2000", help="per-page new tokens, uniform in LO-HI (or one number)")
+    parser.add_argument("--systems", default="hf1,hfb,kosmos", help="which of hf1, hfb, kosmos to run")
+    parser.add_argument("--hf1-pages", type=int, default=None, help="pages for transformers batch 1 (it is slow)")
+    parser.add_argument("--model-dir", type=Path, default=None, help="reuse a checkpoint built earlier")
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs per system; the best is reported")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    dtype = (torch.bfloat16 if args.device.startswith("cuda") else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
+    lo, _, hi = args.lengths.partition("-")
+    rng = random.Random(1)
+    lengths = [rng.randint(int(lo), int(hi or lo)) for _ in range(args.pages)]
+    pages = synthetic_pages(args.pages, seed=2)
+    model_dir = args.model_dir or Path(tempfile.mkdtemp(prefix="kosmos-bench-"))
+    if not (model_dir / "config.json").exists():
+        print(f"building a random {args.size} checkpoint in {model_dir} ...", file=sys.stderr)
+        build_checkpoint(args.size, model_dir)
+
+    rows = []
+    for system in args.systems.split(","):
+        n = args.hf1_pages if system == "hf1" and args.hf1_pages else args.pages
+        if system == "kosmos":
+            go, engine = run_kosmos(model_dir, pages, lengths, args.batch_size, args.device, dtype)
+        else:
+            go = run_transformers(model_dir, pages, lengths, 1 if system == "hf1" else args.batch_size, args.device, dtype)
+        go(pages[:2], [8, 8])  # warm-up
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        seconds = min(timed(lambda: go(pages[:n], lengths[:n]), args.device) for _ in range(args.repeat))
+        tokens = sum(lengths[:n])
+        row = {"system": system, "pages": n, "batch": 1 if system == "hf1" else args.batch_size,
+               "seconds": round(seconds, 2), "pages_per_s": round(n / seconds, 3),
+               "new_tokens_per_s": round(tokens / seconds, 1)}
+        if args.device.startswith("cuda"):
+            row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+        if system == "kosmos":
+            row["bandwidth_fraction"] = round(bandwidth_fraction(engine, row["new_tokens_per_s"], args.batch_size,
+                                                                 sum(lengths) / len(lengths)), 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del go
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    by = {r["system"]: r for r in rows}
+    if "kosmos" in by:
+        for base in ("hf1", "hfb"):
+            if base in by:
+                print(f"kosmos / {base}: {by['kosmos']['pages_per_s'] / by[base]['pages_per_s']:.2f}x pages/s")
+    meta = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "args": vars(args) | {"model_dir": str(model_dir), "json": None}}
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+
+
+def bandwidth_fraction(engine, tokens_per_s: float, batch: int, mean_new: float) -> float:
+    """Fraction of H100 HBM bandwidth implied by the decode rate: every step reads the decoder
+    weights once for the whole batch, plus each sequence's KV cache (prompt + half its output)."""
+    decoder = engine.model.text
+    weight_bytes = sum(p.numel() * p.element_size() for p in decoder.parameters())
+    layers, dim = len(decoder.layers), decoder.dim
+    kv_bytes_per_token = layers * 2 * dim * torch.finfo(engine.dtype).bits // 8
+    context = engine.prompt_length("<ocr>") + mean_new / 2
+    bytes_per_token = weight_bytes / batch + kv_bytes_per_token * context
+    return tokens_per_s * bytes_per_token / H100_BANDWIDTH
+
+
+if __name__ == "__main__":
+    main()

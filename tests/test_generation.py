@@ -153,3 +153,25 @@ def test_auto_batch_size_fits_free_memory(engine, monkeypatch):
     assert engine.auto_batch_size("<ocr>", 100) == 9  # 90% of the room for 10 slots
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**30, 80 * 2**30))
     assert engine.auto_batch_size("<ocr>", 100) == 1
+
+
+def test_compiled_decode_step_gives_identical_results(kosmos25_sharded, alone):
+    """torch.compile of the decode step (CUDA graphs on a GPU; inductor here): same ids, several
+    slot counts and span buckets through one dynamic-shape compile."""
+    compiled = kosmos_cli.load(kosmos25_sharded, device="cpu", compile=True)
+    outputs = compiled.run(IMAGES, PROMPTS, LIMITS, batch_size=3)
+    assert not compiled.step.broken
+    assert [(o.ids, o.stop) for o in outputs] == [(o.ids, o.stop) for o in alone]
+
+
+def test_a_failing_compile_falls_back_to_eager(engine, alone, monkeypatch):
+    step = generation.CompiledStep(torch.device("cpu"))
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(step, "compiled", broken)
+    monkeypatch.setattr(engine, "step", step)
+    with pytest.warns(UserWarning, match="decoding without it"):
+        outputs = engine.run(IMAGES[:2], PROMPTS[:2], LIMITS[:2])
+    assert step.broken and [o.ids for o in outputs] == [o.ids for o in alone[:2]]

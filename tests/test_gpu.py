@@ -52,3 +52,13 @@ def test_flash_attention_agrees_with_sdpa(monkeypatch, causal):
     monkeypatch.setenv("KOSMOS_ATTENTION", "sdpa")
     sdpa = layers.attention(q, k, v, causal=causal, scale=0.125)
     assert (flash.float() - sdpa.float()).abs().max().item() < 2e-2
+
+
+def test_cuda_graphs_decode_like_eager(kosmos25_sharded):
+    images = [noise_image(*s, seed=i) for i, s in enumerate(SHAPES)]
+    limits = [24, 5, 17, 9]
+    eager = kosmos_cli.load(kosmos25_sharded, device="cuda", dtype="bfloat16", compile=False)
+    graphed = kosmos_cli.load(kosmos25_sharded, device="cuda", dtype="bfloat16", compile=True)
+    expected = eager.generate(images, "<ocr>", limits)
+    assert graphed.generate(images, "<ocr>", limits) == expected
+    assert not graphed.step.broken

@@ -8,6 +8,7 @@ Nothing a slot computes depends on the other slots, so results equal decoding ea
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -21,9 +22,10 @@ from .layers import DecodeStep, TextDecoder
 SYNC_EVERY_CUDA = 8
 # The loop guard copies the generated tokens to the host and scans them in Python, so it runs less often.
 LOOP_CHECK_EVERY = 32
-# Decode attention reads the cache prefix [0, span) rounded up to this: masked keys weigh exactly 0,
-# so the bucket changes no result, and the decode step keeps one shape for many steps (CUDA graphs).
-SPAN_BUCKET = 64
+# Decode attention reads the cache prefix [0, span) rounded up to a bucket: masked keys weigh exactly
+# 0, so the bucket changes no result, and the decode step keeps one shape for many steps. On CUDA the
+# buckets are coarser, so that few CUDA graphs are recorded.
+SPAN_BUCKET_CPU, SPAN_BUCKET_CUDA = 64, 256
 
 
 @dataclass
@@ -72,13 +74,16 @@ def generate(
     settings: DecodeSettings,
     dtype: torch.dtype,
     device: torch.device,
+    step: Callable = None,
 ) -> Iterator[tuple[Any, Generated]]:
     """Yield (request.key, Generated) as sequences finish (not in request order).
 
     slots: sequences decoded together; capacity: the longest prompt + max_new_tokens any request
-    may need. encode_images(stacked vision inputs) -> image embeddings (n, Q, D)."""
+    may need. encode_images(stacked vision inputs) -> image embeddings (n, Q, D). step: the decode
+    step function (decode_step, or a compiled version of it)."""
     with torch.inference_mode():
-        yield from _Batch(encode_images, decoder, slots, capacity, settings, dtype, device).run(iter(requests))
+        batch = _Batch(encode_images, decoder, slots, capacity, settings, dtype, device, step or decode_step)
+        yield from batch.run(iter(requests))
 
 
 class _Batch:
@@ -87,10 +92,11 @@ class _Batch:
     The host mirrors lengths exactly (every assigned slot advances by one per step) so that it
     never has to read them back."""
 
-    def __init__(self, encode_images, decoder, slots, capacity, settings, dtype, device):
-        self.encode_images, self.decoder, self.settings = encode_images, decoder, settings
+    def __init__(self, encode_images, decoder, slots, capacity, settings, dtype, device, step):
+        self.encode_images, self.decoder, self.settings, self.decode_step = encode_images, decoder, settings, step
         self.slots, self.device = slots, device
         self.sync_every = SYNC_EVERY_CUDA if device.type == "cuda" else 1
+        self.span_bucket = SPAN_BUCKET_CUDA if device.type == "cuda" else SPAN_BUCKET_CPU
         # Slack: a finished slot keeps stepping (on pad tokens) until the next sync frees it.
         self.capacity = capacity + self.sync_every + 1
         self.cache = decoder.new_cache(slots, self.capacity, dtype=dtype, device=device)
@@ -168,24 +174,21 @@ class _Batch:
         return exhausted
 
     def _step(self) -> None:
-        """Pick the next token of the first k slots (all occupied ones) from `hidden`, then run the
-        decoder one step on them. Newcomers take the lowest free slots, so k shrinks as the last
-        pages drain; on CUDA it is rounded up to a power of two to keep few distinct shapes."""
-        s, k = self.settings, self._rows_in_use()
-        lengths, done = self.lengths[:k], self.done[:k]
-        logits = self.decoder.logits(self.hidden[:k]).float()  # (k, V)
-        early = lengths < self.minimums[:k]
-        logits[:, self.eos] = logits[:, self.eos].masked_fill(early.unsqueeze(1), float("-inf"))
-        if s.no_repeat_ngram_size > 0:
-            ban_repeated_ngrams(logits, self.tokens[:k], lengths, s.no_repeat_ngram_size)
-        rows = torch.arange(k, device=self.device)
-        next_ids = torch.where(done, s.pad_id, logits.argmax(-1))
+        """One decode step for the first k slots (all occupied ones): newcomers take the lowest
+        free slots, so k shrinks as the last pages drain; on CUDA it is rounded up to a power of two
+        to keep few distinct shapes. The math runs in `decode_step` (compiled when asked)."""
+        k = self._rows_in_use()
+        lengths = self.lengths[:k]
+        bucket = self.span_bucket
+        span = min(self.capacity, -(-(max(self.lengths_host[:k]) + 1) // bucket) * bucket)
+        next_ids, done, hidden = self.decode_step(
+            self.decoder, self.cache, self.hidden[:k], self.tokens[:k], lengths, self.minimums[:k],
+            self.limits[:k], self.done[:k], self.eos, self.settings.pad_id, self.settings.no_repeat_ngram_size, span,
+        )
         # Finished slots write pad past their end; free slots (advance 0) rewrite index 0 harmlessly.
-        self.tokens[rows, lengths] = next_ids
-        done |= torch.isin(next_ids, self.eos) | (lengths + 1 >= self.limits[:k])
-        span = min(self.capacity, -(-(max(self.lengths_host[:k]) + 1) // SPAN_BUCKET) * SPAN_BUCKET)
-        x = self.decoder.embed(next_ids[:, None], lengths)
-        self.hidden[:k] = self.decoder(x, self.cache, DecodeStep.decode_all(lengths, span))[:, 0]
+        self.tokens[torch.arange(k, device=self.device), lengths] = next_ids
+        self.done[:k] = done
+        self.hidden[:k] = hidden
         lengths += self.advance[:k]
         self.lengths_host = [n + (o is not None) for n, o in zip(self.lengths_host, self.owner)]
 
@@ -229,6 +232,43 @@ class _Batch:
         free = torch.tensor(finished, device=self.device)
         self.advance[free] = 0
         self.lengths[free] = 0
+
+
+def decode_step(decoder, cache, hidden, tokens, lengths, minimums, limits, done, eos, pad_id: int, ngram: int, span: int):
+    """Pick each row's next token from its last hidden state and run the decoder one step on it.
+
+    hidden (k, D), tokens (k, C), lengths/minimums/limits (k,), done (k,) -> (next ids (k,), done
+    (k,), new hidden (k, D)). Writes only the KV cache: a pure tensor function, so it can be compiled
+    (and on CUDA captured as a graph) once per (k, span) shape."""
+    logits = decoder.logits(hidden).float()  # (k, V)
+    early = (lengths < minimums).unsqueeze(1)
+    logits[:, eos] = logits[:, eos].masked_fill(early, float("-inf"))
+    if ngram > 0:
+        ban_repeated_ngrams(logits, tokens, lengths, ngram)
+    next_ids = torch.where(done, pad_id, logits.argmax(-1))
+    done = done | torch.isin(next_ids, eos) | (lengths + 1 >= limits)
+    x = decoder.embed(next_ids[:, None], lengths)
+    return next_ids, done, decoder(x, cache, DecodeStep.decode_all(lengths, span))[:, 0]
+
+
+class CompiledStep:
+    """decode_step through torch.compile (on CUDA with mode="reduce-overhead": CUDA graphs, one per
+    (slots, span bucket) shape). If compiling fails (no compiler, an unsupported setup), it warns once
+    and runs the plain function from then on."""
+
+    def __init__(self, device: torch.device):
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        self.compiled = torch.compile(decode_step, dynamic=True, mode=mode)
+        self.broken = False
+
+    def __call__(self, *args):
+        if not self.broken:
+            try:
+                return self.compiled(*args)
+            except Exception as err:  # compilation happens on the first calls, before any write
+                warnings.warn(f"torch.compile of the decode step failed, decoding without it: {err}")
+                self.broken = True
+        return decode_step(*args)
 
 
 def ban_repeated_ngrams(logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, n: int) -> None:

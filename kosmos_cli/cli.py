@@ -45,6 +45,7 @@ class Options:
     overwrite: bool
     quiet: bool
     debug: bool
+    compile: Optional[bool]
 
 
 def _options(
@@ -62,9 +63,10 @@ def _options(
     overwrite: bool = typer.Option(False, help="With -o: redo pages that are already written."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary; errors are still reported."),
     debug: bool = typer.Option(False, help="Show Python tracebacks for errors."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile the decode step with torch.compile (CUDA graphs on a GPU). [default: on for CUDA, off for CPU, where compiling takes a minute]"),
 ) -> Options:
     return Options(output, model, device, dtype, batch_size, max_new_tokens, pages, dpi, password, format,
-                   overlay, overwrite, quiet, debug)
+                   overlay, overwrite, quiet, debug, compile)
 
 
 def _fail_usage(message: str) -> None:
@@ -195,7 +197,7 @@ def run(task_name: str, inputs: list[str], opts: Options, *, prompt: str | None 
         with progress:
             engine_holder: list = []
             for item, result in _process(task, jobs, engine_holder, model_name, opts, batch_size, prompt, progress, tally):
-                _emit(item, result, out, opts, tally)
+                _emit(item, result, out, opts, tally, task.name, model_name)
                 progress.advance(item, result)
     except KeyboardInterrupt:
         _report("interrupted; finished pages are saved and a re-run with -o continues where it stopped")
@@ -236,7 +238,8 @@ def _load_engine(task, model_name: str, opts: Options):
     from .models.loading import ModelLoadError
 
     try:
-        engine = engine_module.load(model_name, device=opts.device, dtype=opts.dtype)
+        engine = engine_module.load(model_name, device=opts.device, dtype=opts.dtype,
+                                    compile="auto" if opts.compile is None else opts.compile)
     except (ModelLoadError, ValueError, FileNotFoundError, RuntimeError) as err:
         raise _Fatal(f"cannot load model {model_name}: {err}", 1) from err
     if engine.kind != task.model_kind:
@@ -275,8 +278,9 @@ def _chain(first, rest):
     yield from rest
 
 
-def _emit(item, result, out, opts: Options, tally: Tally) -> None:
-    """Write one item's outcome: stdout or files, and errors on stderr."""
+def _emit(item, result, out, opts: Options, tally: Tally, task: str, model: str) -> None:
+    """Write one item's outcome: stdout or files, and errors on stderr (and, with --format jsonl
+    on stdout, as records whose `error` is set, page 0 for a whole document)."""
     from . import writers
 
     if isinstance(item, ErrorJob):
@@ -287,6 +291,9 @@ def _emit(item, result, out, opts: Options, tally: Tally) -> None:
             _report(f"{where}: {item.error}")
             tally.failed += 1
             tally.failed_inputs.add(str(item.source))
+            if out is None and opts.format == "jsonl":
+                failed = writers.PageResult.failed(item.source, item.page or 0, task, model, item.error)
+                sys.stdout.write(writers.format_jsonl(failed) + "\n")
         return
     if item.skipped:
         tally.skipped += 1

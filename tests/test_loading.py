@@ -141,5 +141,5 @@ def test_hub_cache_is_used_offline(kosmos25_tied, tmp_path, monkeypatch):
 
 
 def test_not_a_directory_nor_repo_id(tmp_path):
-    with pytest.raises(ModelLoadError, match="neither a directory nor"):
+    with pytest.raises(ModelLoadError, match="does not exist: pass a checkpoint directory"):
         resolve_model_dir(str(tmp_path / "nope"))

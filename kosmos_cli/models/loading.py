@@ -43,7 +43,11 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
         return path
     text = str(model)
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise ModelLoadError(f"model {text!r} is neither a directory nor a Hugging Face repo id like 'microsoft/kosmos-2.5'")
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise ModelLoadError(
+            f"model {text!r} {what}: pass a checkpoint directory (config.json, tokenizer, *.safetensors) "
+            f"or a Hugging Face repo id such as microsoft/kosmos-2.5"
+        )
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 

@@ -370,7 +370,9 @@ class _Progress:
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-                                console=Console(stderr=True), transient=True)
+                                console=Console(stderr=True), transient=True,
+                                # Results must stay on stdout; rich would route them to its console.
+                                redirect_stdout=False)
             self.bar.__enter__()
             self.task = self.bar.add_task("pages", total=self.total, rate="")
         return self

@@ -700,3 +700,29 @@ def test_compile_flag_reaches_the_engine(k25, png, monkeypatch):
         args = ["md", png, "--model", k25, "--max-new-tokens", "2"] + ([flag] if flag else [])
         assert kosmos(*args).exit_code == 0
         assert seen[-1] == expected
+
+
+def test_progress_bar_on_a_terminal_keeps_results_on_stdout(k25, png):
+    """With stderr on a terminal the rich progress bar draws there, and results still go to stdout."""
+    import pty
+
+    primary, secondary = pty.openpty()
+    proc = subprocess.run(
+        [shutil.which("kosmos"), "md", str(png), str(png), "--model", k25, "--max-new-tokens", "3", "-f", "jsonl"],
+        stdout=subprocess.PIPE, stderr=secondary, timeout=120,
+    )
+    os.close(secondary)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    os.close(primary)
+    assert proc.returncode == 0
+    assert len(jsonl(proc.stdout.decode())) == 1  # the same file twice is one input
+    assert b"pages" in terminal and b"kosmos: 1 page in" in terminal
+    assert b'"task": "md"' not in terminal

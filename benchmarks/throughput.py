@@ -85,7 +85,7 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def run_transformers(model_dir: Path, pages, lengths, batch: int, device: str, dtype) -> None:
+def run_transformers(model_dir: Path, batch: int, device: str, dtype):
     from tests.checkpoints import load_kosmos2_5_processor
     from transformers import Kosmos2_5ForConditionalGeneration
 
@@ -106,7 +106,7 @@ def run_transformers(model_dir: Path, pages, lengths, batch: int, device: str, d
     return go
 
 
-def run_kosmos(model_dir: Path, pages, lengths, batch: int, device: str, dtype, compile: str):
+def run_kosmos(model_dir: Path, batch: int, device: str, dtype, compile: str):
     import kosmos_cli
 
     engine = kosmos_cli.load(model_dir, device=device, dtype=dtype, compile={"on": True, "off": False}.get(compile, "auto"))
@@ -148,15 +148,16 @@ def main() -> None:
     for system in args.systems.split(","):
         n = args.hf1_pages if system == "hf1" and args.hf1_pages else args.pages
         if system == "kosmos":
-            go, engine = run_kosmos(model_dir, pages, lengths, args.batch_size, args.device, dtype, args.compile)
+            go, engine = run_kosmos(model_dir, args.batch_size, args.device, dtype, args.compile)
         else:
-            go = run_transformers(model_dir, pages, lengths, 1 if system == "hf1" else args.batch_size, args.device, dtype)
+            go, engine = run_transformers(model_dir, 1 if system == "hf1" else args.batch_size, args.device, dtype), None
         go(pages[:4], [8, 40, 100, 16])  # warm-up (and compile: several slot counts and span buckets)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         seconds = min(timed(lambda: go(pages[:n], lengths[:n]), args.device) for _ in range(args.repeat))
         tokens = sum(lengths[:n])
-        row = {"system": system + ("+compile" if system == "kosmos" and engine.step is not None else ""), "pages": n, "batch": 1 if system == "hf1" else args.batch_size,
+        name = system + ("+compile" if engine is not None and engine.step is not None else "")
+        row = {"system": name, "pages": n, "batch": 1 if system == "hf1" else args.batch_size,
                "seconds": round(seconds, 2), "pages_per_s": round(n / seconds, 3),
                "new_tokens_per_s": round(tokens / seconds, 1)}
         if args.device.startswith("cuda"):
@@ -166,7 +167,7 @@ def main() -> None:
                                                                  sum(lengths) / len(lengths)), 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del go
+        go = engine = None  # free this system's model before the next one loads
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
 

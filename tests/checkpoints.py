@@ -230,7 +230,7 @@ def _tiny_config(vocab_size: int, *, tied: bool):
     )
 
 
-def _make_image_dependent(model, seed: int) -> None:
+def make_image_dependent(model, seed: int) -> None:
     """Make greedy output depend on the image (tiny random models are image-blind, REFERENCE §9).
 
     With the default init (std 0.02) every tiny linear layer shrinks its input ~10x, so the image
@@ -296,7 +296,7 @@ def make_kosmos2_5_checkpoint(
     torch.manual_seed(seed)
     model = Kosmos2_5ForConditionalGeneration(config).to(torch.float32).eval()
     if image_dependent:
-        _make_image_dependent(model, seed)
+        make_image_dependent(model, seed)
 
     # The real checkpoint (2 shards of ~5.5 GB) is sharded by size; ours by a tiny limit.
     max_shard = "1MB" if sharded else "10GB"

@@ -38,8 +38,9 @@ from __future__ import annotations
 import base64
 import io
 import json
-import math
 from pathlib import Path
+
+from tests.checkpoints import make_image_dependent
 
 TAG_TOKENS = [
     "</doc>",
@@ -298,36 +299,6 @@ def _tiny_config(vocab_size: int, *, tied: bool):
     )
 
 
-def _make_image_dependent(model, seed: int) -> None:
-    """Make greedy output depend on the image (tiny random models are image-blind, REFERENCE §9).
-
-    With std-0.02 init every tiny linear layer shrinks its input, so the image signal fades before
-    the last position.  Redrawn with unit gain the resampler and the text attention carry it; a
-    larger `dense` and a small latent query make the image features dominate the resampled tokens;
-    a big untied lm_head turns the differences into different argmaxes.
-    """
-    import torch
-
-    g = torch.Generator().manual_seed(seed + 1)
-
-    def redraw(linear, gain: float) -> None:
-        w = linear.weight
-        w.copy_(torch.randn(w.shape, generator=g) * (gain / math.sqrt(w.shape[1])))
-
-    proj = model.image_to_text_projection
-    with torch.no_grad():
-        redraw(proj.dense, 2.0)
-        proj.latent_query.mul_(0.1)
-        for lin in (proj.x_attn.q_proj, proj.x_attn.k_proj, proj.x_attn.v_proj, proj.x_attn.out_proj):
-            redraw(lin, 1.0)
-        for layer in model.text_model.model.layers:
-            attn = layer.self_attn
-            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
-                redraw(lin, 1.0)
-        head = model.text_model.lm_head.weight
-        head.copy_(torch.randn(head.shape, generator=g))
-
-
 def make_kosmos2_checkpoint(
     path: Path,
     *,
@@ -356,7 +327,7 @@ def make_kosmos2_checkpoint(
     torch.manual_seed(seed)
     model = Kosmos2ForConditionalGeneration(config).to(torch.float32).eval()
     if image_dependent:
-        _make_image_dependent(model, seed)
+        make_image_dependent(model, seed)
     model.save_pretrained(path, safe_serialization=True)
 
     # The Hub config predates transformers 5: it says "torch_dtype", not "dtype".

@@ -503,7 +503,7 @@ def test_bad_input_is_reported_and_the_rest_is_processed(k25, png, tmp_path, kin
 
 
 def test_bad_inputs_with_output_dir(k25, png, tmp_path):
-    bad = _bad_inputs(tmp_path / "in", png)
+    _bad_inputs(tmp_path / "in", png)
     shutil.copy(png, tmp_path / "in" / "good.png")
     out = tmp_path / "out"
     result = kosmos("ocr", tmp_path / "in", "-o", out, "--model", k25, *FAST)

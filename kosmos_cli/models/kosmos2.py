@@ -72,11 +72,7 @@ class Kosmos2(nn.Module):
         self.config = cfg
         self.vision = CLIPVision(cfg.vision)
         self.resampler = Resampler(cfg.vision.hidden_size, t.embed_dim, t.attention_heads, cfg.latent_query_num)
-        self.text = TextDecoder(
-            vocab_size=t.vocab_size, dim=t.embed_dim, layers=t.layers, heads=t.attention_heads, ffn_dim=t.ffn_dim,
-            act=t.activation_function, eps=t.layer_norm_eps, pad_id=t.pad_token_id, scale_embedding=t.scale_embedding,
-            segments=False, inner_norm=True, tie=cfg.tie_word_embeddings,
-        )
+        self.text = TextDecoder.from_config(t, segments=False, inner_norm=True, tie=cfg.tie_word_embeddings)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, 3, 224, 224) -> image embeddings (B, Q, D) for the decoder."""

@@ -73,11 +73,7 @@ class Kosmos25(nn.Module):
         self.config = cfg
         self.vision = VisionEncoder(cfg.vision)
         self.resampler = Resampler(cfg.vision.hidden_size, t.embed_dim, t.attention_heads, cfg.latent_query_num)
-        self.text = TextDecoder(
-            vocab_size=t.vocab_size, dim=t.embed_dim, layers=t.layers, heads=t.attention_heads, ffn_dim=t.ffn_dim,
-            act=t.activation_function, eps=t.layer_norm_eps, pad_id=t.pad_token_id, scale_embedding=t.scale_embedding,
-            segments=True, inner_norm=False, tie=cfg.tie_word_embeddings,
-        )
+        self.text = TextDecoder.from_config(t, segments=True, inner_norm=False, tie=cfg.tie_word_embeddings)
 
     def encode_images(self, patches: torch.Tensor) -> torch.Tensor:
         """patches (B, P, 770) -> image embeddings (B, Q, D) for the decoder."""

@@ -266,6 +266,16 @@ class TextDecoder(nn.Module):
         # A tied head reuses embed_tokens.weight and has no parameter of its own.
         self.lm_head = None if tie else nn.Linear(dim, vocab_size, bias=False)
 
+    @classmethod
+    def from_config(cls, t, *, segments: bool, inner_norm: bool, tie: bool) -> "TextDecoder":
+        """From a config.TextConfig; segments: Kosmos-2.5's segment embedding; inner_norm: Kosmos-2's
+        LayerNorm over the merged heads; tie: the head reuses embed_tokens."""
+        return cls(
+            vocab_size=t.vocab_size, dim=t.embed_dim, layers=t.layers, heads=t.attention_heads, ffn_dim=t.ffn_dim,
+            act=t.activation_function, eps=t.layer_norm_eps, pad_id=t.pad_token_id, scale_embedding=t.scale_embedding,
+            segments=segments, inner_norm=inner_norm, tie=tie,
+        )
+
     def new_cache(self, slots: int, capacity: int, *, dtype, device) -> KVCache:
         return KVCache(len(self.layers), slots, self.heads, self.dim // self.heads, capacity, dtype=dtype, device=device)
 

@@ -151,7 +151,8 @@ def main() -> None:
             go, engine = run_kosmos(model_dir, args.batch_size, args.device, dtype, args.compile)
         else:
             go, engine = run_transformers(model_dir, 1 if system == "hf1" else args.batch_size, args.device, dtype), None
-        go(pages[:4], [8, 40, 100, 16])  # warm-up (and compile: several slot counts and span buckets)
+        warm = [8, 40, 100, 16][: len(pages)]
+        go(pages[: len(warm)], warm)  # warm-up (and compile: several slot counts and span buckets)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         seconds = min(timed(lambda: go(pages[:n], lengths[:n]), args.device) for _ in range(args.repeat))

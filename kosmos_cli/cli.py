@@ -391,7 +391,3 @@ class _Progress:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         done = self.bar.tasks[0].completed + 1
         self.bar.update(self.task, advance=1, rate=f"{done / elapsed:.2f} pages/s, {self.tokens / elapsed:.0f} tok/s")
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    app()

@@ -75,8 +75,10 @@ class Engine:
 
     def __init__(self, name: str, model_dir: Path, device: torch.device, dtype: torch.dtype, compile: bool = False):
         self.name, self.device, self.dtype = name, device, dtype
-        # The decode step, compiled once per engine (see CompiledStep), or None for plain eager.
+        # The decode step, compiled once per engine (see CompiledStep), or None for plain eager. A
+        # compiled engine keeps its KV cache between calls: the graphs are tied to its addresses.
         self.step = CompiledStep(device) if compile else None
+        self.kept_cache = None
         self.config = config = read_config(model_dir)
         self.image_config = read_image_processor_config(model_dir)
         if isinstance(config, Kosmos25Config):
@@ -182,7 +184,7 @@ class Engine:
         for key, generated in generate(
             self.model.encode_images, self.model.text, requests(), slots=slots,
             capacity=max_prompt_tokens + max_new_tokens, settings=settings, dtype=self.dtype, device=self.device,
-            step=self.step,
+            step=self.step, cache=self._cache if self.step is not None else None,
         ):
             yield key, Output(generated.ids, self.decode(generated.ids), generated.stop, sizes.pop(key))
 
@@ -198,6 +200,13 @@ class Engine:
         per_slot = kv_per_token * (self.prompt_length(prompt) + max_new_tokens) + text.vocab_size * 8
         reserve = 4 * 2**30  # vision encoder + prefill activations for a few newcomers at once
         return max(1, min(limit, int((free - reserve) * 0.9) // per_slot))
+
+    def _cache(self, slots: int, capacity: int):
+        """The kept KV cache when it is large enough, else a new one (kept from then on)."""
+        if self.kept_cache is None or not self.kept_cache.fits(slots, capacity):
+            self.kept_cache = None  # free the old one first
+            self.kept_cache = self.model.text.new_cache(slots, capacity, dtype=self.dtype, device=self.device, static=True)
+        return self.kept_cache
 
     def prompt_length(self, prompt: str) -> int:
         return len(self.tokenizer.prompt(prompt, self.config.latent_query_num)[0])

@@ -175,3 +175,15 @@ def test_a_failing_compile_falls_back_to_eager(engine, alone, monkeypatch):
     with pytest.warns(UserWarning, match="decoding without it"):
         outputs = engine.run(IMAGES[:2], PROMPTS[:2], LIMITS[:2])
     assert step.broken and [o.ids for o in outputs] == [o.ids for o in alone[:2]]
+
+
+def test_compiled_engine_keeps_its_static_cache(kosmos25_sharded, alone):
+    compiled = kosmos_cli.load(kosmos25_sharded, device="cpu", compile=True)
+    first = compiled.run(IMAGES[:3], PROMPTS[:3], LIMITS[:3], batch_size=3)
+    cache = compiled.kept_cache
+    second = compiled.run(IMAGES[3:5], PROMPTS[3:5], LIMITS[3:5], batch_size=2)  # fewer slots, shorter
+    assert compiled.kept_cache is cache
+    bigger = compiled.run(IMAGES, PROMPTS, [n + 10 for n in LIMITS], batch_size=4)
+    assert compiled.kept_cache is not cache and compiled.kept_cache.fits(4, 0)
+    assert [o.ids for o in first + second] == [o.ids for o in alone[:5]]
+    assert [o.ids[: n] for o, n in zip(bigger, LIMITS)] == [o.ids for o in alone]

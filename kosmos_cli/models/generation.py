@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from .layers import DecodeStep, TextDecoder
+from .layers import DecodeStep, KVCache, TextDecoder
 
 # How many decode steps run between host checks for finished sequences on CUDA: each check is a
 # host-device sync, which would otherwise stall the GPU queue once per token. A finished slot idles
@@ -74,15 +74,18 @@ def generate(
     settings: DecodeSettings,
     dtype: torch.dtype,
     device: torch.device,
-    step: Callable = None,
+    step: Callable | None = None,
+    cache: Callable[[int, int], KVCache] | None = None,
 ) -> Iterator[tuple[Any, Generated]]:
     """Yield (request.key, Generated) as sequences finish (not in request order).
 
     slots: sequences decoded together; capacity: the longest prompt + max_new_tokens any request
     may need. encode_images(stacked vision inputs) -> image embeddings (n, Q, D). step: the decode
-    step function (decode_step, or a compiled version of it)."""
+    step function (decode_step, or a compiled version of it). cache(slots, capacity): the KV cache
+    to use (default: a new one)."""
+    cache = cache or (lambda n, c: decoder.new_cache(n, c, dtype=dtype, device=device))
     with torch.inference_mode():
-        batch = _Batch(encode_images, decoder, slots, capacity, settings, dtype, device, step or decode_step)
+        batch = _Batch(encode_images, decoder, slots, capacity, settings, dtype, device, step or decode_step, cache)
         yield from batch.run(iter(requests))
 
 
@@ -92,14 +95,14 @@ class _Batch:
     The host mirrors lengths exactly (every assigned slot advances by one per step) so that it
     never has to read them back."""
 
-    def __init__(self, encode_images, decoder, slots, capacity, settings, dtype, device, step):
+    def __init__(self, encode_images, decoder, slots, capacity, settings, dtype, device, step, cache):
         self.encode_images, self.decoder, self.settings, self.decode_step = encode_images, decoder, settings, step
         self.slots, self.device = slots, device
         self.sync_every = SYNC_EVERY_CUDA if device.type == "cuda" else 1
         self.span_bucket = SPAN_BUCKET_CUDA if device.type == "cuda" else SPAN_BUCKET_CPU
         # Slack: a finished slot keeps stepping (on pad tokens) until the next sync frees it.
         self.capacity = capacity + self.sync_every + 1
-        self.cache = decoder.new_cache(slots, self.capacity, dtype=dtype, device=device)
+        self.cache = cache(slots, self.capacity)
         self.tokens = torch.full((slots, self.capacity), settings.pad_id, dtype=torch.long, device=device)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.prompt_lens = torch.zeros(slots, dtype=torch.long, device=device)

@@ -181,13 +181,24 @@ class KVCache:
     sequence's tokens at indices [0, lengths[b]); whatever lies past lengths[b] (right padding from a
     batched prefill, stale tokens of a finished sequence) is masked out and later overwritten.
     The lengths themselves belong to the generation loop (see DecodeStep).
+
+    static: the tensors keep fixed addresses for torch.compile, so a compiled decode step may write
+    them inside a CUDA graph (mutating any other input makes torch skip the graph). Such a cache is
+    meant to be kept and reused (`fits`): a new one means recompiling.
     """
 
-    def __init__(self, layers: int, slots: int, heads: int, head_dim: int, capacity: int, *, dtype, device):
+    def __init__(self, layers: int, slots: int, heads: int, head_dim: int, capacity: int, *, dtype, device,
+                 static: bool = False):
         shape = (slots, heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.capacity = capacity
+        self.slots, self.capacity = slots, capacity
+        if static:
+            for tensor in self.keys + self.values:
+                torch._dynamo.mark_static_address(tensor)
+
+    def fits(self, slots: int, capacity: int) -> bool:
+        return slots <= self.slots and capacity <= self.capacity
 
     def update(self, layer: int, step: "DecodeStep", k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k/v (n, heads, T, head_dim) of the step's rows at indices start[i] .. start[i]+T-1."""
@@ -276,8 +287,9 @@ class TextDecoder(nn.Module):
             segments=segments, inner_norm=inner_norm, tie=tie,
         )
 
-    def new_cache(self, slots: int, capacity: int, *, dtype, device) -> KVCache:
-        return KVCache(len(self.layers), slots, self.heads, self.dim // self.heads, capacity, dtype=dtype, device=device)
+    def new_cache(self, slots: int, capacity: int, *, dtype, device, static: bool = False) -> KVCache:
+        return KVCache(len(self.layers), slots, self.heads, self.dim // self.heads, capacity, dtype=dtype,
+                       device=device, static=static)
 
     def embed(
         self, ids: torch.Tensor, start: torch.Tensor, image: torch.Tensor | None = None, image_mask: torch.Tensor | None = None

@@ -197,24 +197,19 @@ TINY_MAX_PATCHES = 256
 TINY_LATENT_QUERY_NUM = 16
 
 
+def tiny_text_config(vocab_size: int, *, tied: bool, **overrides) -> dict:
+    """The tiny fairseq text decoder both test checkpoints use (fields as in transformers' configs)."""
+    return dict(
+        vocab_size=vocab_size, embed_dim=32, layers=2, attention_heads=4, ffn_dim=64, dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0, tie_word_embeddings=tied, pad_token_id=1,
+        bos_token_id=0, eos_token_id=2, **overrides,
+    )
+
+
 def _tiny_config(vocab_size: int, *, tied: bool):
     from transformers import Kosmos2_5Config
 
-    text = dict(
-        vocab_size=vocab_size,
-        embed_dim=32,
-        layers=2,
-        attention_heads=4,
-        ffn_dim=64,
-        max_position_embeddings=1024,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        tie_word_embeddings=tied,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-    )
+    text = tiny_text_config(vocab_size, tied=tied, max_position_embeddings=1024)
     vision = dict(
         hidden_size=32,
         patch_embed_hidden_size=768,  # 16*16*3: fixed by the image processor

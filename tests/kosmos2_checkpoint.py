@@ -40,7 +40,7 @@ import io
 import json
 from pathlib import Path
 
-from tests.checkpoints import make_image_dependent
+from tests.checkpoints import make_image_dependent, tiny_text_config
 
 TAG_TOKENS = [
     "</doc>",
@@ -269,22 +269,7 @@ def write_kosmos2_tokenizer(path: Path, *, added_tokens_decoder: bool = False) -
 def _tiny_config(vocab_size: int, *, tied: bool):
     from transformers import Kosmos2Config
 
-    text = dict(
-        vocab_size=vocab_size,
-        embed_dim=32,
-        layers=2,
-        attention_heads=4,
-        ffn_dim=64,
-        max_position_embeddings=2048,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        layerdrop=0.0,
-        tie_word_embeddings=tied,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-    )
+    text = tiny_text_config(vocab_size, tied=tied, max_position_embeddings=2048, layerdrop=0.0)
     vision = dict(
         hidden_size=32,
         intermediate_size=64,

@@ -165,19 +165,25 @@ class Engine:
         """Continuous batching: yield (key, Output) as pages finish, for jobs (key, prepared image,
         prompt text, max new tokens[, min new tokens]) that may arrive lazily. A lazy stream must bound its prompts
         and budgets up front (max_prompt_tokens, max_new_tokens) to size the KV cache."""
+        encoded: dict[str, Prompt] = {}  # every page of a run usually shares one prompt: tokenize it once
+
+        def encode(prompt: str) -> Prompt:
+            if prompt not in encoded:
+                encoded[prompt] = Prompt(*self.tokenizer.prompt(prompt, self.config.latent_query_num))
+            return encoded[prompt]
+
         if max_prompt_tokens is None or max_new_tokens is None:
             jobs = list(jobs)
             if not jobs:
                 return
-            max_prompt_tokens = max(self.prompt_length(job[2]) for job in jobs)
+            max_prompt_tokens = max(len(encode(job[2]).ids) for job in jobs)
             max_new_tokens = max(job[3] for job in jobs)
         sizes: dict[Any, tuple[int, int]] = {}
 
         def requests() -> Iterator[Request]:
             for key, prepared, prompt, limit, *minimum in jobs:
-                ids, mask = self.tokenizer.prompt(prompt, self.config.latent_query_num)
                 sizes[key] = prepared.model_size
-                yield Request(Prompt(ids, mask), limit, prepared.vision_input, key, minimum[0] if minimum else 0)
+                yield Request(encode(prompt), limit, prepared.vision_input, key, minimum[0] if minimum else 0)
 
         ngram = self.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size
         settings = DecodeSettings(tuple(self.eos_ids), self.config.text.pad_token_id, ngram, loop_check)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import chain
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -84,11 +85,8 @@ def transcribe(
             yield item, results.pop(id(item), None)
 
     def jobs() -> Iterator[tuple[int, Prepared, str, int]]:
-        while retry:
-            page, prepared = retry.pop(0)
-            in_flight[id(page)] = (page, prepared)
-            yield id(page), prepared, prompt, limit
-        for page, prepared in source:
+        # Pages from a stream that ran out of memory first (`retry` is rebound, never mutated, after).
+        for page, prepared in chain(retry, source):
             in_flight[id(page)] = (page, prepared)
             yield id(page), prepared, prompt, limit
 

@@ -91,7 +91,7 @@ def generate(
 
 class _Batch:
     """The state of a continuous batch. Device tensors: tokens (S, C) every slot's sequence,
-    lengths (S,), prompt_lens (S,), limits (S,), done (S,), hidden (S, D) the last hidden state.
+    lengths (S,), limits and minimums (S,) as lengths, done (S,), hidden (S, D) the last hidden state.
     The host mirrors lengths exactly (every assigned slot advances by one per step) so that it
     never has to read them back."""
 
@@ -105,7 +105,6 @@ class _Batch:
         self.cache = cache(slots, self.capacity)
         self.tokens = torch.full((slots, self.capacity), settings.pad_id, dtype=torch.long, device=device)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
-        self.prompt_lens = torch.zeros(slots, dtype=torch.long, device=device)
         self.limits = torch.zeros(slots, dtype=torch.long, device=device)
         self.minimums = torch.zeros(slots, dtype=torch.long, device=device)  # prompt length + min_new_tokens
         self.done = torch.ones(slots, dtype=torch.bool, device=device)
@@ -165,7 +164,6 @@ class _Batch:
         self.tokens[rows_t] = self.settings.pad_id
         self.tokens[rows_t, :width] = ids
         self.lengths[rows_t] = lens_t
-        self.prompt_lens[rows_t] = lens_t
         limits = torch.tensor([r.max_new_tokens for r in newcomers], device=self.device)
         self.limits[rows_t] = lens_t + limits
         self.minimums[rows_t] = lens_t + torch.tensor([r.min_new_tokens for r in newcomers], device=self.device)

@@ -10,6 +10,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -191,12 +192,13 @@ def run(task_name: str, inputs: list[str], opts: Options, *, prompt: str | None 
     skip = (lambda job: out.is_done(job.stem, job.page)) if out is not None else None
     jobs = documents.iter_pages(files, selection, opts.dpi, opts.password, skip=skip)
 
-    progress = _Progress(not opts.quiet and sys.stderr.isatty(), _count_pages(files, selection, opts), tally)
+    show_progress = not opts.quiet and sys.stderr.isatty()
+    progress = _Progress(show_progress, _count_pages(files, selection, opts) if show_progress else None, tally)
+    prompt = task.prompt if prompt is None else prompt
     started = time.monotonic()
     try:
         with progress:
-            engine_holder: list = []
-            for item, result in _process(task, jobs, engine_holder, model_name, opts, batch_size, prompt, progress, tally):
+            for item, result in _process(task, jobs, model_name, opts, batch_size, prompt, progress):
                 _emit(item, result, out, opts, tally, task.name, model_name)
                 progress.advance(item, result)
     except KeyboardInterrupt:
@@ -247,9 +249,11 @@ def _load_engine(task, model_name: str, opts: Options):
     return engine
 
 
-def _process(task, jobs, engine_holder, model_name, opts, batch_size, prompt, progress, tally) -> Iterator:
+def _process(task, jobs, model_name, opts, batch_size, prompt, progress) -> Iterator:
     """(item, result) for every page job, rendering ahead and loading the model lazily."""
     from .pipeline import transcribe
+
+    engine_holder: list = []
 
     def lazy_engine_items():
         for item in documents.prefetch(jobs, depth=max(4, 2 * (batch_size or 8))):
@@ -261,21 +265,16 @@ def _process(task, jobs, engine_holder, model_name, opts, batch_size, prompt, pr
     # Items before the first page that needs the model (errors, skipped pages) pass straight through.
     for item in items:
         if engine_holder:
-            chained = _chain([item], items)
+            chained = chain([item], items)
             break
         yield item, None
     else:
         return
     engine = engine_holder[0]
     limit = opts.max_new_tokens or task.max_new_tokens
-    size = batch_size or engine.auto_batch_size(prompt or task.prompt, limit)
-    yield from transcribe(engine, task, chained, prompt=prompt, batch_size=size, max_new_tokens=opts.max_new_tokens,
+    size = batch_size or engine.auto_batch_size(prompt, limit)
+    yield from transcribe(engine, task, chained, prompt=prompt, batch_size=size, max_new_tokens=limit,
                           on_page=progress.page_done)
-
-
-def _chain(first, rest):
-    yield from first
-    yield from rest
 
 
 def _emit(item, result, out, opts: Options, tally: Tally, task: str, model: str) -> None:
@@ -327,10 +326,8 @@ def _report(message: str, note: bool = False) -> None:
     sys.stderr.write(f"kosmos: {'note: ' if note else ''}{message}\n")
 
 
-def _count_pages(files, selection, opts: Options) -> int | None:
+def _count_pages(files, selection, opts: Options) -> int:
     """Total selected pages, for the progress bar's ETA (documents are only opened, not rendered)."""
-    if opts.quiet or not sys.stderr.isatty():
-        return None
     total = 0
     for f in files:
         try:
@@ -360,7 +357,7 @@ class _Progress:
 
     def __init__(self, enabled: bool, total: int | None, tally: Tally):
         self.enabled, self.total, self.tally = enabled, total, tally
-        self.tokens, self.started = 0, time.monotonic()
+        self.started = time.monotonic()
         self.bar = None
 
     def __enter__(self):
@@ -382,7 +379,6 @@ class _Progress:
             self.bar.__exit__(*exc)
 
     def page_done(self, result, new_tokens: int) -> None:
-        self.tokens += new_tokens
         self.tally.tokens += new_tokens
 
     def advance(self, item, result) -> None:
@@ -390,4 +386,4 @@ class _Progress:
             return
         elapsed = max(time.monotonic() - self.started, 1e-9)
         done = self.bar.tasks[0].completed + 1
-        self.bar.update(self.task, advance=1, rate=f"{done / elapsed:.2f} pages/s, {self.tokens / elapsed:.0f} tok/s")
+        self.bar.update(self.task, advance=1, rate=f"{done / elapsed:.2f} pages/s, {self.tally.tokens / elapsed:.0f} tok/s")

@@ -85,7 +85,7 @@ def transcribe(
             yield item, results.pop(id(item), None)
 
     def jobs() -> Iterator[tuple[int, Prepared, str, int]]:
-        # Pages from a stream that ran out of memory first (`retry` is rebound, never mutated, after).
+        # First the pages that were in flight when the last stream ran out of memory.
         for page, prepared in chain(retry, source):
             in_flight[id(page)] = (page, prepared)
             yield id(page), prepared, prompt, limit

@@ -225,6 +225,15 @@ def _tiny_config(vocab_size: int, *, tied: bool):
     )
 
 
+def write_hub_style_config(path: Path) -> None:
+    """Rewrite a saved config.json as the Hub files are: they predate transformers 5 and say
+    "torch_dtype", not "dtype"."""
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    config["torch_dtype"] = config.pop("dtype", "float32")
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def make_image_dependent(model, seed: int) -> None:
     """Make greedy output depend on the image (tiny random models are image-blind, REFERENCE §9).
 
@@ -296,11 +305,7 @@ def make_kosmos2_5_checkpoint(
     # The real checkpoint (2 shards of ~5.5 GB) is sharded by size; ours by a tiny limit.
     max_shard = "1MB" if sharded else "10GB"
     model.save_pretrained(path, max_shard_size=max_shard, safe_serialization=True)
-    # The Hub config predates transformers 5: it says "torch_dtype", not "dtype".
-    config_file = path / "config.json"
-    config_dict = json.loads(config_file.read_text())
-    config_dict["torch_dtype"] = config_dict.pop("dtype", "float32")
-    config_file.write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    write_hub_style_config(path)
 
     image_processor = {
         "do_convert_rgb": True,

@@ -40,7 +40,7 @@ import io
 import json
 from pathlib import Path
 
-from tests.checkpoints import make_image_dependent, tiny_text_config
+from tests.checkpoints import make_image_dependent, tiny_text_config, write_hub_style_config
 
 TAG_TOKENS = [
     "</doc>",
@@ -315,11 +315,7 @@ def make_kosmos2_checkpoint(
         make_image_dependent(model, seed)
     model.save_pretrained(path, safe_serialization=True)
 
-    # The Hub config predates transformers 5: it says "torch_dtype", not "dtype".
-    config_file = path / "config.json"
-    config_dict = json.loads(config_file.read_text())
-    config_dict["torch_dtype"] = config_dict.pop("dtype", "float32")
-    config_file.write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    write_hub_style_config(path)
 
     generation_config = {
         "_from_model_config": True,

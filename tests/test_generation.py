@@ -34,6 +34,18 @@ def test_continuous_batching_equals_one_at_a_time(engine, alone, slots):
     assert [(o.ids, o.stop) for o in outputs] == [(o.ids, o.stop) for o in alone]
 
 
+@pytest.mark.parametrize("slots", [2, 3, 7])
+def test_the_cuda_schedule_gives_identical_results(engine, alone, slots, monkeypatch):
+    """The GPU's loop policy run on the CPU: host checks every 8 steps (finished slots step on
+    pads meanwhile), power-of-two rows that include free slots, 256-token attention spans."""
+    monkeypatch.setattr(generation, "schedule_for", lambda device: generation.CUDA_SCHEDULE)
+    outputs = engine.run(IMAGES, PROMPTS, LIMITS, batch_size=slots)
+    assert [(o.ids, o.stop) for o in outputs] == [(o.ids, o.stop) for o in alone]
+    # The page that sizes the cache ends 3 steps before a host check: it steps on past its budget.
+    forced = engine.run(IMAGES[:2], "<ocr>", [21, 29], min_new_tokens=[21, 29], batch_size=slots)
+    assert [len(o.ids) for o in forced] == [21, 29]
+
+
 def test_per_page_budgets_and_stop_reasons(alone):
     for out, limit in zip(alone, LIMITS):
         assert len(out.ids) <= limit
@@ -56,8 +68,10 @@ def test_stream_rejects_budgets_beyond_the_cache(engine):
         list(engine.stream(jobs, slots=1, max_prompt_tokens=engine.prompt_length("<ocr>"), max_new_tokens=10))
 
 
-def test_loop_check_stops_a_row_and_keeps_the_prefix(engine, monkeypatch):
+@pytest.mark.parametrize("schedule", [generation.CPU_SCHEDULE, generation.CUDA_SCHEDULE])
+def test_loop_check_stops_a_row_and_keeps_the_prefix(engine, monkeypatch, schedule):
     monkeypatch.setattr(generation, "LOOP_CHECK_EVERY", 4)
+    monkeypatch.setattr(generation, "schedule_for", lambda device: schedule)
     calls = []
 
     def check(ids):
@@ -177,7 +191,7 @@ def test_a_failing_compile_falls_back_to_eager(engine, alone, monkeypatch):
     assert step.broken and [o.ids for o in outputs] == [o.ids for o in alone[:2]]
 
 
-def test_compiled_engine_keeps_its_static_cache(kosmos25_sharded, alone):
+def test_compiled_engine_keeps_its_cache(kosmos25_sharded, alone):
     compiled = kosmos_cli.load(kosmos25_sharded, device="cpu", compile=True)
     first = compiled.run(IMAGES[:3], PROMPTS[:3], LIMITS[:3], batch_size=3)
     cache = compiled.kept_cache
@@ -185,5 +199,6 @@ def test_compiled_engine_keeps_its_static_cache(kosmos25_sharded, alone):
     assert compiled.kept_cache is cache
     bigger = compiled.run(IMAGES, PROMPTS, [n + 10 for n in LIMITS], batch_size=4)
     assert compiled.kept_cache is not cache and compiled.kept_cache.fits(4, 0)
+    assert not compiled.step.broken  # a new cache must not break the compiled step (it fell back once)
     assert [o.ids for o in first + second] == [o.ids for o in alone[:5]]
     assert [o.ids[: n] for o, n in zip(bigger, LIMITS)] == [o.ids for o in alone]

@@ -16,16 +16,33 @@ import torch
 
 from .layers import DecodeStep, KVCache, TextDecoder
 
-# How many decode steps run between host checks for finished sequences on CUDA: each check is a
-# host-device sync, which would otherwise stall the GPU queue once per token. A finished slot idles
-# at most this many steps before it is refilled. On the CPU a check costs nothing: every step.
-SYNC_EVERY_CUDA = 8
 # The loop guard copies the generated tokens to the host and scans them in Python, so it runs less often.
 LOOP_CHECK_EVERY = 32
-# Decode attention reads the cache prefix [0, span) rounded up to a bucket: masked keys weigh exactly
-# 0, so the bucket changes no result, and the decode step keeps one shape for many steps. On CUDA the
-# buckets are coarser, so that few CUDA graphs are recorded.
-SPAN_BUCKET_CPU, SPAN_BUCKET_CUDA = 64, 256
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How the decode loop trades wasted work for fewer host syncs and fewer distinct step shapes.
+
+    sync_every: decode steps between host checks for finished sequences. On CUDA each check is a
+    host-device sync, which would otherwise stall the GPU queue once per token; a finished slot
+    idles (stepping on pad tokens) at most this many steps before it is refilled.
+    span_bucket: decode attention reads the cache prefix [0, span) rounded up to this; masked keys
+    weigh exactly 0, so the bucket changes no result, and the step keeps one shape for many steps.
+    pow2_rows: the step covers the occupied slots rounded up to a power of two, not their exact
+    count. Coarse buckets and power-of-two rows keep the number of recorded CUDA graphs small."""
+
+    sync_every: int
+    span_bucket: int
+    pow2_rows: bool
+
+
+CPU_SCHEDULE = Schedule(sync_every=1, span_bucket=64, pow2_rows=False)  # a CPU check costs nothing
+CUDA_SCHEDULE = Schedule(sync_every=8, span_bucket=256, pow2_rows=True)
+
+
+def schedule_for(device: torch.device) -> Schedule:
+    return CUDA_SCHEDULE if device.type == "cuda" else CPU_SCHEDULE
 
 
 @dataclass
@@ -98,10 +115,9 @@ class _Batch:
     def __init__(self, encode_images, decoder, slots, capacity, settings, dtype, device, step, cache):
         self.encode_images, self.decoder, self.settings, self.decode_step = encode_images, decoder, settings, step
         self.slots, self.device = slots, device
-        self.sync_every = SYNC_EVERY_CUDA if device.type == "cuda" else 1
-        self.span_bucket = SPAN_BUCKET_CUDA if device.type == "cuda" else SPAN_BUCKET_CPU
+        self.schedule = schedule_for(device)
         # Slack: a finished slot keeps stepping (on pad tokens) until the next sync frees it.
-        self.capacity = capacity + self.sync_every + 1
+        self.capacity = capacity + self.schedule.sync_every + 1
         self.cache = cache(slots, self.capacity)
         self.tokens = torch.full((slots, self.capacity), settings.pad_id, dtype=torch.long, device=device)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
@@ -123,7 +139,7 @@ class _Batch:
                 exhausted = self._admit(requests)
             if all(owner is None for owner in self.owner):
                 return
-            for _ in range(self.sync_every):
+            for _ in range(self.schedule.sync_every):
                 self._step()
                 step += 1
                 if self.settings.loop_check is not None and step % LOOP_CHECK_EVERY == 0:
@@ -146,7 +162,7 @@ class _Batch:
         rows = free[: len(newcomers)]
         lens = [len(r.prompt.ids) for r in newcomers]
         for r, n in zip(newcomers, lens):
-            if n + r.max_new_tokens > self.capacity - self.sync_every - 1:
+            if n + r.max_new_tokens > self.capacity - self.schedule.sync_every - 1:
                 raise ValueError(f"prompt of {n} tokens + {r.max_new_tokens} new tokens exceeds the cache capacity")
         width = max(lens)
         ids = torch.full((len(rows), width), self.settings.pad_id, dtype=torch.long)
@@ -176,11 +192,11 @@ class _Batch:
 
     def _step(self) -> None:
         """One decode step for the first k slots (all occupied ones): newcomers take the lowest
-        free slots, so k shrinks as the last pages drain; on CUDA it is rounded up to a power of two
-        to keep few distinct shapes. The math runs in `decode_step` (compiled when asked)."""
+        free slots, so k shrinks as the last pages drain (see Schedule.pow2_rows). The math runs in
+        `decode_step` (compiled when asked)."""
         k = self._rows_in_use()
         lengths = self.lengths[:k]
-        bucket = self.span_bucket
+        bucket = self.schedule.span_bucket
         span = min(self.capacity, -(-(max(self.lengths_host[:k]) + 1) // bucket) * bucket)
         next_ids, done, hidden = self.decode_step(
             self.decoder, self.cache, self.hidden[:k], self.tokens[:k], lengths, self.minimums[:k],
@@ -195,7 +211,7 @@ class _Batch:
 
     def _rows_in_use(self) -> int:
         k = 1 + max(s for s, owner in enumerate(self.owner) if owner is not None)
-        if self.device.type == "cuda":
+        if self.schedule.pow2_rows:
             k = min(self.slots, 1 << (k - 1).bit_length())
         return k
 

@@ -9,8 +9,9 @@ architecture, 1.37 B parameters; `small` a toy one), then runs the same syntheti
   (b) transformers generate(), batched (every row runs to the batch's longest page),
   (c) kosmos, continuous batching.
 Per-page output lengths are forced (min = max new tokens, drawn from --lengths) so that every system
-produces exactly the same useful tokens; tokens/s counts those. Each system is warmed up first and
-timed with the device synchronised. Needs the test extra (transformers) and runs from the repo root.
+produces exactly the same useful tokens; tokens/s counts those. Every system is loaded and warmed up
+first, then the timed runs take turns (--repeat rounds) with the device synchronised. Needs the test
+extra (transformers) and runs from the repo root.
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse a checkpoint built earlier")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                         help="kosmos' compiled decode step (auto: on CUDA only); warm-up includes compiling")
-    parser.add_argument("--repeat", type=int, default=1, help="timed runs per system; the best is reported")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="timed rounds (each runs every system once, in turn); each system's best is reported")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -145,40 +147,54 @@ def main() -> None:
         print(f"building a random {args.size} checkpoint in {model_dir} ...", file=sys.stderr)
         build_checkpoint(args.size, model_dir)
 
-    rows = []
+    cuda = args.device.startswith("cuda")
+    # Every system is loaded and warmed up first; then the timed runs take turns (round r times each
+    # system once), so a machine whose speed drifts between runs (a shared VM) slows all alike.
+    systems = {}
     for system in args.systems.split(","):
         n = args.hf1_pages if system == "hf1" and args.hf1_pages else args.pages
+        before = allocated(args.device)
         if system == "kosmos":
             go, engine = run_kosmos(model_dir, args.batch_size, args.device, dtype, args.compile)
         else:
             go, engine = run_transformers(model_dir, 1 if system == "hf1" else args.batch_size, args.device, dtype), None
-        # Warm-up. A compiled kosmos runs the whole timed workload once: that compiles the step and
-        # records a CUDA graph for every (slots, span) shape the timed run meets, and sizes the kept
-        # KV cache. The others run a few pages (several batch shapes and the longest page).
+        # A compiled kosmos warms up on the whole timed workload: that compiles the step, records a
+        # CUDA graph for every (slots, span) shape the timed run meets and sizes the kept KV cache.
+        # The others run a few pages (several batch shapes and the longest page).
         if engine is not None and engine.step is not None:
             go(pages[:n], lengths[:n])
         else:
             warm = [8, max(lengths), 40, 16][: len(pages)]
             go(pages[: len(warm)], warm)
-        if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        seconds = min(timed(lambda: go(pages[:n], lengths[:n]), args.device) for _ in range(args.repeat))
-        tokens = sum(lengths[:n])
+        # What stays allocated between runs (weights, a kept cache), counted in this system's peak.
+        systems[system] = dict(go=go, engine=engine, pages=n, resident=allocated(args.device) - before)
+
+    seconds = {system: float("inf") for system in systems}
+    peak = dict.fromkeys(systems, 0)
+    for _ in range(args.repeat):
+        for system, s in systems.items():
+            n, base = s["pages"], allocated(args.device)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            seconds[system] = min(seconds[system], timed(lambda: s["go"](pages[:n], lengths[:n]), args.device))
+            if cuda:
+                peak[system] = max(peak[system], torch.cuda.max_memory_allocated() - base + s["resident"])
+
+    rows = []
+    for system, s in systems.items():
+        n, engine, tokens = s["pages"], s["engine"], sum(lengths[: s["pages"]])
         name = system + ("+compile" if engine is not None and engine.step is not None else "")
         row = {"system": name, "pages": n, "batch": 1 if system == "hf1" else args.batch_size,
-               "seconds": round(seconds, 2), "pages_per_s": round(n / seconds, 3),
-               "new_tokens_per_s": round(tokens / seconds, 1)}
-        if args.device.startswith("cuda"):
-            row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+               "seconds": round(seconds[system], 2), "pages_per_s": round(n / seconds[system], 3),
+               "new_tokens_per_s": round(tokens / seconds[system], 1)}
+        if cuda:
+            row["peak_gpu_gib"] = round(peak[system] / 2**30, 1)
         bandwidth = peak_bandwidth(args.device)
         if system == "kosmos" and bandwidth:
             row["bandwidth_fraction"] = round(bandwidth_fraction(engine, row["new_tokens_per_s"], args.batch_size,
                                                                  sum(lengths) / len(lengths), bandwidth), 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        go = engine = None  # free this system's model before the next one loads
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()
 
     by = {r["system"].split("+")[0]: r for r in rows}
     if "kosmos" in by:
@@ -189,6 +205,11 @@ def main() -> None:
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "args": vars(args) | {"model_dir": str(model_dir), "json": None}}
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+
+
+def allocated(device: str) -> int:
+    """Bytes the device's caching allocator holds for tensors now (0 off CUDA)."""
+    return torch.cuda.memory_allocated(torch.device(device)) if device.startswith("cuda") else 0
 
 
 def peak_bandwidth(device: str) -> float | None:

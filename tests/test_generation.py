@@ -191,6 +191,17 @@ def test_a_failing_compile_falls_back_to_eager(engine, alone, monkeypatch):
     assert step.broken and [o.ids for o in outputs] == [o.ids for o in alone[:2]]
 
 
+def test_the_cuda_compile_silences_the_graph_count_warning(monkeypatch):
+    """Many recorded graphs are the plan on CUDA, so torch's warning past 8 would only alarm users;
+    a CPU compile leaves the setting alone (compiling is lazy: nothing runs here)."""
+    triton = torch._inductor.config.triton
+    monkeypatch.setattr(triton, "cudagraph_dynamic_shape_warn_limit", 8)
+    generation.CompiledStep(torch.device("cpu"))
+    assert triton.cudagraph_dynamic_shape_warn_limit == 8
+    generation.CompiledStep(torch.device("cuda"))
+    assert triton.cudagraph_dynamic_shape_warn_limit is None
+
+
 def test_compiled_engine_keeps_its_cache(kosmos25_sharded, alone):
     compiled = kosmos_cli.load(kosmos25_sharded, device="cpu", compile=True)
     first = compiled.run(IMAGES[:3], PROMPTS[:3], LIMITS[:3], batch_size=3)

@@ -275,6 +275,13 @@ class CompiledStep:
 
     def __init__(self, device: torch.device):
         mode = "reduce-overhead" if device.type == "cuda" else None
+        if mode is not None:
+            # One graph per (rows, span bucket) is the plan (CUDA_SCHEDULE): ~20 span buckets up to a
+            # 3,072-token page's full length, a few row counts as the last pages drain. torch warns
+            # past 8 graphs, advising what the schedule already does; every user would see it.
+            triton = torch._inductor.config.triton
+            if hasattr(triton, "cudagraph_dynamic_shape_warn_limit"):
+                triton.cudagraph_dynamic_shape_warn_limit = None
         self.compiled = torch.compile(decode_step, dynamic=True, mode=mode)
         self.broken = False
 

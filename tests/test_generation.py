@@ -202,6 +202,37 @@ def test_the_cuda_compile_silences_the_graph_count_warning(monkeypatch):
     assert triton.cudagraph_dynamic_shape_warn_limit is None
 
 
+@pytest.mark.parametrize("static", [True, False])
+def test_the_compiled_step_writes_only_static_inputs(engine, static, monkeypatch):
+    """CUDA graphs are skipped for a compiled function that mutates an input without a fixed address
+    (torch's check_for_mutation). The decode step's only writes are the KV cache's, so a static cache
+    is what keeps the step graphable; the non-static case shows the check would see the difference.
+    Runs the compile on the CPU and reads inductor's own record of mutated and static inputs."""
+    from torch._inductor.output_code import CompiledFxGraph
+
+    seen = []
+    original = CompiledFxGraph.post_compile
+
+    def record(graph, example_inputs, constants, graph_kwargs):
+        seen.append((set(graph.mutated_input_idxs), set(graph.fx_kwargs["static_input_idxs"])))
+        return original(graph, example_inputs, constants, graph_kwargs)
+
+    monkeypatch.setattr(CompiledFxGraph, "post_compile", record)
+    torch._dynamo.reset()  # compile afresh, not from another test's dynamo cache
+    decoder, slots = engine.model.text, 3
+    cache = decoder.new_cache(slots, 64, dtype=torch.float32, device="cpu", static=static)
+    step = torch.compile(generation.decode_step, dynamic=True, mode="reduce-overhead")
+    with torch.inference_mode():
+        step(decoder, cache, torch.randn(slots, decoder.dim), torch.ones(slots, 64, dtype=torch.long),
+             torch.tensor([5, 9, 7]), torch.zeros(slots, dtype=torch.long), torch.full((slots,), 60),
+             torch.zeros(slots, dtype=torch.bool), torch.tensor([2]), 1, 0, 32)
+    torch._dynamo.reset()
+    assert len(seen) == 1
+    mutated, static_inputs = seen[0]
+    assert len(mutated) == 2 * len(decoder.layers)  # each layer's keys and values
+    assert (mutated <= static_inputs) == static
+
+
 def test_compiled_engine_keeps_its_cache(kosmos25_sharded, alone):
     compiled = kosmos_cli.load(kosmos25_sharded, device="cpu", compile=True)
     first = compiled.run(IMAGES[:3], PROMPTS[:3], LIMITS[:3], batch_size=3)

@@ -207,14 +207,16 @@ def test_the_compiled_step_writes_only_static_inputs(engine, static, monkeypatch
     """CUDA graphs are skipped for a compiled function that mutates an input without a fixed address
     (torch's check_for_mutation). The decode step's only writes are the KV cache's, so a static cache
     is what keeps the step graphable; the non-static case shows the check would see the difference.
-    Runs the compile on the CPU and reads inductor's own record of mutated and static inputs."""
+    Inputs other than tensors and sizes would also skip graphs. Runs the compile on the CPU and reads
+    inductor's own record of the graph's inputs."""
     from torch._inductor.output_code import CompiledFxGraph
 
     seen = []
     original = CompiledFxGraph.post_compile
 
     def record(graph, example_inputs, constants, graph_kwargs):
-        seen.append((set(graph.mutated_input_idxs), set(graph.fx_kwargs["static_input_idxs"])))
+        tensors_only = all(isinstance(t, (torch.Tensor, torch.SymInt)) for t in example_inputs)  # another skip reason
+        seen.append((set(graph.mutated_input_idxs), set(graph.fx_kwargs["static_input_idxs"]), tensors_only))
         return original(graph, example_inputs, constants, graph_kwargs)
 
     monkeypatch.setattr(CompiledFxGraph, "post_compile", record)
@@ -228,7 +230,8 @@ def test_the_compiled_step_writes_only_static_inputs(engine, static, monkeypatch
              torch.zeros(slots, dtype=torch.bool), torch.tensor([2]), 1, 0, 32)
     torch._dynamo.reset()
     assert len(seen) == 1
-    mutated, static_inputs = seen[0]
+    mutated, static_inputs, tensors_only = seen[0]
+    assert tensors_only
     assert len(mutated) == 2 * len(decoder.layers)  # each layer's keys and values
     assert (mutated <= static_inputs) == static
 

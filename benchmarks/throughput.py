@@ -7,7 +7,7 @@ Builds a Kosmos-2.5 with random weights in the Hub layout (no download; `full` i
 architecture, 1.37 B parameters; `small` a toy one), then runs the same synthetic pages through
   (a) transformers generate(), batch 1, sdpa (the model card's recipe),
   (b) transformers generate(), batched (every row runs to the batch's longest page),
-  (c) kosmos, continuous batching.
+  (c) kosmos, continuous batching (kosmos-sdpa, kosmos-flex: its decode attention forced to one kernel).
 Per-page output lengths are forced (min = max new tokens, drawn from --lengths) so that every system
 produces exactly the same useful tokens; tokens/s counts those. Every system is loaded and warmed up
 first, then the timed runs take turns (--repeat rounds) with the device synchronised. Needs the test
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -38,6 +39,9 @@ SIZES = {
         latent_query_num=64,
     ),
 }
+# kosmos systems and their KOSMOS_ATTENTION: the default, and the compiled decode step's attention
+# forced to SDPA or to FlexAttention (see kosmos_cli/models/layers.py).
+KOSMOS_SYSTEMS = {"kosmos": "auto", "kosmos-sdpa": "sdpa", "kosmos-flex": "flex"}
 # Peak HBM bandwidth, bytes/s, by a part of the device name (first match wins).
 GPU_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12}
 
@@ -108,10 +112,19 @@ def run_transformers(model_dir: Path, batch: int, device: str, dtype):
     return go
 
 
-def run_kosmos(model_dir: Path, batch: int, device: str, dtype, compile: str):
+def run_kosmos(model_dir: Path, batch: int, device: str, dtype, compile: str, attention: str):
     import kosmos_cli
 
-    engine = kosmos_cli.load(model_dir, device=device, dtype=dtype, compile={"on": True, "off": False}.get(compile, "auto"))
+    # KOSMOS_ATTENTION is read when the engine loads (its compiled step keeps the choice).
+    saved = os.environ.get("KOSMOS_ATTENTION")
+    os.environ["KOSMOS_ATTENTION"] = attention
+    try:
+        engine = kosmos_cli.load(model_dir, device=device, dtype=dtype, compile={"on": True, "off": False}.get(compile, "auto"))
+    finally:
+        if saved is None:
+            del os.environ["KOSMOS_ATTENTION"]
+        else:
+            os.environ["KOSMOS_ATTENTION"] = saved
 
     def go(pages, lengths):
         engine.run(pages, "<ocr>", max_new_tokens=lengths, min_new_tokens=lengths, batch_size=batch)
@@ -127,7 +140,8 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lengths", default="50-2000", help="per-page new tokens, uniform in LO-HI (or one number)")
-    parser.add_argument("--systems", default="hf1,hfb,kosmos", help="which of hf1, hfb, kosmos to run")
+    parser.add_argument("--systems", default="hf1,hfb,kosmos",
+                        help="which of hf1, hfb, kosmos, kosmos-sdpa, kosmos-flex to run")
     parser.add_argument("--hf1-pages", type=int, default=None, help="pages for transformers batch 1 (it is slow)")
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse a checkpoint built earlier")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
@@ -154,8 +168,10 @@ def main() -> None:
     for system in args.systems.split(","):
         n = args.hf1_pages if system == "hf1" and args.hf1_pages else args.pages
         before = allocated(args.device)
-        if system == "kosmos":
-            go, engine = run_kosmos(model_dir, args.batch_size, args.device, dtype, args.compile)
+        if system in KOSMOS_SYSTEMS:
+            attention = KOSMOS_SYSTEMS[system]
+            compile = "on" if attention == "flex" else args.compile  # FlexAttention is only fast compiled
+            go, engine = run_kosmos(model_dir, args.batch_size, args.device, dtype, compile, attention)
         else:
             go, engine = run_transformers(model_dir, 1 if system == "hf1" else args.batch_size, args.device, dtype), None
         # A compiled kosmos warms up on the whole timed workload: that compiles the step, records a
@@ -166,6 +182,8 @@ def main() -> None:
         else:
             warm = [8, max(lengths), 40, 16][: len(pages)]
             go(pages[: len(warm)], warm)
+        if engine is not None and engine.step is not None and engine.step.broken:
+            sys.exit(f"{system}: torch.compile of the decode step failed (see the warning above)")
         # What stays allocated between runs (weights, a kept cache), counted in this system's peak.
         systems[system] = dict(go=go, engine=engine, pages=n, resident=allocated(args.device) - before)
 
@@ -190,17 +208,17 @@ def main() -> None:
         if cuda:
             row["peak_gpu_gib"] = round(peak[system] / 2**30, 1)
         bandwidth = peak_bandwidth(args.device)
-        if system == "kosmos" and bandwidth:
+        if system in KOSMOS_SYSTEMS and bandwidth:
             row["bandwidth_fraction"] = round(bandwidth_fraction(engine, row["new_tokens_per_s"], args.batch_size,
                                                                  sum(lengths) / len(lengths), bandwidth), 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
     by = {r["system"].split("+")[0]: r for r in rows}
-    if "kosmos" in by:
+    for ours in KOSMOS_SYSTEMS:
         for base in ("hf1", "hfb"):
-            if base in by:
-                print(f"kosmos / {base}: {by['kosmos']['pages_per_s'] / by[base]['pages_per_s']:.2f}x pages/s")
+            if ours in by and base in by:
+                print(f"{ours} / {base}: {by[ours]['pages_per_s'] / by[base]['pages_per_s']:.2f}x pages/s")
     meta = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "args": vars(args) | {"model_dir": str(model_dir), "json": None}}
     if args.json:

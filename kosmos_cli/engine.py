@@ -13,6 +13,7 @@ from PIL import Image
 from .models import kosmos2, kosmos2_5
 from .models.config import Kosmos25Config, read_config
 from .models.generation import CompiledStep, DecodeSettings, Prompt, Request, generate
+from .models.layers import attention_choice
 from .models.loading import ModelLoadError, load_weights, resolve_model_dir
 from .processing.images import clip_pixels, kosmos2_5_patches, read_image_processor_config
 from .processing.kosmos2 import Kosmos2Tokenizer
@@ -243,6 +244,7 @@ def load(
     compile: run the decode step through torch.compile (CUDA graphs on a GPU). "auto" compiles on
     CUDA, where it removes per-token launch overhead, and not on the CPU, where compiling takes
     about a minute before it pays off."""
+    attention_choice()  # a bad KOSMOS_ATTENTION fails here, not in the middle of a run
     device = pick_device(device)
     if compile == "auto":
         compile = device.type == "cuda"

@@ -12,11 +12,12 @@ def test_throughput_benchmark_runs_every_system(tmp_path):
     out = tmp_path / "result.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--size", "small", "--device", "cpu",
            "--pages", "3", "--batch-size", "2", "--lengths", "2-6", "--hf1-pages", "2", "--compile", "off", "--repeat", "2",
+           "--systems", "hf1,hfb,kosmos,kosmos-flex",
            "--model-dir", str(tmp_path / "model"), "--json", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["system"] for r in rows] == ["hf1", "hfb", "kosmos"]
-    assert [r["pages"] for r in rows] == [2, 3, 3]
+    assert [r["system"] for r in rows] == ["hf1", "hfb", "kosmos", "kosmos-flex+compile"]
+    assert [r["pages"] for r in rows] == [2, 3, 3, 3]
     assert all(r["pages_per_s"] > 0 and r["new_tokens_per_s"] > 0 for r in rows)
-    assert "kosmos / hfb" in done.stdout
+    assert "kosmos / hfb" in done.stdout and "kosmos-flex / hfb" in done.stdout

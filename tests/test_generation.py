@@ -8,6 +8,7 @@ from kosmos_cli import pipeline
 from kosmos_cli.documents import ErrorJob, PageJob
 from kosmos_cli.models import generation
 from kosmos_cli.models.generation import ban_repeated_ngrams
+from kosmos_cli.models.layers import DecodeStep, flex_decoding
 from kosmos_cli.processing.kosmos2_5 import chat_prompt
 from tests.test_kosmos2_5 import noise_image
 
@@ -169,10 +170,13 @@ def test_auto_batch_size_fits_free_memory(engine, monkeypatch):
     assert engine.auto_batch_size("<ocr>", 100) == 1
 
 
-def test_compiled_decode_step_gives_identical_results(kosmos25_sharded, alone):
-    """torch.compile of the decode step (CUDA graphs on a GPU; inductor here): same ids, several
-    slot counts and span buckets through one dynamic-shape compile."""
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_compiled_decode_step_gives_identical_results(kosmos25_sharded, alone, attention, monkeypatch):
+    """torch.compile of the decode step (CUDA graphs on a GPU; inductor here), attending with SDPA or
+    FlexAttention: same ids, several slot counts and span buckets through one dynamic-shape compile."""
+    monkeypatch.setenv("KOSMOS_ATTENTION", attention)
     compiled = kosmos_cli.load(kosmos25_sharded, device="cpu", compile=True)
+    assert compiled.step.flex == (attention == "flex")
     outputs = compiled.run(IMAGES, PROMPTS, LIMITS, batch_size=3)
     assert not compiled.step.broken
     assert [(o.ids, o.stop) for o in outputs] == [(o.ids, o.stop) for o in alone]
@@ -202,8 +206,8 @@ def test_the_cuda_compile_silences_the_graph_count_warning(monkeypatch):
     assert triton.cudagraph_dynamic_shape_warn_limit is None
 
 
-@pytest.mark.parametrize("static", [True, False])
-def test_the_compiled_step_writes_only_static_inputs(engine, static, monkeypatch):
+@pytest.mark.parametrize(("static", "flex"), [(True, False), (False, False), (True, True)])
+def test_the_compiled_step_writes_only_static_inputs(engine, static, flex, monkeypatch):
     """CUDA graphs are skipped for a compiled function that mutates an input without a fixed address
     (torch's check_for_mutation). The decode step's only writes are the KV cache's, so a static cache
     is what keeps the step graphable; the non-static case shows the check would see the difference.
@@ -227,13 +231,47 @@ def test_the_compiled_step_writes_only_static_inputs(engine, static, monkeypatch
     with torch.inference_mode():
         step(decoder, cache, torch.randn(slots, decoder.dim), torch.ones(slots, 64, dtype=torch.long),
              torch.tensor([5, 9, 7]), torch.zeros(slots, dtype=torch.long), torch.full((slots,), 60),
-             torch.zeros(slots, dtype=torch.bool), torch.tensor([2]), 1, 0, 32)
+             torch.zeros(slots, dtype=torch.bool), torch.tensor([2]), 1, 0, 32, flex=flex)
     torch._dynamo.reset()
     assert len(seen) == 1
     mutated, static_inputs, tensors_only = seen[0]
     assert tensors_only
     assert len(mutated) == 2 * len(decoder.layers)  # each layer's keys and values
     assert (mutated <= static_inputs) == static
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+@pytest.mark.parametrize("span", [64, 192, 256, 300])
+def test_flex_block_mask_attends_like_the_length_mask(span):
+    """Slots ending on, before and after block boundaries (128), a span that is not a multiple of
+    the block, and one slot still at its first token."""
+    torch.manual_seed(span)
+    starts = torch.tensor([0, 126, 127, 128, 129, 255, 256, 299, 17])
+    starts = starts.clamp(max=span - 1)
+    n, heads, dim = len(starts), 2, 16
+    q = torch.randn(n, heads, 1, dim)
+    keys, values = torch.randn(n, heads, span + 40, dim)[:, :, :span], torch.randn(n, heads, span, dim)
+    masked = DecodeStep.decode_all(starts, span).attend(q, keys, values)
+    flex = DecodeStep.decode_all(starts, span, flex=True).attend(q, keys, values)
+    torch.testing.assert_close(flex, masked, rtol=1e-5, atol=1e-5)
+    blocked = values.clone()
+    for b, start in enumerate(starts.tolist()):  # keys past a slot's length must not matter
+        blocked[b, :, start + 1 :] = 1e4
+    torch.testing.assert_close(DecodeStep.decode_all(starts, span, flex=True).attend(q, keys, blocked), masked,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("choice", "device", "flex"), [
+    ("auto", "cpu", True), ("auto", "cuda", False), ("flex", "cuda", True), ("sdpa", "cpu", False)])
+def test_flex_decoding_where_measured_faster_or_asked_for(choice, device, flex, monkeypatch):
+    monkeypatch.setenv("KOSMOS_ATTENTION", choice)
+    assert flex_decoding(torch.device(device)) == flex
+
+
+def test_an_unknown_attention_choice_fails_at_load(kosmos25_sharded, monkeypatch):
+    monkeypatch.setenv("KOSMOS_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="KOSMOS_ATTENTION='flash': use one of auto, sdpa, flex"):
+        kosmos_cli.load(kosmos25_sharded, device="cpu")
 
 
 def test_compiled_engine_keeps_its_cache(kosmos25_sharded, alone):

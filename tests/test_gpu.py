@@ -1,4 +1,5 @@
-"""The parity suite's core checks on CUDA (skipped without a GPU): fp32 and bf16, SDPA and flash-attn."""
+"""The parity suite's core checks on CUDA (skipped without a GPU): fp32 and bf16, SDPA, FlexAttention
+and flash-attn, CUDA graphs."""
 
 import pytest
 import torch
@@ -54,11 +55,18 @@ def test_flash_attention_agrees_with_sdpa(monkeypatch, causal):
     assert (flash.float() - sdpa.float()).abs().max().item() < 2e-2
 
 
-def test_cuda_graphs_decode_like_eager(kosmos25_sharded):
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_cuda_graphs_decode_like_eager(kosmos25_sharded, attention, monkeypatch):
+    """The compiled step (reduce-overhead) records CUDA graphs, none skipped, and decodes like eager."""
+    from torch._dynamo.utils import counters
+
     images = [noise_image(*s, seed=i) for i, s in enumerate(SHAPES)]
     limits = [24, 5, 17, 9]
     eager = kosmos_cli.load(kosmos25_sharded, device="cuda", dtype="bfloat16", compile=False)
+    monkeypatch.setenv("KOSMOS_ATTENTION", attention)
     graphed = kosmos_cli.load(kosmos25_sharded, device="cuda", dtype="bfloat16", compile=True)
     expected = eager.generate(images, "<ocr>", limits)
+    counters.clear()
     assert graphed.generate(images, "<ocr>", limits) == expected
-    assert not graphed.step.broken
+    assert not graphed.step.broken and graphed.step.flex == (attention == "flex")
+    assert counters["inductor"]["cudagraph_skips"] == 0

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from .layers import DecodeStep, KVCache, TextDecoder
+from .layers import DecodeStep, KVCache, TextDecoder, flex_decoding
 
 # The loop guard copies the generated tokens to the host and scans them in Python, so it runs less often.
 LOOP_CHECK_EVERY = 32
@@ -251,12 +251,13 @@ class _Batch:
         self.lengths[free] = 0
 
 
-def decode_step(decoder, cache, hidden, tokens, lengths, minimums, limits, done, eos, pad_id: int, ngram: int, span: int):
+def decode_step(decoder, cache, hidden, tokens, lengths, minimums, limits, done, eos, pad_id: int, ngram: int, span: int,
+                flex: bool = False):
     """Pick each row's next token from its last hidden state and run the decoder one step on it.
 
     hidden (k, D), tokens (k, C), lengths/minimums/limits (k,), done (k,) -> (next ids (k,), done
     (k,), new hidden (k, D)). Writes only the KV cache: a pure tensor function, so it can be compiled
-    (and on CUDA captured as a graph) once per (k, span) shape."""
+    (and on CUDA captured as a graph) once per (k, span) shape. flex: FlexAttention (see DecodeStep)."""
     logits = decoder.logits(hidden).float()  # (k, V)
     early = (lengths < minimums).unsqueeze(1)
     logits[:, eos] = logits[:, eos].masked_fill(early, float("-inf"))
@@ -265,15 +266,17 @@ def decode_step(decoder, cache, hidden, tokens, lengths, minimums, limits, done,
     next_ids = torch.where(done, pad_id, logits.argmax(-1))
     done = done | torch.isin(next_ids, eos) | (lengths + 1 >= limits)
     x = decoder.embed(next_ids[:, None], lengths)
-    return next_ids, done, decoder(x, cache, DecodeStep.decode_all(lengths, span))[:, 0]
+    return next_ids, done, decoder(x, cache, DecodeStep.decode_all(lengths, span, flex))[:, 0]
 
 
 class CompiledStep:
     """decode_step through torch.compile (on CUDA with mode="reduce-overhead": CUDA graphs, one per
-    (slots, span bucket) shape). If compiling fails (no compiler, an unsupported setup), it warns once
-    and runs the plain function from then on."""
+    (slots, span bucket) shape), attending with FlexAttention where `flex_decoding` says so. If
+    compiling fails (no compiler, an unsupported setup), it warns once and runs the plain function
+    (SDPA) from then on."""
 
     def __init__(self, device: torch.device):
+        self.flex = flex_decoding(device)
         mode = "reduce-overhead" if device.type == "cuda" else None
         if mode is not None:
             # One graph per (rows, span bucket) is the plan (CUDA_SCHEDULE): ~20 span buckets up to a
@@ -288,7 +291,7 @@ class CompiledStep:
     def __call__(self, *args):
         if not self.broken:
             try:
-                return self.compiled(*args)
+                return self.compiled(*args, flex=self.flex)
             except Exception as err:  # compilation happens on the first calls, before any write
                 warnings.warn(f"torch.compile of the decode step failed, decoding without it: {err}")
                 self.broken = True

@@ -11,14 +11,41 @@ import torch.nn.functional as F
 from torch import nn
 
 # --------------------------------------------------------------------------------------------
-# Attention backend. flash-attn is used for unmasked attention on CUDA when it is importable and
-# not switched off with KOSMOS_ATTENTION=sdpa; everything else (and every CPU run) uses SDPA.
+# Attention backend, chosen with KOSMOS_ATTENTION:
+#   auto (default): flash-attn for unmasked attention on CUDA when it is importable, SDPA otherwise,
+#         and FlexAttention for the compiled decode step on the CPU (measured faster there);
+#   sdpa: SDPA everywhere;
+#   flex: as auto, and FlexAttention for the compiled decode step on CUDA too.
+# FlexAttention reads only the cache blocks each slot has filled; SDPA reads every slot up to the
+# longest one's span. Which is faster on a GPU is not measured yet, so auto keeps SDPA there.
 # --------------------------------------------------------------------------------------------
 
 try:  # pragma: no cover - flash-attn is an optional CUDA-only extra
     from flash_attn import flash_attn_func as _flash_attn_func
 except ImportError:  # pragma: no cover
     _flash_attn_func = None
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # pragma: no cover - torch < 2.5
+    BlockMask = flex_attention = None
+
+ATTENTION_CHOICES = ("auto", "sdpa", "flex")
+
+
+def attention_choice() -> str:
+    choice = os.environ.get("KOSMOS_ATTENTION", "auto")
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"KOSMOS_ATTENTION={choice!r}: use one of {', '.join(ATTENTION_CHOICES)}")
+    if choice == "flex" and flex_attention is None:
+        raise ValueError("KOSMOS_ATTENTION=flex needs torch >= 2.5 (FlexAttention)")
+    return choice
+
+
+def flex_decoding(device: torch.device) -> bool:
+    """Whether the compiled decode step should attend with FlexAttention on this device."""
+    choice = attention_choice()
+    return flex_attention is not None and (choice == "flex" or (choice == "auto" and device.type == "cpu"))
 
 
 def flash_available() -> bool:
@@ -224,7 +251,9 @@ class DecoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, step: "DecodeStep") -> torch.Tensor:
         attn = self.self_attn
         h = self.self_attn_layer_norm(x)
-        q = attn.split(attn.q_proj(h) * attn.head_dim**-0.5)
+        # Scaled after the split (same values): compiled for the CPU, FlexAttention needs the query
+        # to be a 4-D buffer of its own, not a view of the projection (torch 2.13's lowering fails).
+        q = attn.split(attn.q_proj(h)) * attn.head_dim**-0.5
         k, v = attn.split(attn.k_proj(h)), attn.split(attn.v_proj(h))
         cache.update(layer, step, k, v)
         if step.prefill:
@@ -233,8 +262,7 @@ class DecoderBlock(nn.Module):
         else:
             # One new token in each of the first n slots: read only the cache prefix they use.
             n = step.start.shape[0]
-            keys, values = cache.keys[layer][:n, :, : step.span], cache.values[layer][:n, :, : step.span]
-            out = attention(q, keys, values, mask=step.mask, scale=1.0)
+            out = step.attend(q, cache.keys[layer][:n, :, : step.span], cache.values[layer][:n, :, : step.span])
         x = x + attn.merge(out)
         return x + self.ffn(self.final_layer_norm(x))
 
@@ -245,22 +273,62 @@ class DecodeStep:
     Prefill: `rows` (n,) are the cache slots receiving fresh prompts, written from index 0.
     Decode: each of the first n slots gets one token at index start[b] (its current length); `span`
     is a host-side bound on the longest slot after the step, so attention reads only the cache
-    prefix [0, span), and `mask` (n, 1, 1, span) hides each slot's positions past its own length."""
+    prefix [0, span), and `mask` (n, 1, 1, span) hides each slot's positions past its own length.
+    flex: attend with FlexAttention and a block mask instead, which skips each slot's blocks past its
+    own length (meant for a compiled step: run eagerly, FlexAttention materialises every score)."""
 
-    def __init__(self, rows: torch.Tensor, start: torch.Tensor, *, prefill: bool, span: int = 0):
+    def __init__(self, rows: torch.Tensor, start: torch.Tensor, *, prefill: bool, span: int = 0, flex: bool = False):
         self.rows, self.start, self.prefill, self.span = rows, start, prefill, span
         self.mask = None
         if not prefill:
-            key_index = torch.arange(span, device=start.device)
-            self.mask = (key_index[None, :] <= start[:, None])[:, None, None, :]
+            if flex:
+                self.mask = length_block_mask(start, span)
+            else:
+                key_index = torch.arange(span, device=start.device)
+                self.mask = (key_index[None, :] <= start[:, None])[:, None, None, :]
 
     @classmethod
     def prefill_rows(cls, rows: torch.Tensor) -> "DecodeStep":
         return cls(rows, torch.zeros_like(rows), prefill=True)
 
     @classmethod
-    def decode_all(cls, lengths: torch.Tensor, span: int) -> "DecodeStep":
-        return cls(torch.arange(lengths.shape[0], device=lengths.device), lengths, prefill=False, span=span)
+    def decode_all(cls, lengths: torch.Tensor, span: int, flex: bool = False) -> "DecodeStep":
+        return cls(torch.arange(lengths.shape[0], device=lengths.device), lengths, prefill=False, span=span, flex=flex)
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Decode attention of q (n, H, 1, D) (already scaled) over the cache prefix (n, H, span, D)."""
+        if isinstance(self.mask, torch.Tensor):
+            return attention(q, keys, values, mask=self.mask, scale=1.0)
+        return flex_attention(q, keys, values, block_mask=self.mask, scale=1.0)
+
+
+FLEX_BLOCK = 128  # FlexAttention's key block; the CUDA span bucket (256) is a multiple of it
+
+
+def length_block_mask(start: torch.Tensor, span: int) -> "BlockMask":
+    """A FlexAttention block mask for one query per slot that sees keys [0, start[b]] of [0, span).
+
+    Built from block counts, not by evaluating a mask over every position: slot b has
+    (start[b] + 1) // FLEX_BLOCK full blocks (no masking inside) and, when its length is not a
+    multiple of the block, one partial block, the next, where the mask applies. Blocks past those
+    are never read."""
+    blocks = -(-span // FLEX_BLOCK)
+    n = start.shape[0]
+    filled = start + 1
+    full = torch.div(filled, FLEX_BLOCK, rounding_mode="floor").to(torch.int32)
+    partial = (filled % FLEX_BLOCK != 0).to(torch.int32)
+    order = torch.arange(blocks, device=start.device, dtype=torch.int32)
+    # The partial block's index first; entries past a slot's count are ignored.
+    partial_index = torch.clamp(full[:, None] + order[None, :], max=blocks - 1)
+
+    def within_length(b, h, q_index, kv_index):
+        return kv_index <= start[b]
+
+    return BlockMask.from_kv_blocks(
+        partial[:, None, None], partial_index[:, None, None, :],
+        full[:, None, None], order.expand(n, blocks)[:, None, None, :].contiguous(),
+        BLOCK_SIZE=FLEX_BLOCK, mask_mod=within_length, seq_lengths=(1, span),
+    )
 
 
 class TextDecoder(nn.Module):

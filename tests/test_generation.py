@@ -206,6 +206,21 @@ def test_the_cuda_compile_silences_the_graph_count_warning(monkeypatch):
     assert triton.cudagraph_dynamic_shape_warn_limit is None
 
 
+def _step_inputs(decoder, slots=3, capacity=64, static=True):
+    cache = decoder.new_cache(slots, capacity, dtype=torch.float32, device="cpu", static=static)
+    return (decoder, cache, torch.randn(slots, decoder.dim), torch.ones(slots, capacity, dtype=torch.long),
+            torch.tensor([5, 9, 7]), torch.zeros(slots, dtype=torch.long), torch.full((slots,), 60),
+            torch.zeros(slots, dtype=torch.bool), torch.tensor([2]), 1, 0, 32)
+
+
+@pytest.mark.parametrize("flex", [False, True])
+def test_the_decode_step_traces_as_one_graph(engine, flex):
+    """A graph break would split the step into several graphs (several CUDA graphs, host work between)."""
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(generation.decode_step)(*_step_inputs(engine.model.text), flex=flex)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
 @pytest.mark.parametrize(("static", "flex"), [(True, False), (False, False), (True, True)])
 def test_the_compiled_step_writes_only_static_inputs(engine, static, flex, monkeypatch):
     """CUDA graphs are skipped for a compiled function that mutates an input without a fixed address
@@ -225,18 +240,14 @@ def test_the_compiled_step_writes_only_static_inputs(engine, static, flex, monke
 
     monkeypatch.setattr(CompiledFxGraph, "post_compile", record)
     torch._dynamo.reset()  # compile afresh, not from another test's dynamo cache
-    decoder, slots = engine.model.text, 3
-    cache = decoder.new_cache(slots, 64, dtype=torch.float32, device="cpu", static=static)
     step = torch.compile(generation.decode_step, dynamic=True, mode="reduce-overhead")
     with torch.inference_mode():
-        step(decoder, cache, torch.randn(slots, decoder.dim), torch.ones(slots, 64, dtype=torch.long),
-             torch.tensor([5, 9, 7]), torch.zeros(slots, dtype=torch.long), torch.full((slots,), 60),
-             torch.zeros(slots, dtype=torch.bool), torch.tensor([2]), 1, 0, 32, flex=flex)
+        step(*_step_inputs(engine.model.text, static=static), flex=flex)
     torch._dynamo.reset()
     assert len(seen) == 1
     mutated, static_inputs, tensors_only = seen[0]
     assert tensors_only
-    assert len(mutated) == 2 * len(decoder.layers)  # each layer's keys and values
+    assert len(mutated) == 2 * len(engine.model.text.layers)  # each layer's keys and values
     assert (mutated <= static_inputs) == static
 
 

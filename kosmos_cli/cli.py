@@ -64,7 +64,7 @@ def _options(
     overwrite: bool = typer.Option(False, help="With -o: redo pages that are already written."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary; errors are still reported."),
     debug: bool = typer.Option(False, help="Show Python tracebacks for errors."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile the decode step with torch.compile (CUDA graphs on a GPU). [default: on for CUDA, off for CPU, where compiling takes a minute]"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile the decode step with torch.compile (CUDA graphs on a GPU). KOSMOS_ATTENTION=auto|sdpa|flex picks its attention kernel (see README). [default: on for CUDA, off for CPU, where compiling takes a minute]"),
 ) -> Options:
     return Options(output, model, device, dtype, batch_size, max_new_tokens, pages, dpi, password, format,
                    overlay, overwrite, quiet, debug, compile)
@@ -156,9 +156,14 @@ class Tally:
 
 def run(task_name: str, inputs: list[str], opts: Options, *, prompt: str | None = None, question: str | None = None) -> int:
     """Run one command; returns the exit code."""
+    from .models.layers import attention_choice
     from .pipeline import TASKS
 
     task = TASKS[task_name]
+    try:
+        attention_choice()
+    except ValueError as err:
+        _fail_usage(str(err))
     if opts.format not in ("text", "jsonl"):
         _fail_usage(f"--format must be text or jsonl, not {opts.format!r}")
     if (opts.overlay or opts.overwrite) and opts.output is None:

@@ -455,6 +455,13 @@ def test_usage_errors_exit_2(k25, png, args, message):
     assert message in result.stderr and result.stdout == ""
 
 
+def test_an_unknown_attention_choice_is_a_usage_error(k25, png, monkeypatch):
+    monkeypatch.setenv("KOSMOS_ATTENTION", "flash")
+    result = kosmos("ocr", png, "--model", k25)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "KOSMOS_ATTENTION='flash': use one of auto, sdpa, flex" in result.stderr
+
+
 def test_nothing_to_do_exits_2(k25):
     assert kosmos("ocr").exit_code == 2  # no INPUT at all
     result = kosmos("ocr", "-", "--model", k25, input="\n")  # stdin with no paths

@@ -86,6 +86,16 @@ def test_batch_of_different_prompts_equals_one_at_a_time(kosmos2):
     assert batched == [engine.generate([im], p, max_new_tokens=n)[0] for im, p, n in zip(images, PROMPTS, limits)]
 
 
+def test_compiled_decoding_equals_eager(kosmos2):
+    """The compiled step with the 3-gram ban inside it (FlexAttention, the CPU default when compiled)."""
+    engine, _ = kosmos2
+    compiled = kosmos_cli.load(engine.name, device="cpu", dtype="float32", compile=True)
+    images = [noise_image(*s, seed=i) for i, s in enumerate(SHAPES + [(90, 90)])]
+    limits = [40, 5, 17, 30]
+    assert compiled.generate(images, PROMPTS, max_new_tokens=limits) == engine.generate(images, PROMPTS, max_new_tokens=limits)
+    assert not compiled.step.broken and compiled.step.flex
+
+
 def test_cached_decoding_equals_uncached_forward(kosmos2):
     engine, _ = kosmos2
     image = noise_image(150, 120, seed=7)

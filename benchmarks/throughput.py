@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from PIL import Image, ImageDraw
@@ -116,15 +117,8 @@ def run_kosmos(model_dir: Path, batch: int, device: str, dtype, compile: str, at
     import kosmos_cli
 
     # KOSMOS_ATTENTION is read when the engine loads (its compiled step keeps the choice).
-    saved = os.environ.get("KOSMOS_ATTENTION")
-    os.environ["KOSMOS_ATTENTION"] = attention
-    try:
+    with mock.patch.dict(os.environ, {"KOSMOS_ATTENTION": attention}):
         engine = kosmos_cli.load(model_dir, device=device, dtype=dtype, compile={"on": True, "off": False}.get(compile, "auto"))
-    finally:
-        if saved is None:
-            del os.environ["KOSMOS_ATTENTION"]
-        else:
-            os.environ["KOSMOS_ATTENTION"] = saved
 
     def go(pages, lengths):
         engine.run(pages, "<ocr>", max_new_tokens=lengths, min_new_tokens=lengths, batch_size=batch)
@@ -151,7 +145,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
-    dtype = (torch.bfloat16 if args.device.startswith("cuda") else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
+    cuda = args.device.startswith("cuda")
+    dtype = (torch.bfloat16 if cuda else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
     lo, _, hi = args.lengths.partition("-")
     rng = random.Random(1)
     lengths = [rng.randint(int(lo), int(hi or lo)) for _ in range(args.pages)]
@@ -161,7 +156,6 @@ def main() -> None:
         print(f"building a random {args.size} checkpoint in {model_dir} ...", file=sys.stderr)
         build_checkpoint(args.size, model_dir)
 
-    cuda = args.device.startswith("cuda")
     # Every system is loaded and warmed up first; then the timed runs take turns (round r times each
     # system once), so a machine whose speed drifts between runs (a shared VM) slows all alike.
     systems = {}
@@ -199,6 +193,7 @@ def main() -> None:
                 peak[system] = max(peak[system], torch.cuda.max_memory_allocated() - base + s["resident"])
 
     rows = []
+    bandwidth = peak_bandwidth(args.device)
     for system, s in systems.items():
         n, engine, tokens = s["pages"], s["engine"], sum(lengths[: s["pages"]])
         name = system + ("+compile" if engine is not None and engine.step is not None else "")
@@ -207,7 +202,6 @@ def main() -> None:
                "new_tokens_per_s": round(tokens / seconds[system], 1)}
         if cuda:
             row["peak_gpu_gib"] = round(peak[system] / 2**30, 1)
-        bandwidth = peak_bandwidth(args.device)
         if system in KOSMOS_SYSTEMS and bandwidth:
             row["bandwidth_fraction"] = round(bandwidth_fraction(engine, row["new_tokens_per_s"], args.batch_size,
                                                                  sum(lengths) / len(lengths), bandwidth), 3)
@@ -219,7 +213,7 @@ def main() -> None:
         for base in ("hf1", "hfb"):
             if ours in by and base in by:
                 print(f"{ours} / {base}: {by[ours]['pages_per_s'] / by[base]['pages_per_s']:.2f}x pages/s")
-    meta = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+    meta = {"device": torch.cuda.get_device_name() if cuda else "cpu",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "args": vars(args) | {"model_dir": str(model_dir), "json": None}}
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))

@@ -49,7 +49,7 @@ def flex_decoding(device: torch.device) -> bool:
 
 
 def flash_available() -> bool:
-    return _flash_attn_func is not None and os.environ.get("KOSMOS_ATTENTION", "auto") != "sdpa"
+    return _flash_attn_func is not None and attention_choice() != "sdpa"
 
 
 def attention(

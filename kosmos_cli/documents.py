@@ -703,6 +703,8 @@ class ErrorJob:
     """A document or page that produced no image. ``page`` is None for a whole-document failure.
 
     ``warning`` marks notes that are not failures (pages requested past a document's end).
+    ``selected`` is the document's page selection for a page failure (as on `PageJob`), so the
+    document can still be assembled around the failed page.
     """
 
     source: Path
@@ -710,6 +712,12 @@ class ErrorJob:
     page: int | None
     error: str
     warning: bool = False
+    selected: tuple[int, ...] = ()
+
+    @property
+    def is_last(self) -> bool:
+        """True for a failure of the document's last selected page."""
+        return self.page is not None and bool(self.selected) and self.page == self.selected[-1]
 
     def __str__(self) -> str:
         where = f" (page {self.page})" if self.page is not None else ""
@@ -747,9 +755,9 @@ class PageJob:
             self.image = self.document.page(self.page - 1)
             return self
         except DocumentError as exc:
-            return ErrorJob(self.source, self.stem, self.page, exc.reason)
+            return ErrorJob(self.source, self.stem, self.page, exc.reason, selected=self.selected)
         except Exception as exc:  # MemoryError, pdfium surprises: a page failure, not a stream failure
-            return ErrorJob(self.source, self.stem, self.page, f"{type(exc).__name__}: {exc}")
+            return ErrorJob(self.source, self.stem, self.page, f"{type(exc).__name__}: {exc}", selected=self.selected)
         finally:
             self._release()
 

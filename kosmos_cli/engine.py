@@ -80,6 +80,7 @@ class Engine:
         # compiled engine keeps its KV cache between calls: the graphs are tied to its addresses.
         self.step = CompiledStep(device) if compile else None
         self.kept_cache = None
+        self.streaming = False  # one stream at a time: a compiled engine's streams share kept_cache
         self.config = config = read_config(model_dir)
         self.image_config = read_image_processor_config(model_dir)
         if isinstance(config, Kosmos25Config):
@@ -164,8 +165,23 @@ class Engine:
         loop_check: Callable[[list[int]], int | None] | None = None,
     ) -> Iterator[tuple[Any, Output]]:
         """Continuous batching: yield (key, Output) as pages finish, for jobs (key, prepared image,
-        prompt text, max new tokens[, min new tokens]) that may arrive lazily. A lazy stream must bound its prompts
-        and budgets up front (max_prompt_tokens, max_new_tokens) to size the KV cache."""
+        prompt text, max new tokens[, min new tokens]) that may arrive lazily.
+
+        A lazy stream must bound its prompts and budgets up front (max_prompt_tokens,
+        max_new_tokens) to size the KV cache; a job beyond them raises ValueError naming its key as
+        soon as it is pulled, before any work on it, and ends the stream: jobs pulled before it and
+        not yet yielded are not returned (pass the bounds of every job to be safe).
+        An engine runs one stream at a time (RuntimeError otherwise): run streams one after another,
+        or load one engine per thread."""
+        if self.streaming:
+            raise RuntimeError("this engine is already running a stream; finish or close it first")
+        self.streaming = True
+        try:
+            yield from self._stream(jobs, slots, max_prompt_tokens, max_new_tokens, no_repeat_ngram_size, loop_check)
+        finally:
+            self.streaming = False
+
+    def _stream(self, jobs, slots, max_prompt_tokens, max_new_tokens, no_repeat_ngram_size, loop_check):
         encoded: dict[str, Prompt] = {}  # every page of a run usually shares one prompt: tokenize it once
 
         def encode(prompt: str) -> Prompt:
@@ -183,8 +199,12 @@ class Engine:
 
         def requests() -> Iterator[Request]:
             for key, prepared, prompt, limit, *minimum in jobs:
+                tokens = encode(prompt)
+                if len(tokens.ids) > max_prompt_tokens or limit > max_new_tokens:
+                    raise ValueError(f"job {key!r}: a prompt of {len(tokens.ids)} tokens and {limit} new tokens exceed "
+                                     f"the stream's bounds ({max_prompt_tokens} and {max_new_tokens})")
                 sizes[key] = prepared.model_size
-                yield Request(encode(prompt), limit, prepared.vision_input, key, minimum[0] if minimum else 0)
+                yield Request(tokens, limit, prepared.vision_input, key, minimum[0] if minimum else 0)
 
         ngram = self.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size
         settings = DecodeSettings(tuple(self.eos_ids), self.config.text.pad_token_id, ngram, loop_check)
@@ -208,6 +228,13 @@ class Engine:
         reserve = 4 * 2**30  # vision encoder + prefill activations for a few newcomers at once
         return max(1, min(limit, int((free - reserve) * 0.9) // per_slot))
 
+    def release_memory(self) -> None:
+        """Drop the kept KV cache and hand cached GPU blocks back (after running out of memory), so
+        that a retry with fewer slots allocates a smaller cache instead of reusing the large one."""
+        self.kept_cache = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _cache(self, slots: int, capacity: int):
         """The kept KV cache when it is large enough, else a new one (kept from then on)."""
         if self.kept_cache is None or not self.kept_cache.fits(slots, capacity):
@@ -223,14 +250,21 @@ class Engine:
 
 
 def _eos_ids(model_dir: Path, configured: int | list[int]) -> list[int]:
-    """EOS ids from generation_config.json when present, else from config.json."""
+    """EOS ids from generation_config.json when present, else from config.json. A file that cannot
+    be read as such is a load error: guessing would silently change where pages end."""
     path = model_dir / "generation_config.json"
     if path.exists():
         try:
-            configured = json.loads(path.read_text()).get("eos_token_id", configured)
-        except json.JSONDecodeError:
-            pass
-    return [configured] if isinstance(configured, int) else list(configured)
+            settings = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ModelLoadError(f"{path} is not valid JSON ({err}); fix or delete it") from None
+        if not isinstance(settings, dict):
+            raise ModelLoadError(f"{path} must hold a JSON object")
+        configured = settings.get("eos_token_id", configured)
+    ids = [configured] if isinstance(configured, int) else configured
+    if not (isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+        raise ModelLoadError(f"eos_token_id must be a token id or a list of them, not {configured!r}")
+    return ids
 
 
 def load(

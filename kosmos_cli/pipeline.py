@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import chain
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -67,17 +66,20 @@ def transcribe(
     """Run the task on every rendered page with continuous batching (`batch_size` slots); yield
     (item, result) in input order. Error items and skipped pages come out with result None.
 
-    Images are preprocessed up to `lookahead` pages ahead in background threads. On CUDA
-    out-of-memory the slots are halved and the pages in flight start again (greedy decoding is
-    deterministic), so no page is lost; a page that does not fit alone gets an error result.
-    `on_page(result, new_tokens)` is called as each page finishes (progress reporting)."""
+    Images are preprocessed up to `lookahead` pages ahead in background threads. On out-of-memory
+    the engine's memory is released, the slots are halved and the pages in flight go back to the
+    front of the queue (greedy decoding is deterministic, so their results do not change); a page
+    that runs out of memory alone gets an error result. Every item that goes in comes out: the end
+    checks it. `on_page(result, new_tokens)` is called as each page finishes (progress reporting)."""
     prompt = task.prompt if prompt is None else prompt
     limit = task.max_new_tokens if max_new_tokens is None else max_new_tokens
     order: deque[PageJob | ErrorJob] = deque()  # items pulled, waiting for their turn
     results: dict[int, PageResult] = {}
-    in_flight: dict[int, tuple[PageJob, Prepared]] = {}
     source = _prepared(engine, items, lookahead, order)
-    retry: list[tuple[PageJob, Prepared]] = []
+    # Pages taken from the source but not finished: `waiting` to be admitted (first the ones that were
+    # in flight when memory ran out, in their order), `in_flight` admitted (in admission order).
+    waiting: deque[tuple[PageJob, Prepared]] = deque()
+    in_flight: dict[int, tuple[PageJob, Prepared]] = {}
 
     def ready() -> Iterator[tuple[PageJob | ErrorJob, PageResult | None]]:
         while order and (not _needs_model(order[0]) or id(order[0]) in results):
@@ -85,9 +87,9 @@ def transcribe(
             yield item, results.pop(id(item), None)
 
     def jobs() -> Iterator[tuple[int, Prepared, str, int]]:
-        # First the pages that were in flight when the last stream ran out of memory.
-        for page, prepared in chain(retry, source):
-            in_flight[id(page)] = (page, prepared)
+        while waiting or (fresh := next(source, None)) is not None:
+            page, prepared = waiting.popleft() if waiting else fresh
+            in_flight[id(page)] = (page, prepared)  # before the engine sees it: an OOM may follow
             yield id(page), prepared, prompt, limit
 
     slots, prompt_tokens = batch_size, engine.prompt_length(prompt)
@@ -102,17 +104,21 @@ def transcribe(
                 yield from ready()
             break
         except torch.OutOfMemoryError:
-            if engine.device.type == "cuda":
-                torch.cuda.empty_cache()
-            retry = list(in_flight.values())
-            in_flight.clear()
-            if slots > 1:
-                slots //= 2
-                continue
-            page, _ = retry.pop(0)
-            results[id(page)] = PageResult.failed(page.source, page.page, task.name, engine.name, OUT_OF_MEMORY)
-            yield from ready()
+            pass
+        # Out of memory. Outside the except block, so that its traceback no longer holds the failed
+        # batch's tensors when the memory is released.
+        engine.release_memory()
+        waiting.extendleft(reversed(in_flight.values()))
+        in_flight.clear()
+        if slots > 1:
+            slots //= 2
+            continue
+        page, _ = waiting.popleft()
+        results[id(page)] = PageResult.failed(page.source, page.page, task.name, engine.name, OUT_OF_MEMORY)
+        yield from ready()
     yield from ready()
+    if order:  # every item pulled is in `order` until it is yielded: a leftover would be a lost page
+        raise RuntimeError(f"internal error: {order[0]} and {len(order) - 1} more items never came out")
 
 
 def _needs_model(item: PageJob | ErrorJob) -> bool:

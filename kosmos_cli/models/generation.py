@@ -153,17 +153,18 @@ class _Batch:
         exhausted = False
         while len(newcomers) < len(free):
             try:
-                newcomers.append(next(requests))
+                request = next(requests)
             except StopIteration:
                 exhausted = True
                 break
+            n = len(request.prompt.ids)
+            if n + request.max_new_tokens > self.capacity - self.schedule.sync_every - 1:
+                raise ValueError(f"prompt of {n} tokens + {request.max_new_tokens} new tokens exceeds the cache capacity")
+            newcomers.append(request)
         if not newcomers:
             return exhausted
         rows = free[: len(newcomers)]
         lens = [len(r.prompt.ids) for r in newcomers]
-        for r, n in zip(newcomers, lens):
-            if n + r.max_new_tokens > self.capacity - self.schedule.sync_every - 1:
-                raise ValueError(f"prompt of {n} tokens + {r.max_new_tokens} new tokens exceeds the cache capacity")
         width = max(lens)
         ids = torch.full((len(rows), width), self.settings.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -286,16 +287,42 @@ class CompiledStep:
             if hasattr(triton, "cudagraph_dynamic_shape_warn_limit"):
                 triton.cudagraph_dynamic_shape_warn_limit = None
         self.compiled = torch.compile(decode_step, dynamic=True, mode=mode)
+        self.compiler_errors = _compiler_errors()
         self.broken = False
 
     def __call__(self, *args):
         if not self.broken:
             try:
                 return self.compiled(*args, flex=self.flex)
-            except Exception as err:  # compilation happens on the first calls, before any write
+            except self.compiler_errors as err:  # compiling happens before the step writes anything
+                if (oom := _out_of_memory_inside(err)) is not None:
+                    raise oom from None  # memory, not the compiler: the caller backs off and retries
                 warnings.warn(f"torch.compile of the decode step failed, decoding without it: {err}")
                 self.broken = True
         return decode_step(*args)
+
+
+def _compiler_errors() -> tuple[type[BaseException], ...]:
+    """What torch.compile raises when it cannot compile (dynamo wraps most of the backends' errors;
+    inductor's own are listed where this torch has them). A runtime error of the compiled code, such
+    as out-of-memory or a CUDA fault, is none of these and reaches the caller."""
+    import torch._dynamo.exc
+    import torch._inductor.exc
+
+    names = ("OperatorIssue", "InvalidCxxCompiler", "CppCompileError", "SubgraphLoweringException")
+    inductor = tuple(getattr(torch._inductor.exc, name) for name in names if hasattr(torch._inductor.exc, name))
+    return (torch._dynamo.exc.TorchDynamoException, *inductor)
+
+
+def _out_of_memory_inside(err: BaseException) -> torch.OutOfMemoryError | None:
+    """The out-of-memory error a compiler error wraps (e.g. raised while autotuning), if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, torch.OutOfMemoryError):
+            return err
+        seen.add(id(err))
+        err = getattr(err, "inner_exception", None) or err.__cause__ or err.__context__
+    return None
 
 
 def ban_repeated_ngrams(logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, n: int) -> None:

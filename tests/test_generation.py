@@ -170,16 +170,26 @@ def test_auto_batch_size_fits_free_memory(engine, monkeypatch):
     assert engine.auto_batch_size("<ocr>", 100) == 1
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "flex"])
-def test_compiled_decode_step_gives_identical_results(kosmos25_sharded, alone, attention, monkeypatch):
+@pytest.mark.parametrize("attention, schedule", [("sdpa", generation.CPU_SCHEDULE), ("flex", generation.CPU_SCHEDULE),
+                                                  ("sdpa", generation.CUDA_SCHEDULE)])
+def test_compiled_decode_step_gives_identical_results(kosmos25_sharded, alone, attention, schedule, monkeypatch):
     """torch.compile of the decode step (CUDA graphs on a GPU; inductor here), attending with SDPA or
-    FlexAttention: same ids, several slot counts and span buckets through one dynamic-shape compile."""
+    FlexAttention, on the CPU's and the GPU's loop schedule: same ids, and one compile for a whole
+    draining run of varied lengths (rows in use from 3 down to 1, every span bucket up to the end)."""
+    from torch._dynamo.utils import counters
+
     monkeypatch.setenv("KOSMOS_ATTENTION", attention)
+    monkeypatch.setattr(generation, "schedule_for", lambda device: schedule)
     compiled = kosmos_cli.load(kosmos25_sharded, device="cpu", compile=True)
     assert compiled.step.flex == (attention == "flex")
+    torch._dynamo.reset()  # engines share compiled graphs where they can: count this one's from zero
+    compiles = counters["stats"]["unique_graphs"]
     outputs = compiled.run(IMAGES, PROMPTS, LIMITS, batch_size=3)
     assert not compiled.step.broken
     assert [(o.ids, o.stop) for o in outputs] == [(o.ids, o.stop) for o in alone]
+    longer = compiled.run(IMAGES[:4], "<ocr>", [70, 3, 140, 9], min_new_tokens=[70, 3, 140, 9], batch_size=3)
+    assert [len(o.ids) for o in longer] == [70, 3, 140, 9]
+    assert counters["stats"]["unique_graphs"] - compiles == 1, dict(counters["stats"])
 
 
 def test_a_failing_compile_falls_back_to_eager(engine, alone, monkeypatch):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+from torch.fx.experimental import _config as fx_config
 
 from .layers import DecodeStep, KVCache, TextDecoder, flex_decoding
 
@@ -118,7 +119,10 @@ class _Batch:
         self.schedule = schedule_for(device)
         # Slack: a finished slot keeps stepping (on pad tokens) until the next sync frees it.
         self.capacity = capacity + self.schedule.sync_every + 1
-        self.cache = cache(slots, self.capacity)
+        # The cache holds one more position than the last span bucket, so that every span is
+        # shorter than it: a span equal to the cache's length takes another path through the
+        # compiled step (a recompile mid-run).
+        self.cache = cache(slots, _round_up(self.capacity, self.schedule.span_bucket) + 1)
         self.tokens = torch.full((slots, self.capacity), settings.pad_id, dtype=torch.long, device=device)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.limits = torch.zeros(slots, dtype=torch.long, device=device)
@@ -197,8 +201,7 @@ class _Batch:
         `decode_step` (compiled when asked)."""
         k = self._rows_in_use()
         lengths = self.lengths[:k]
-        bucket = self.schedule.span_bucket
-        span = min(self.capacity, -(-(max(self.lengths_host[:k]) + 1) // bucket) * bucket)
+        span = _round_up(max(self.lengths_host[:k]) + 1, self.schedule.span_bucket)
         next_ids, done, hidden = self.decode_step(
             self.decoder, self.cache, self.hidden[:k], self.tokens[:k], lengths, self.minimums[:k],
             self.limits[:k], self.done[:k], self.eos, self.settings.pad_id, self.settings.no_repeat_ngram_size, span,
@@ -211,10 +214,11 @@ class _Batch:
         self.lengths_host = [n + (o is not None) for n, o in zip(self.lengths_host, self.owner)]
 
     def _rows_in_use(self) -> int:
-        k = 1 + max(s for s, owner in enumerate(self.owner) if owner is not None)
+        """The occupied slots, at least 2 where there are: torch compiles a one-row step apart."""
+        k = max(1 + max(s for s, owner in enumerate(self.owner) if owner is not None), 2)
         if self.schedule.pow2_rows:
-            k = min(self.slots, 1 << (k - 1).bit_length())
-        return k
+            k = 1 << (k - 1).bit_length()
+        return min(self.slots, k)
 
     def _check_loops(self) -> None:
         """Run the loop check on every unfinished slot; stop looping ones. One device-to-host copy."""
@@ -265,7 +269,9 @@ def decode_step(decoder, cache, hidden, tokens, lengths, minimums, limits, done,
     if ngram > 0:
         ban_repeated_ngrams(logits, tokens, lengths, ngram)
     next_ids = torch.where(done, pad_id, logits.argmax(-1))
-    done = done | torch.isin(next_ids, eos) | (lengths + 1 >= limits)
+    # Not torch.isin: torch 2.4 guards its decomposition with an expression it cannot evaluate,
+    # and recompiles the step on every call.
+    done = done | (next_ids[:, None] == eos).any(-1) | (lengths + 1 >= limits)
     x = decoder.embed(next_ids[:, None], lengths)
     return next_ids, done, decoder(x, cache, DecodeStep.decode_all(lengths, span, flex))[:, 0]
 
@@ -293,7 +299,10 @@ class CompiledStep:
     def __call__(self, *args):
         if not self.broken:
             try:
-                return self.compiled(*args, flex=self.flex)
+                # Without duck sizing: sizes that happen to be equal at the first call (rows and
+                # slots, a span and a model width) would be compiled as equal, and recompiled later.
+                with fx_config.patch(use_duck_shape=False):
+                    return self.compiled(*args, flex=self.flex)
             except self.compiler_errors as err:  # compiling happens before the step writes anything
                 if (oom := _out_of_memory_inside(err)) is not None:
                     raise oom from None  # memory, not the compiler: the caller backs off and retries
@@ -323,6 +332,10 @@ def _out_of_memory_inside(err: BaseException) -> torch.OutOfMemoryError | None:
         seen.add(id(err))
         err = getattr(err, "inner_exception", None) or err.__cause__ or err.__context__
     return None
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def ban_repeated_ngrams(logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, n: int) -> None:

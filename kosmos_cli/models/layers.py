@@ -312,7 +312,9 @@ def length_block_mask(start: torch.Tensor, span: int) -> "BlockMask":
     (start[b] + 1) // FLEX_BLOCK full blocks (no masking inside) and, when its length is not a
     multiple of the block, one partial block, the next, where the mask applies. Blocks past those
     are never read."""
-    blocks = -(-span // FLEX_BLOCK)
+    # At least two block columns: a one-column mask would be compiled apart (torch specialises sizes
+    # of 1), recompiling the step when the span passes one block. Columns past a slot's count are unread.
+    blocks = max(-(-span // FLEX_BLOCK), 2)
     n = start.shape[0]
     filled = start + 1
     full = torch.div(filled, FLEX_BLOCK, rounding_mode="floor").to(torch.int32)

@@ -15,6 +15,13 @@ In ``.txt`` files pages are separated by a form-feed line (``"\\f\\n"``, as pdft
 are in each page's own pixels. A single-page selection (``pages == [1]``) gets no ``<!-- page -->``
 comment. ``ocr`` and ``ground`` both write ``.txt``/``.json``: give them different OUT folders.
 
+Names always fit the file system: a component longer than NAME_MAX (255 bytes, counted in the
+file-system encoding) cannot be created. When a stem's last component plus the longest suffix
+(``.overlay-NNNN.png``, 17 bytes) would not fit, it is cut at a character boundary and ``~`` plus 8
+hex digits of the SHA-1 of the whole component are appended; every file of the document (and its
+state folder) uses that one shortened name, which is the same in every run (only an overlay of page
+10000 or later, with a longer suffix, may be cut further). Names that fit are used as they are.
+
 Resume, in four rules:
 1. Every finished page is stored at once, atomically, as ``.kosmos/<task>/<stem>/NNNN.json``. A
    failed page is stored too, with ``"error"`` set, so its document can still be assembled (with a
@@ -28,12 +35,15 @@ Resume, in four rules:
    leaves the old or the new version of a file, never a torn one; a document file that lags its page
    files is rebuilt by the next run. Deleting OUT (or ``.kosmos``) starts from scratch.
 The state folder is hidden so that ``ls OUT`` shows results and directory inputs skip it.
+
+A file that cannot be written raises `OutputError`, which names it and says why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -46,6 +56,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
     "OutputDir",
+    "OutputError",
     "PageResult",
     "atomic_open",
     "atomic_save_png",
@@ -66,6 +77,10 @@ __all__ = [
 _TASKS = {"md": "md", "markdown": "md", "ocr": "ocr", "ground": "ground", "grounding": "ground"}
 STATE_DIR = ".kosmos"
 PAGE_SEPARATOR = "\f\n"  # between pages in .txt files
+NAME_MAX = 255  # bytes in one path component (ext4, APFS, NTFS in UTF-16 units, which are fewer)
+# Every file of a document shares one base name, which leaves room for the longest suffix
+# (.md, .txt, .json, .pdf, .hocr, .alto.xml are all shorter than an overlay's).
+_LONGEST_SUFFIX = ".overlay-0000.png"
 
 # Read the umask once (os.umask can only be read by setting it, which is not thread-safe later).
 _UMASK = os.umask(0o022)
@@ -186,6 +201,25 @@ class PageResult:
 # --------------------------------------------------------------------------------------------------
 
 
+class OutputError(OSError):
+    """A result file that could not be written; ``str()`` is ``cannot write <path>: <reason>``.
+
+    ``path`` is the file meant (never a temp file), ``reason`` why, in the system's words;
+    ``errno`` is kept from the failure. Nothing is left half-written (see `atomic_open`)."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, errno: int | None = None):
+        super().__init__(errno, reason)
+        self.path = Path(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot write {display_path(self.path)}: {self.reason}"
+
+
+def _output_error(path: Path, err: OSError) -> OutputError:
+    return OutputError(path, err.strerror or str(err), err.errno)
+
+
 def _fsync_dir(directory: Path) -> None:
     """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
     try:
@@ -204,10 +238,21 @@ def _fsync_dir(directory: Path) -> None:
 def atomic_open(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     """Write ``path`` atomically: yields a binary file in the same folder; on success it is fsynced
     and renamed over ``path``; on any exception (KeyboardInterrupt included) it is removed and
-    ``path`` is untouched. Parent folders are created."""
+    ``path`` is untouched. Parent folders are created.
+
+    Any OSError on the way (the caller's writes included) is raised as `OutputError` naming ``path``.
+    The temp file has a short name of its own (``.kosmos-XXXXXXXX.tmp``), so a target whose name is
+    as long as the file system allows can still be written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        folder = display_path(err.filename if err.filename is not None else path.parent)
+        raise OutputError(path, f"cannot create folder {folder}: {err.strerror or err}", err.errno) from err
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kosmos-", suffix=".tmp")
+    except OSError as err:
+        raise _output_error(path, err) from err
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -219,9 +264,11 @@ def atomic_open(path: str | os.PathLike) -> Iterator[IO[bytes]]:
             mode = 0o666 & ~_UMASK
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, OutputError):
+            raise _output_error(path, err) from err
         raise
     _fsync_dir(path.parent)
 
@@ -306,6 +353,8 @@ class OutputDir:
         jobs = iter_pages(files, pages, dpi, skip=lambda j: out.is_done(j.stem, j.page))
         for job in prefetch(jobs):
             ... out.write_page(job.stem, result); out.assemble(job.stem, job.selected)
+
+    Writes that fail raise `OutputError`.
     """
 
     def __init__(self, root: str | os.PathLike, task: str, *, model: str | None = None, overwrite: bool = False):
@@ -319,16 +368,23 @@ class OutputDir:
         return f"OutputDir({str(self.root)!r}, task={self.task!r})"
 
     # paths
+    @staticmethod
+    def _name(folder: Path, stem: str, suffix: str = "") -> Path:
+        """``folder/<stem><suffix>``, every component fitting NAME_MAX (see the module docstring)."""
+        *parents, last = stem.split("/")
+        room = NAME_MAX - max(len(_LONGEST_SUFFIX), len(os.fsencode(suffix)))
+        return folder.joinpath(*(_fit(p, NAME_MAX) for p in parents), _fit(last, room) + suffix)
+
     def page_file(self, stem: str, page: int) -> Path:
-        return self.root / STATE_DIR / self.kind / stem / f"{page:04d}.json"
+        return self._name(self.root / STATE_DIR / self.kind, stem) / f"{page:04d}.json"
 
     def overlay_file(self, stem: str, page: int) -> Path:
-        return self.root / f"{stem}.overlay-{page:04d}.png"
+        return self._name(self.root, stem, f".overlay-{page:04d}.png")
 
     def document_files(self, stem: str) -> list[Path]:
         """The files `assemble` writes for ``stem``."""
         exts = {"md": [".md"], "ocr": [".txt", ".json"], "ground": [".txt", ".json"]}[self.kind]
-        return [self.root / f"{stem}{ext}" for ext in exts]
+        return [self._name(self.root, stem, ext) for ext in exts]
 
     # pages
     def read_page(self, stem: str, page: int) -> PageResult | None:
@@ -398,6 +454,22 @@ class OutputDir:
             "pages": [r.to_dict() for r in results],
         }
         return [txt, json.dumps(doc, ensure_ascii=False, indent=1) + "\n"]
+
+
+def _fit(name: str, room: int) -> str:
+    """``name`` if it takes at most ``room`` bytes on disk; else its longest prefix of whole characters
+    that leaves room for ``~`` and 8 hex digits of the SHA-1 of the whole name (distinct and stable)."""
+    raw = os.fsencode(name)
+    if len(raw) <= room:
+        return name
+    tag = "~" + hashlib.sha1(raw).hexdigest()[:8]
+    budget, used, cut = room - len(tag), 0, 0
+    for ch in name:  # a surrogate escape is one byte, a UTF-8 character one to four
+        used += len(os.fsencode(ch))
+        if used > budget:
+            break
+        cut += 1
+    return name[:cut] + tag
 
 
 def _terminated(text: str) -> str:

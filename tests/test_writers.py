@@ -142,7 +142,7 @@ def test_crash_at_rename(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(W.OutputError):
         atomic_write_text(target, "{}")
     assert list(tmp_path.iterdir()) == []
 

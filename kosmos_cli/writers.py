@@ -22,6 +22,10 @@ hex digits of the SHA-1 of the whole component are appended; every file of the d
 state folder) uses that one shortened name, which is the same in every run (only an overlay of page
 10000 or later, with a longer suffix, may be cut further). Names that fit are used as they are.
 
+Every text written (``.md``, ``.txt``, ``.json``, page files) is valid UTF-8: a result's ``source``
+is `display_path` text (an undecodable byte of a file name as ``\\xHH``), and any other string with
+lone surrogates has them written out as ``\\udcXX``.
+
 Resume, in four rules:
 1. Every finished page is stored at once, atomically, as ``.kosmos/<task>/<stem>/NNNN.json``. A
    failed page is stored too, with ``"error"`` set, so its document can still be assembled (with a
@@ -125,8 +129,32 @@ def display_path(path: str | os.PathLike) -> str:
     return "".join(out)
 
 
+def _valid_utf8(text: str) -> str:
+    """``text`` with any lone surrogate written out as ``\\udcXX``, so that it encodes as UTF-8.
+
+    For messages and model text, where nothing needs to be undone; paths go through `display_path`."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _source_text(source: str | os.PathLike) -> str:
+    """A result's source as display text, `display_path` applied exactly once.
+
+    A path object (or bytes) is a file-system name: it is displayed. A str is display text already,
+    unless it holds surrogate escapes, which display text never does: then it is a raw name too."""
+    if isinstance(source, str):
+        try:
+            source.encode("utf-8")
+            return source
+        except UnicodeEncodeError:
+            pass
+    return display_path(source)
+
+
 def _plain(obj: Any) -> Any:
-    """Lines/entities as given by the tasks (dataclasses, tuples, dicts) → JSON-ready values."""
+    """Lines/entities as given by the tasks (dataclasses, tuples, dicts) → JSON-ready values, every
+    string valid UTF-8."""
+    if isinstance(obj, str):
+        return _valid_utf8(obj)
     if hasattr(obj, "to_dict"):
         return _plain(obj.to_dict())
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -136,7 +164,7 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
+        return display_path(obj)
     return obj
 
 
@@ -144,6 +172,10 @@ def _plain(obj: Any) -> Any:
 class PageResult:
     """One page's result; `to_json` is one line of ``--format jsonl`` (field order as documented).
 
+    ``source`` is always display text (valid UTF-8, see `display_path`): give a path object
+    (``Path``, ``os.PathLike``, bytes) for a file-system name, and it is displayed once here; a str
+    is taken as display text already (one that still holds surrogate escapes, which display text
+    cannot, is displayed too). Text read back from JSON is a str, so it is never escaped twice.
     ``lines`` are ``{"text", "polygon"}`` (or `Line` objects), ``entities`` are ``{"text", "span",
     "boxes", ...}`` (or objects with ``to_dict``); ``width``/``height`` are the rendered page size.
     """
@@ -161,21 +193,25 @@ class PageResult:
     truncated: bool = False
     error: str | None = None
 
+    def __post_init__(self):
+        self.source = _source_text(self.source)
+
     def to_dict(self) -> dict:
-        return {
-            "source": os.fspath(self.source),
+        """The schema's fields in order; every string valid UTF-8."""
+        return _plain({
+            "source": _source_text(self.source),
             "page": int(self.page),
             "task": self.task,
             "model": self.model,
             "width": int(self.width),
             "height": int(self.height),
             "text": self.text,
-            "lines": _plain(list(self.lines)),
-            "entities": _plain(list(self.entities)),
+            "lines": list(self.lines),
+            "entities": list(self.entities),
             "raw": self.raw,
             "truncated": bool(self.truncated),
             "error": self.error,
-        }
+        })
 
     def to_json(self) -> str:
         """One line of JSON (no newline)."""
@@ -191,9 +227,9 @@ class PageResult:
         return cls.from_dict(json.loads(s))
 
     @classmethod
-    def failed(cls, source, page: int, task: str, model: str, error: str) -> PageResult:
-        """A page (or document, page 0) that produced no result."""
-        return cls(source=os.fspath(source), page=page, task=task, model=model, error=str(error))
+    def failed(cls, source: str | os.PathLike, page: int, task: str, model: str, error: str) -> PageResult:
+        """A page (or document, page 0) that produced no result; ``source`` as for the constructor."""
+        return cls(source=source, page=page, task=task, model=model, error=str(error))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,7 +253,7 @@ class OutputError(OSError):
 
 
 def _output_error(path: Path, err: OSError) -> OutputError:
-    return OutputError(path, err.strerror or str(err), err.errno)
+    return OutputError(path, _valid_utf8(err.strerror or str(err)), err.errno)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -327,15 +363,16 @@ def format_jsonl(result: PageResult | dict) -> str:
     return result.to_json() if isinstance(result, PageResult) else json.dumps(result, ensure_ascii=False)
 
 
-def page_comment(page: int, error: str | None = None, source: str | None = None) -> str:
-    """``<!-- page 3 -->`` (with the source or an error when given), safe inside markdown."""
+def page_comment(page: int, error: str | None = None, source: str | os.PathLike | None = None) -> str:
+    """``<!-- page 3 -->`` (with the source or an error when given), safe inside markdown and valid
+    UTF-8; ``source`` as for `PageResult` (a path object is displayed, a str is display text)."""
     parts = []
     if source is not None:
-        parts.append(str(source))
+        parts.append(_source_text(source))
     parts.append(f"page {page}")
     body = ", ".join(parts)
     if error:
-        body += f": error: {error}"
+        body += f": error: {_valid_utf8(str(error))}"
     return "<!-- " + body.replace("--", "- -") + " -->"
 
 
@@ -399,7 +436,7 @@ class OutputDir:
         if self.overwrite:
             return False
         r = self.read_page(stem, page)
-        return r is not None and r.error is None and (self.model is None or r.model == self.model)
+        return r is not None and r.error is None and (self.model is None or r.model == _valid_utf8(self.model))
 
     def write_page(self, stem: str, result: PageResult) -> Path:
         """Store one page's result atomically (rule 1); returns the page file."""
@@ -440,9 +477,9 @@ class OutputDir:
                 if r.error is not None:
                     parts.append(page_comment(r.page, r.error))
                 elif single:
-                    parts.append(r.text)
+                    parts.append(format_markdown(r))
                 else:
-                    parts.append(page_comment(r.page) + "\n\n" + r.text)
+                    parts.append(page_comment(r.page) + "\n\n" + format_markdown(r))
             return ["\n\n".join(p.rstrip("\n") for p in parts) + "\n"]
         fmt = format_ocr if self.kind == "ocr" else format_caption
         txt = PAGE_SEPARATOR.join(_terminated(fmt(r) if r.error is None else "") for r in results)

@@ -173,3 +173,71 @@ def test_a_read_only_folder_names_the_target(tmp_path):
         assert info.value.path == folder / "a.md" and "Permission denied" in str(info.value)
     finally:
         folder.chmod(0o700)
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-UTF-8 file names: valid UTF-8 everywhere, reversible
+# --------------------------------------------------------------------------------------------------
+
+CAFE = os.fsdecode(b"caf\xe9.png")
+
+
+def test_page_result_source_is_display_text():
+    for r in [PageResult(Path(CAFE), 1, "ocr", MODEL), PageResult.failed(Path(CAFE), 1, "ocr", MODEL, "boom"),
+              PageResult(CAFE, 1, "ocr", MODEL)]:  # a str holding surrogate escapes is a raw name too
+        assert r.source == "caf\\xe9.png"
+        line = r.to_json().encode("utf-8")
+        assert json.loads(line)["source"] == "caf\\xe9.png"
+        assert undisplay(json.loads(line)["source"]) == b"caf\xe9.png"
+        assert PageResult.from_json(line.decode("utf-8")).source == r.source  # applied once only
+    odd = Path(os.fsdecode(b"dir\\with\\back\xffslash.pdf"))
+    r = PageResult(odd, 1, "md", MODEL)
+    assert r.source == "dir\\\\with\\\\back\\xffslash.pdf" and undisplay(r.source) == os.fsencode(odd)
+    assert PageResult.from_json(r.to_json()).source == r.source
+    assert PageResult("a\\\\b.png", 1, "md", MODEL).source == "a\\\\b.png"  # display text kept as given
+
+
+def test_every_text_of_a_result_is_valid_utf8(tmp_path):
+    r = PageResult(Path(CAFE), 1, "ocr", MODEL, error=f"cannot open {CAFE}")
+    r.lines = [{"text": "x\udcff", "polygon": [0] * 8}]
+    d = json.loads(r.to_json().encode("utf-8"))
+    assert CAFE not in d["error"] and "caf" in d["error"]
+    comment = W.page_comment(2, error=f"bad {CAFE}", source=Path(CAFE))
+    comment.encode("utf-8")
+    assert comment.startswith("<!-- caf\\xe9.png, page 2: error: bad caf")
+    assert W.format_text(r).encode("utf-8") and W.format_jsonl(r).encode("utf-8")
+
+
+@pytest.mark.parametrize("task", ["md", "ocr"])
+def test_non_utf8_names_through_the_output_folder(tmp_path, task):
+    stem = os.fsdecode(b"sub/caf\xe9")
+    out = OutputDir(tmp_path, task, model=MODEL)
+    out.write_page(stem, PageResult(Path(CAFE), 1, task, MODEL, text="one"))
+    out.write_page(stem, PageResult.failed(Path(CAFE), 2, task, MODEL, f"cannot render {CAFE}"))
+    assert out.read_page(stem, 1).source == "caf\\xe9.png" and out.is_done(stem, 1)
+    docs = out.assemble(stem, [1, 2])
+    assert [p.name for p in docs] == [os.fsdecode(b"caf\xe9") + s for s in ([".md"] if task == "md" else [".txt", ".json"])]
+    for p in docs:
+        p.read_bytes().decode("utf-8")
+    if task == "ocr":
+        doc = json.loads(docs[1].read_bytes())
+        assert doc["source"] == "caf\\xe9.png" and doc["pages"][1]["error"].startswith("cannot render caf")
+
+
+def test_surrogates_read_back_from_a_page_file_are_written_as_utf8(tmp_path):
+    out = OutputDir(tmp_path, "md", model=MODEL)
+    out.page_file("d", 1).parent.mkdir(parents=True)
+    # valid JSON and valid UTF-8, but its \udcXX escapes decode to lone surrogates
+    record = PageResult("d.pdf", 1, "md", MODEL, text="caf\\udce9 au lait").to_json().replace("\\\\udce9", "\\udce9")
+    out.page_file("d", 1).write_text(record, encoding="utf-8")
+    (doc,) = out.assemble("d", [1])
+    assert doc.read_bytes().decode("utf-8") == "caf\\udce9 au lait\n"
+
+
+def test_a_model_folder_with_an_undecodable_name_resumes(tmp_path):
+    model = os.fsdecode(b"/models/k\xe9")
+    out = OutputDir(tmp_path, "md", model=model)
+    out.write_page("d", PageResult("d.pdf", 1, "md", model, text="x"))
+    out.page_file("d", 1).read_bytes().decode("utf-8")
+    assert OutputDir(tmp_path, "md", model=model).is_done("d", 1)
+    assert not OutputDir(tmp_path, "md", model="/models/k").is_done("d", 1)

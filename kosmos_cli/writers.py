@@ -15,6 +15,10 @@ In ``.txt`` files pages are separated by a form-feed line (``"\\f\\n"``, as pdft
 are in each page's own pixels. A single-page selection (``pages == [1]``) gets no ``<!-- page -->``
 comment. ``ocr`` and ``ground`` both write ``.txt``/``.json``: give them different OUT folders.
 
+A page that failed keeps its place in the document: ``.md`` gets ``<!-- page N: error: reason -->``
+instead of its text, ``.txt`` an empty page section (the form feeds stay aligned with the pages),
+``.json`` the page object with ``"error"`` set (`OutputDir.failed_pages` lists such pages).
+
 Names always fit the file system: a component longer than NAME_MAX (255 bytes, counted in the
 file-system encoding) cannot be created. When a stem's last component plus the longest suffix
 (``.overlay-NNNN.png``, 17 bytes) would not fit, it is cut at a character boundary and ``~`` plus 8
@@ -40,6 +44,8 @@ Resume, in four rules:
    files is rebuilt by the next run. Deleting OUT (or ``.kosmos``) starts from scratch.
 The state folder is hidden so that ``ls OUT`` shows results and directory inputs skip it.
 
+A page file that cannot be read back (torn, not a page object) is reported through ``warn``, once,
+and counts as missing: the page is redone.
 A file that cannot be written raises `OutputError`, which names it and says why.
 """
 
@@ -51,7 +57,8 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -168,6 +175,34 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_line(value: Any) -> bool:
+    """``{"text": str, "polygon": [numbers]}``, what `format_ocr` needs."""
+    return (isinstance(value, dict) and isinstance(value.get("text"), str) and isinstance(value.get("polygon"), list)
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value["polygon"]))
+
+
+# The schema's fields and the JSON types they must have (checked when a page is read back).
+_FIELD_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "source": lambda v: isinstance(v, str),
+    "page": _is_int,
+    "task": lambda v: isinstance(v, str),
+    "model": lambda v: isinstance(v, str),
+    "width": _is_int,
+    "height": _is_int,
+    "text": lambda v: isinstance(v, str),
+    "lines": lambda v: isinstance(v, list) and all(_is_line(ln) for ln in v),
+    "entities": lambda v: isinstance(v, list) and all(isinstance(e, dict) for e in v),
+    "raw": lambda v: isinstance(v, str),
+    "truncated": lambda v: isinstance(v, bool),
+    "error": lambda v: v is None or isinstance(v, str),
+}
+_REQUIRED = ("source", "page", "task", "model")
+
+
 @dataclass
 class PageResult:
     """One page's result; `to_json` is one line of ``--format jsonl`` (field order as documented).
@@ -219,8 +254,16 @@ class PageResult:
 
     @classmethod
     def from_dict(cls, d: dict) -> PageResult:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """A result from a schema object; ValueError if ``d`` is not one (a field missing or mistyped)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"not a JSON object but {type(d).__name__}")
+        for name in _REQUIRED:
+            if name not in d:
+                raise ValueError(f"no {name!r} field")
+        for name, check in _FIELD_CHECKS.items():
+            if name in d and not check(d[name]):
+                raise ValueError(f"the {name!r} field has the wrong type")
+        return cls(**{k: d[k] for k in _FIELD_CHECKS if k in d})
 
     @classmethod
     def from_json(cls, s: str) -> PageResult:
@@ -391,15 +434,20 @@ class OutputDir:
         for job in prefetch(jobs):
             ... out.write_page(job.stem, result); out.assemble(job.stem, job.selected)
 
-    Writes that fail raise `OutputError`.
+    ``warn`` is called with a message, once per page file that exists but cannot be read back
+    (the page is then redone); writes that fail raise `OutputError`.
     """
 
-    def __init__(self, root: str | os.PathLike, task: str, *, model: str | None = None, overwrite: bool = False):
+    def __init__(self, root: str | os.PathLike, task: str, *, model: str | None = None, overwrite: bool = False,
+                 warn: Callable[[str], None] | None = None):
         self.root = Path(root)
         self.task = task
         self.kind = task_kind(task)
         self.model = model
         self.overwrite = overwrite
+        self.warn = warn or (lambda message: None)
+        self._warned: set[Path] = set()
+        self._warned_lock = threading.Lock()  # is_done runs in the prefetch thread, assemble in the caller's
 
     def __repr__(self) -> str:
         return f"OutputDir({str(self.root)!r}, task={self.task!r})"
@@ -425,11 +473,29 @@ class OutputDir:
 
     # pages
     def read_page(self, stem: str, page: int) -> PageResult | None:
-        """The stored page, or None if absent or unreadable."""
+        """The stored page, or None if absent or unusable (reported once through ``warn``)."""
+        path = self.page_file(stem, page)
         try:
-            return PageResult.from_json(self.page_file(stem, page).read_text(encoding="utf-8"))
-        except (OSError, ValueError, TypeError):
+            data = path.read_bytes()
+        except FileNotFoundError:
             return None
+        except OSError as err:
+            problem = err.strerror or str(err)
+        else:
+            try:
+                result = PageResult.from_json(data.decode("utf-8"))
+                if result.page == page:
+                    return result
+                problem = f"it holds page {result.page}"
+            except ValueError as err:  # invalid UTF-8 or JSON, or not a page object
+                problem = str(err)
+        with self._warned_lock:
+            first = path not in self._warned
+            self._warned.add(path)
+        if first:
+            self.warn(f"{display_path(path)}: unreadable page state ({_valid_utf8(problem)}); "
+                      f"page {page} will be redone")
+        return None
 
     def is_done(self, stem: str, page: int) -> bool:
         """True if the page needs no work: stored without error, by the same model, and not overwriting."""
@@ -437,6 +503,10 @@ class OutputDir:
             return False
         r = self.read_page(stem, page)
         return r is not None and r.error is None and (self.model is None or r.model == _valid_utf8(self.model))
+
+    def failed_pages(self, stem: str, pages: Sequence[int]) -> list[int]:
+        """The pages of ``pages`` stored with an error: the ones with a placeholder in the document."""
+        return [p for p in sorted(set(pages)) if (r := self.read_page(stem, p)) is not None and r.error is not None]
 
     def write_page(self, stem: str, result: PageResult) -> Path:
         """Store one page's result atomically (rule 1); returns the page file."""
@@ -453,7 +523,8 @@ class OutputDir:
     def assemble(self, stem: str, pages: Sequence[int]) -> list[Path]:
         """Write the document files if every page in ``pages`` is stored (rule 2).
 
-        Returns the files written, or [] while pages are missing.
+        Returns the files written, or [] while pages are missing. Failed pages get placeholders
+        (see the module docstring).
         """
         results = []
         for page in sorted(set(pages)):

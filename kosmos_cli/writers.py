@@ -44,6 +44,8 @@ Resume, in four rules:
    files is rebuilt by the next run. Deleting OUT (or ``.kosmos``) starts from scratch.
 The state folder is hidden so that ``ls OUT`` shows results and directory inputs skip it.
 
+A file whose content would not change is left untouched (same inode and mtime): a re-run of a
+finished command writes nothing, and make or rsync see nothing new.
 A page file that cannot be read back (torn, not a page object) is reported through ``warn``, once,
 and counts as missing: the page is redone.
 A file that cannot be written raises `OutputError`, which names it and says why.
@@ -54,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -369,6 +372,17 @@ def atomic_save_png(path: str | os.PathLike, image: Image.Image) -> None:
         image.save(f, format="PNG")
 
 
+def _store(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically unless the file holds exactly that already: an unchanged
+    file keeps its inode and mtime, which make and rsync go by."""
+    try:
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return
+    except OSError:
+        pass  # absent or unreadable: write it, and a real problem surfaces as an OutputError there
+    atomic_write_bytes(path, data)
+
+
 # --------------------------------------------------------------------------------------------------
 # Text formats (stdout and document files)
 # --------------------------------------------------------------------------------------------------
@@ -511,20 +525,22 @@ class OutputDir:
     def write_page(self, stem: str, result: PageResult) -> Path:
         """Store one page's result atomically (rule 1); returns the page file."""
         path = self.page_file(stem, result.page)
-        atomic_write_text(path, result.to_json() + "\n")
+        _store(path, (result.to_json() + "\n").encode("utf-8"))
         return path
 
     def write_overlay(self, stem: str, page: int, image: Image.Image) -> Path:
         path = self.overlay_file(stem, page)
-        atomic_save_png(path, image)
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        _store(path, png.getvalue())
         return path
 
     # documents
     def assemble(self, stem: str, pages: Sequence[int]) -> list[Path]:
         """Write the document files if every page in ``pages`` is stored (rule 2).
 
-        Returns the files written, or [] while pages are missing. Failed pages get placeholders
-        (see the module docstring).
+        Returns the document's files (rewritten only where their content changed), or [] while
+        pages are missing. Failed pages get placeholders (see the module docstring).
         """
         results = []
         for page in sorted(set(pages)):
@@ -537,7 +553,7 @@ class OutputDir:
         contents = self._render_document(results)
         paths = self.document_files(stem)
         for path, text in zip(paths, contents):
-            atomic_write_text(path, text)
+            _store(path, text.encode("utf-8"))
         return paths
 
     def _render_document(self, results: list[PageResult]) -> list[str]:

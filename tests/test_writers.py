@@ -246,6 +246,46 @@ def test_a_failed_page_gets_a_placeholder_and_is_retried(tmp_path, bad):
     assert md.failed_pages("d", [1, 2, 3]) == []
 
 
+def age(path: Path) -> tuple[int, int]:
+    """Back-date ``path`` (so a rewrite cannot share its mtime) and return (inode, mtime_ns)."""
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+def identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+@pytest.mark.parametrize("task", ["md", "ocr"])
+def test_unchanged_files_are_not_rewritten(tmp_path, task):
+    out = OutputDir(tmp_path, task, model=MODEL)
+    make = md_result if task == "md" else (lambda p, t: ocr_result(p, text=t))
+    state = out.write_page("d", make(1, "one"))
+    out.write_page("d", make(2, "two"))
+    docs = out.assemble("d", [1, 2])
+    before = [age(p) for p in docs]
+    assert OutputDir(tmp_path, task, model=MODEL).assemble("d", [1, 2]) == docs
+    assert [identity(p) for p in docs] == before
+    # the same result stored again (--overwrite) and the same overlay leave the files alone too
+    old_state = age(state)
+    out.write_page("d", make(1, "one"))
+    assert identity(state) == old_state
+    overlay = out.write_overlay("d", 1, Image.new("RGB", (8, 8), "white"))
+    old_overlay = age(overlay)
+    out.write_overlay("d", 1, Image.new("RGB", (8, 8), "white"))
+    assert identity(overlay) == old_overlay
+    # changed content is written
+    out.write_page("d", make(1, "changed"))
+    assert identity(state) != old_state
+    out.assemble("d", [1, 2])
+    assert all(identity(p) != b for p, b in zip(docs, before))
+    assert "changed" in docs[0].read_text()
+    out.write_overlay("d", 1, Image.new("RGB", (8, 8), "black"))
+    assert identity(overlay) != old_overlay
+
+
 CORRUPT = {
     "truncated": b'{"source": "a.pdf", "page": 1, "task": "ocr", "mod',
     "not an object": b'[1, 2, 3]\n',

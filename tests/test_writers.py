@@ -142,7 +142,7 @@ def test_crash_at_rename(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(W.OutputError):
         atomic_write_text(target, "{}")
     assert list(tmp_path.iterdir()) == []
 
@@ -213,6 +213,116 @@ def test_ocr_and_ground_documents(tmp_path):
     txt, js = g.assemble("snow", [1])
     assert txt.read_text() == "An image of a snowman.\n"
     assert json.loads(js.read_text())["pages"][0]["text"] == "An image of a snowman."
+
+
+@pytest.mark.parametrize("bad", [1, 2, 3])
+def test_a_failed_page_gets_a_placeholder_and_is_retried(tmp_path, bad):
+    md = OutputDir(tmp_path, "md", model=MODEL)
+    ocr = OutputDir(tmp_path, "ocr", model=MODEL)
+    for page in (1, 2, 3):
+        if page == bad:
+            md.write_page("d", PageResult.failed("d.pdf", page, "md", MODEL, "render failed"))
+            ocr.write_page("d", PageResult.failed("d.pdf", page, "ocr", MODEL, "render failed"))
+        else:
+            md.write_page("d", md_result(page, f"text {page}"))
+            ocr.write_page("d", ocr_result(page, text=f"line {page}"))
+    (doc_md,) = md.assemble("d", [1, 2, 3])
+    sections = doc_md.read_text().rstrip("\n").split("\n\n")
+    assert sections[2 * (bad - 1)] == f"<!-- page {bad}: error: render failed -->"
+    assert [s for s in sections if s.startswith("<!--")] == [
+        f"<!-- page {p}: error: render failed -->" if p == bad else f"<!-- page {p} -->" for p in (1, 2, 3)]
+    txt, js = ocr.assemble("d", [1, 2, 3])
+    pages = txt.read_text().split(W.PAGE_SEPARATOR)
+    assert len(pages) == 3 and pages[bad - 1] == ""
+    assert all(f"line {p}" in pages[p - 1] for p in (1, 2, 3) if p != bad)
+    assert [p["error"] for p in json.loads(js.read_text())["pages"]] == [
+        "render failed" if p == bad else None for p in (1, 2, 3)]
+    assert not md.is_done("d", bad) and not ocr.is_done("d", bad)
+    assert md.failed_pages("d", [1, 2, 3]) == [bad] and md.failed_pages("d", [p for p in (1, 2, 3) if p != bad]) == []
+    # the re-run redoes the page and the document loses its placeholder
+    md.write_page("d", md_result(bad, f"text {bad}"))
+    md.assemble("d", [1, 2, 3])
+    assert "error" not in doc_md.read_text() and f"text {bad}" in doc_md.read_text()
+    assert md.failed_pages("d", [1, 2, 3]) == []
+
+
+def age(path: Path) -> tuple[int, int]:
+    """Back-date ``path`` (so a rewrite cannot share its mtime) and return (inode, mtime_ns)."""
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+def identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+@pytest.mark.parametrize("task", ["md", "ocr"])
+def test_unchanged_files_are_not_rewritten(tmp_path, task):
+    out = OutputDir(tmp_path, task, model=MODEL)
+    make = md_result if task == "md" else (lambda p, t: ocr_result(p, text=t))
+    state = out.write_page("d", make(1, "one"))
+    out.write_page("d", make(2, "two"))
+    docs = out.assemble("d", [1, 2])
+    before = [age(p) for p in docs]
+    assert OutputDir(tmp_path, task, model=MODEL).assemble("d", [1, 2]) == docs
+    assert [identity(p) for p in docs] == before
+    # the same result stored again (--overwrite) and the same overlay leave the files alone too
+    old_state = age(state)
+    out.write_page("d", make(1, "one"))
+    assert identity(state) == old_state
+    overlay = out.write_overlay("d", 1, Image.new("RGB", (8, 8), "white"))
+    old_overlay = age(overlay)
+    out.write_overlay("d", 1, Image.new("RGB", (8, 8), "white"))
+    assert identity(overlay) == old_overlay
+    # changed content is written
+    out.write_page("d", make(1, "changed"))
+    assert identity(state) != old_state
+    out.assemble("d", [1, 2])
+    assert all(identity(p) != b for p, b in zip(docs, before))
+    assert "changed" in docs[0].read_text()
+    out.write_overlay("d", 1, Image.new("RGB", (8, 8), "black"))
+    assert identity(overlay) != old_overlay
+
+
+CORRUPT = {
+    "truncated": b'{"source": "a.pdf", "page": 1, "task": "ocr", "mod',
+    "not an object": b'[1, 2, 3]\n',
+    "wrong type": json.dumps({**ocr_result(1).to_dict(), "page": "1"}).encode(),
+    "wrong line": json.dumps({**ocr_result(1).to_dict(), "lines": [{"text": "x"}]}).encode(),
+    "missing field": json.dumps({k: v for k, v in ocr_result(1).to_dict().items() if k != "model"}).encode(),
+    "other page": json.dumps(ocr_result(2).to_dict()).encode(),
+    "invalid utf-8": ocr_result(1, text="caf\u00e9").to_json().encode("utf-8").replace(b"\xc3\xa9", b"\xe9"),
+}
+
+
+@pytest.mark.parametrize("content", list(CORRUPT.values()), ids=list(CORRUPT))
+def test_a_corrupt_page_state_is_reported_and_redone(tmp_path, content):
+    warnings = []
+    out = OutputDir(tmp_path, "ocr", model=MODEL, warn=warnings.append)
+    out.write_page("d", ocr_result(1))
+    out.write_page("d", ocr_result(2))
+    state = out.page_file("d", 1)
+    state.write_bytes(content)
+    assert not out.is_done("d", 1) and out.is_done("d", 2)
+    assert out.read_page("d", 1) is None
+    assert out.assemble("d", [1, 2]) == []  # treated as missing: no document
+    assert out.failed_pages("d", [1, 2]) == []
+    assert len(warnings) == 1  # once per file, however often it is read
+    assert W.display_path(state) in warnings[0] and "page 1 will be redone" in warnings[0]
+    out.write_page("d", ocr_result(1))  # the re-run replaces it
+    assert out.is_done("d", 1) and len(out.assemble("d", [1, 2])) == 2
+    assert len(warnings) == 1
+
+
+def test_missing_page_state_is_not_a_warning(tmp_path):
+    warnings = []
+    out = OutputDir(tmp_path, "ocr", model=MODEL, warn=warnings.append)
+    assert not out.is_done("d", 1) and out.assemble("d", [1]) == [] and warnings == []
+    OutputDir(tmp_path, "ocr").page_file("d", 1).parent.mkdir(parents=True)
+    out.page_file("d", 1).write_text("{")
+    assert not OutputDir(tmp_path, "ocr").is_done("d", 1)  # no warn given: silent
 
 
 def test_is_done_rules(tmp_path):

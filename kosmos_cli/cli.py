@@ -1,12 +1,14 @@
 """The `kosmos` command: thin Typer layer (flags -> library calls -> exit code).
 
 Exit codes: 0 every page done; 1 some inputs or pages failed (each named on stderr, the rest still
-written); 2 usage error (bad flag, nothing to do); 130 interrupted."""
+written); 2 usage error (bad flag, nothing to do); 130 interrupted; 141 stdout closed by its reader."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -17,10 +19,52 @@ from typing import Iterator, Optional
 import click
 import typer
 
-from . import documents
+from . import documents, writers
 from .documents import ErrorJob, PageJob
+from .writers import display_path
 
-app = typer.Typer(
+
+class _App(typer.Typer):
+    """The app as the `kosmos` console script calls it, with the Ctrl-C handling only a real process
+    needs (CliRunner invokes the command itself, so tests see `run()`'s exit code)."""
+
+    def __call__(self, *args, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            _interrupted.clear()
+            signal.signal(signal.SIGINT, _on_ctrl_c)
+        try:
+            return super().__call__(*args, **kwargs)
+        except SystemExit as done:
+            if done.code != 130:
+                raise
+            # Interrupted: the run has wound down and its files are complete. Leave without the
+            # interpreter's shutdown (joining worker threads, finalizers, atexit), where torch's native
+            # threads can abort the process ("terminate called ...").
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(130)
+
+
+_interrupted = threading.Event()  # set by the first Ctrl-C of a console-script run
+
+
+def _on_ctrl_c(signum, frame) -> None:
+    """The first Ctrl-C stops the run; later ones are ignored so that winding down is never cut short."""
+    if not _interrupted.is_set():
+        _interrupted.set()
+        raise KeyboardInterrupt
+
+
+def _stop_if_interrupted() -> None:
+    """Raise again a Ctrl-C that library code swallowed (torch's optional NumPy import catches anything)."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
+
+
+app = _App(
     add_completion=False,
     no_args_is_help=True,
     help="Transcribe documents with Kosmos-2.5 (markdown, OCR lines with polygons) and ground captions "
@@ -28,6 +72,8 @@ app = typer.Typer(
 )
 
 INPUTS_HELP = "Files (PDF, PNG, JPEG, TIFF, WebP, BMP, GIF), directories (searched recursively), globs, or - to read paths from stdin."
+PROMPT_RULE = ("A last argument that starts with < is the prompt (default \"<grounding> An image of\"); anything "
+               "else is an input. Use --prompt for other prompts and ./<name> for a file whose name starts with <.")
 
 
 @dataclass
@@ -59,10 +105,10 @@ def _options(
     pages: Optional[str] = typer.Option(None, "--pages", "-p", help="Pages to process in every document, 1-based: 1-3,7 or 5- or -2."),
     dpi: float = typer.Option(documents.DEFAULT_DPI, min=36, max=1200, help="PDF rendering resolution. 200 dpi puts a letter page at 1700x2200 px, about twice the ~1 MP grid Kosmos-2.5 reads."),
     password: Optional[str] = typer.Option(None, help="Password for encrypted PDFs."),
-    format: str = typer.Option("text", "--format", "-f", help="stdout format: text (markdown, OCR lines x0,y0,x1,y0,x1,y1,x0,y1,text, or the caption) or jsonl (one JSON object per page)."),
+    format: str = typer.Option("text", "--format", "-f", help="stdout format: text (markdown, OCR lines x0,y0,x1,y0,x1,y1,x0,y1,text, or the caption; a line <!-- SOURCE, page N --> starts each page when the run has several documents or a document several pages) or jsonl (one JSON object per page, failed inputs included)."),
     overlay: bool = typer.Option(False, help="With -o: also write a PNG per page with the boxes drawn."),
     overwrite: bool = typer.Option(False, help="With -o: redo pages that are already written."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary; errors are still reported."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, notes or summary: only errors."),
     debug: bool = typer.Option(False, help="Show Python tracebacks for errors."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile the decode step with torch.compile (CUDA graphs on a GPU). KOSMOS_ATTENTION=auto|sdpa|flex picks its attention kernel (see README). [default: on for CUDA, off for CPU, where compiling takes a minute]"),
 ) -> Options:
@@ -85,8 +131,7 @@ def _command(name: str, doc: str, *, ask: bool = False, ground: bool = False):
     hints = typing.get_type_hints(_options)
     common = [p.replace(annotation=hints[p.name]) for p in inspect.signature(_options).parameters.values()]
     first = [inspect.Parameter("inputs", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[str],
-                               default=typer.Argument(..., help=INPUTS_HELP if not ground else
-                                                      INPUTS_HELP + " A last argument that is not a path is the prompt (default \"<grounding> An image of\").",
+                               default=typer.Argument(..., help=INPUTS_HELP + (" " + PROMPT_RULE if ground else ""),
                                                       show_default=False))]
     extra = []
     if ask:
@@ -102,8 +147,12 @@ def _command(name: str, doc: str, *, ask: bool = False, ground: bool = False):
         question = kwargs.pop("ask", None)
         prompt = kwargs.pop("prompt", None)
         opts = _options(**kwargs)
-        if ground and prompt is None and len(inputs) > 1 and _looks_like_prompt(inputs[-1]):
+        if ground and inputs[-1].startswith("<"):  # PROMPT_RULE: by spelling only, never by the file system
+            if prompt is not None:
+                _fail_usage(f"two prompts: {inputs[-1]!r} and --prompt {prompt!r} (give one)")
             inputs, prompt = inputs[:-1], inputs[-1]
+            if not inputs:
+                _fail_usage("no input files given (a last argument that starts with < is the prompt)")
         try:
             code = run(name, inputs, opts, prompt=prompt, question=question)
         except (typer.Exit, click.exceptions.ClickException):
@@ -130,13 +179,27 @@ def _command(name: str, doc: str, *, ask: bool = False, ground: bool = False):
     return command
 
 
-def _looks_like_prompt(arg: str) -> bool:
-    return not Path(arg).exists() and not any(c in arg for c in "*?[") and (" " in arg or arg.startswith("<"))
-
-
 app.command("ocr")(_command("ocr", "Kosmos-2.5 OCR: text lines with 8-point polygons (x0,y0,x1,y0,x1,y1,x0,y1) in page pixels."))
 app.command("md")(_command("md", "Kosmos-2.5 markdown of each page (or answers with --ask).", ask=True))
 app.command("ground")(_command("ground", "Kosmos-2 grounded caption of each image: caption, phrases and their boxes.", ground=True))
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("kosmos-transcribe")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            from . import __version__ as number
+        typer.echo(f"kosmos {number}")
+        raise typer.Exit()
+
+
+@app.callback()  # options of `kosmos` itself, before the command
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,10 +232,14 @@ def run(task_name: str, inputs: list[str], opts: Options, *, prompt: str | None 
     if (opts.overlay or opts.overwrite) and opts.output is None:
         _fail_usage("--overlay and --overwrite need -o/--output DIR")
     try:
-        selection = documents.parse_pages(opts.pages) if opts.pages else None
+        selection = documents.parse_pages(opts.pages) if opts.pages is not None else None
     except ValueError as err:
         _fail_usage(f"--pages: {err}")
     batch_size = _batch_size(opts.batch_size)
+    _check_device(opts.device)
+    _check_dtype(opts.dtype)
+    if opts.output is not None:
+        _check_output(opts.output)
     if question is not None:
         from .processing.kosmos2_5 import chat_prompt
 
@@ -180,20 +247,16 @@ def run(task_name: str, inputs: list[str], opts: Options, *, prompt: str | None 
     model_name = opts.model or ("microsoft/kosmos-2.5-chat" if question is not None else task.default_model)
 
     files, input_errors = documents.collect_inputs(inputs, exclude=[opts.output] if opts.output else ())
+    out = None if opts.output is None else writers.OutputDir(opts.output, task.name, model=model_name,
+                                                             overwrite=opts.overwrite)
     tally = Tally()
+    emit = _Emitter(out, opts, tally, task.name, model_name, several=len(files) > 1)
     for error in input_errors:
-        _report(f"{error.path}: {error.reason}")
-        tally.failed_inputs.add(str(error.path))
+        emit.input_error(error)
     if not files:
-        if input_errors:
+        if tally.failed_inputs:
             return 1
         _fail_usage("no supported input files found (PDF, PNG, JPEG, TIFF, WebP, BMP, GIF)")
-
-    out = None
-    if opts.output is not None:
-        from .writers import OutputDir
-
-        out = OutputDir(opts.output, task.name, model=model_name, overwrite=opts.overwrite)
     skip = (lambda job: out.is_done(job.stem, job.page)) if out is not None else None
     jobs = documents.iter_pages(files, selection, opts.dpi, opts.password, skip=skip)
 
@@ -204,7 +267,8 @@ def run(task_name: str, inputs: list[str], opts: Options, *, prompt: str | None 
     try:
         with progress:
             for item, result in _process(task, jobs, model_name, opts, batch_size, prompt, progress):
-                _emit(item, result, out, opts, tally, task.name, model_name)
+                _stop_if_interrupted()
+                emit(item, result)
                 progress.advance(item, result)
     except KeyboardInterrupt:
         _report("interrupted; finished pages are saved and a re-run with -o continues where it stopped")
@@ -217,6 +281,57 @@ def run(task_name: str, inputs: list[str], opts: Options, *, prompt: str | None 
     if not opts.quiet:
         _summary(tally, time.monotonic() - started)
     return 1 if tally.failed or tally.failed_inputs else 0
+
+
+def _check_device(value: str) -> None:
+    """Refuse, in our words and before any work, a device this run cannot use."""
+    import torch
+
+    if value == "auto":
+        return
+    try:
+        device = torch.device(value)
+    except RuntimeError:  # torch's message lists every device type it knows, most not ours
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        _fail_usage(f"--device must be auto, cpu, cuda or cuda:N, not {value!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            _fail_usage(f"--device {value}: PyTorch sees no CUDA GPU (use --device cpu)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            names = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            _fail_usage(f"--device {value}: PyTorch sees {count} CUDA GPU{'s' * (count != 1)} ({names})")
+
+
+def _check_dtype(value: str) -> None:
+    from .engine import DTYPES
+
+    if value != "auto" and value not in DTYPES:
+        _fail_usage(f"--dtype must be auto, bfloat16, float16 or float32, not {value!r}")
+
+
+def _check_output(folder: Path) -> None:
+    """Create the -o folder and prove it writable now, not after the model has loaded and a page is done."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".kosmos-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except (FileExistsError, NotADirectoryError):  # a file (or /dev/null) where the folder should be
+        _fail_usage(f"-o {display_path(folder)}: not a directory")
+    except OSError as err:
+        _fail_usage(f"-o {display_path(folder)}: {_os_reason(err)}")
+
+
+def _os_reason(err: OSError) -> str:
+    """The reason of an OSError, as our messages word it (writers.OutputError carries its own)."""
+    if isinstance(err, PermissionError):
+        return "permission denied"
+    reason = getattr(err, "reason", None) or err.strerror or str(err)
+    return reason[:1].lower() + reason[1:]
 
 
 class _Fatal(Exception):
@@ -262,8 +377,10 @@ def _process(task, jobs, model_name, opts, batch_size, prompt, progress) -> Iter
 
     def lazy_engine_items():
         for item in documents.prefetch(jobs, depth=max(4, 2 * (batch_size or 8))):
+            _stop_if_interrupted()
             if not engine_holder and isinstance(item, PageJob) and not item.skipped:
                 engine_holder.append(_load_engine(task, model_name, opts))
+                _stop_if_interrupted()
             yield item
 
     items = lazy_engine_items()
@@ -282,49 +399,98 @@ def _process(task, jobs, model_name, opts, batch_size, prompt, progress) -> Iter
                           on_page=progress.page_done)
 
 
-def _emit(item, result, out, opts: Options, tally: Tally, task: str, model: str) -> None:
-    """Write one item's outcome: stdout or files, and errors on stderr (and, with --format jsonl
-    on stdout, as records whose `error` is set, page 0 for a whole document)."""
-    from . import writers
+class _Emitter:
+    """Writes each item's outcome: results to stdout or under -o, errors and notes on stderr (and,
+    with --format jsonl on stdout, failures as records whose `error` is set, page 0 for a whole input)."""
 
-    if isinstance(item, ErrorJob):
-        where = f"{item.source}" + (f": page {item.page}" if item.page else "")
+    def __init__(self, out, opts: Options, tally: Tally, task: str, model: str, *, several: bool):
+        self.out, self.opts, self.tally, self.task, self.model = out, opts, tally, task, model
+        self.several = several  # more than one document: mark each one's start on stdout
+        self.unwritable: set[str] = set()  # stems whose -o write failed; the rest of the document is dropped
+
+    def input_error(self, error) -> None:
+        where = display_path(error.path)
+        if getattr(error, "warning", False):
+            self._note(f"{where}: {error.reason}")
+            return
+        _report(f"{where}: {error.reason}")
+        self.tally.failed_inputs.add(str(error.path))
+        self._record(error.path, 0, error.reason)
+
+    def __call__(self, item, result) -> None:
+        if isinstance(item, ErrorJob):
+            result = self._failure(item)
+            if result is None:
+                return
+        elif item.skipped:
+            self.tally.skipped += 1
+        elif result is not None:
+            self._result(item, result)
+        if self.out is not None:
+            self._store(item, result)
+        if isinstance(item, PageJob):
+            item.image = None  # the page is done: let its pixels go
+
+    def _failure(self, item: ErrorJob):
+        """Report a failed document or page; a failed page's placeholder result, to be stored under -o."""
+        where = display_path(item.source) + (f": page {item.page}" if item.page is not None else "")
         if item.warning:
-            _report(f"{where}: {item.error}", note=True)
-        else:
-            _report(f"{where}: {item.error}")
-            tally.failed += 1
-            tally.failed_inputs.add(str(item.source))
-            if out is None and opts.format == "jsonl":
-                failed = writers.PageResult.failed(item.source, item.page or 0, task, model, item.error)
-                sys.stdout.write(writers.format_jsonl(failed) + "\n")
-        return
-    if item.skipped:
-        tally.skipped += 1
-    elif result is not None:
-        tally.pages += 1
-        tally.truncated += result.truncated
+            self._note(f"{where}: {item.error}")
+            return None
+        _report(f"{where}: {item.error}")
+        self.tally.failed += 1
+        self.tally.failed_inputs.add(str(item.source))
+        self._record(item.source, item.page or 0, item.error)
+        if item.page is None:
+            return None
+        return writers.PageResult.failed(item.source, item.page, self.task, self.model, item.error)
+
+    def _result(self, item: PageJob, result) -> None:
+        self.tally.pages += 1
+        self.tally.truncated += result.truncated
         if result.error:
-            _report(f"{item.source}: page {item.page}: {result.error}")
-            tally.failed += 1
-        if out is None:
-            sys.stdout.write(writers.format_jsonl(result) + "\n" if opts.format == "jsonl" else _text_block(item, result))
+            _report(f"{display_path(item.source)}: page {item.page}: {result.error}")
+            self.tally.failed += 1
+        if self.out is None:
+            sys.stdout.write(writers.format_jsonl(result) + "\n" if self.opts.format == "jsonl"
+                             else _text_block(item, result, self.several))
             sys.stdout.flush()
-        else:
-            out.write_page(item.stem, result)
-            if opts.overlay and not result.error:
-                out.write_overlay(item.stem, item.page, writers.draw_overlay(item.image, result))
-    if out is not None and item.is_last:
-        out.assemble(item.stem, item.selected)
-    item.image = None  # the page is done: let its pixels go
+
+    def _store(self, item, result) -> None:
+        """Store a page under -o, and its document once the last selected page is in. A failed write
+        (disk full, a name the file system refuses) fails this document only."""
+        if item.stem in self.unwritable:
+            return
+        try:
+            if result is not None:
+                self.out.write_page(item.stem, result)
+                if self.opts.overlay and not result.error:
+                    self.out.write_overlay(item.stem, item.page, writers.draw_overlay(item.image, result))
+            if item.is_last:
+                self.out.assemble(item.stem, item.selected)
+        except OSError as err:
+            self.unwritable.add(item.stem)
+            self.tally.failed_inputs.add(str(item.source))
+            target = getattr(err, "path", None) or err.filename
+            what = f"cannot write {display_path(target)}" if target else "cannot write its output"
+            _report(f"{display_path(item.source)}: {what}: {_os_reason(err)}")
+
+    def _record(self, source, page: int, error: str) -> None:
+        if self.out is None and self.opts.format == "jsonl":
+            failed = writers.PageResult.failed(source, page, self.task, self.model, error)
+            sys.stdout.write(writers.format_jsonl(failed) + "\n")
+            sys.stdout.flush()
+
+    def _note(self, message: str) -> None:
+        if not self.opts.quiet:
+            _report(message, note=True)
 
 
-def _text_block(item: PageJob, result) -> str:
-    from . import writers
-
+def _text_block(item: PageJob, result, several: bool) -> str:
     body = writers.format_text(result)
-    header = writers.page_comment(item.page, source=str(item.source)) if len(item.selected) > 1 or item.page != 1 else ""
-    return (header + "\n" if header else "") + body.rstrip("\n") + "\n"
+    marked = several or len(item.selected) > 1 or item.page != 1
+    header = writers.page_comment(item.page, source=display_path(item.source)) + "\n" if marked else ""
+    return header + body.rstrip("\n") + "\n"
 
 
 def _report(message: str, note: bool = False) -> None:

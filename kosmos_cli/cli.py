@@ -6,9 +6,7 @@ written); 2 usage error (bad flag, nothing to do); 130 interrupted; 141 stdout c
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -19,52 +17,12 @@ from typing import Iterator, Optional
 import click
 import typer
 
-from . import documents, writers
+from . import documents, interrupt, writers
 from .documents import ErrorJob, PageJob
 from .writers import display_path
 
 
-class _App(typer.Typer):
-    """The app as the `kosmos` console script calls it, with the Ctrl-C handling only a real process
-    needs (CliRunner invokes the command itself, so tests see `run()`'s exit code)."""
-
-    def __call__(self, *args, **kwargs):
-        if threading.current_thread() is threading.main_thread():
-            _interrupted.clear()
-            signal.signal(signal.SIGINT, _on_ctrl_c)
-        try:
-            return super().__call__(*args, **kwargs)
-        except SystemExit as done:
-            if done.code != 130:
-                raise
-            # Interrupted: the run has wound down and its files are complete. Leave without the
-            # interpreter's shutdown (joining worker threads, finalizers, atexit), where torch's native
-            # threads can abort the process ("terminate called ...").
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except (OSError, ValueError):
-                    pass
-            os._exit(130)
-
-
-_interrupted = threading.Event()  # set by the first Ctrl-C of a console-script run
-
-
-def _on_ctrl_c(signum, frame) -> None:
-    """The first Ctrl-C stops the run; later ones are ignored so that winding down is never cut short."""
-    if not _interrupted.is_set():
-        _interrupted.set()
-        raise KeyboardInterrupt
-
-
-def _stop_if_interrupted() -> None:
-    """Raise again a Ctrl-C that library code swallowed (torch's optional NumPy import catches anything)."""
-    if _interrupted.is_set():
-        raise KeyboardInterrupt
-
-
-app = _App(
+app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Transcribe documents with Kosmos-2.5 (markdown, OCR lines with polygons) and ground captions "
@@ -247,9 +205,9 @@ def run(task_name: str, inputs: list[str], opts: Options, *, prompt: str | None 
     model_name = opts.model or ("microsoft/kosmos-2.5-chat" if question is not None else task.default_model)
 
     files, input_errors = documents.collect_inputs(inputs, exclude=[opts.output] if opts.output else ())
-    out = None if opts.output is None else writers.OutputDir(opts.output, task.name, model=model_name,
-                                                             overwrite=opts.overwrite)
     tally = Tally()
+    out = None if opts.output is None else writers.OutputDir(opts.output, task.name, model=model_name,
+                                                             overwrite=opts.overwrite, warn=_Emitter.note_for(opts))
     emit = _Emitter(out, opts, tally, task.name, model_name, several=len(files) > 1)
     for error in input_errors:
         emit.input_error(error)
@@ -267,7 +225,7 @@ def run(task_name: str, inputs: list[str], opts: Options, *, prompt: str | None 
     try:
         with progress:
             for item, result in _process(task, jobs, model_name, opts, batch_size, prompt, progress):
-                _stop_if_interrupted()
+                interrupt.check()
                 emit(item, result)
                 progress.advance(item, result)
     except KeyboardInterrupt:
@@ -377,10 +335,10 @@ def _process(task, jobs, model_name, opts, batch_size, prompt, progress) -> Iter
 
     def lazy_engine_items():
         for item in documents.prefetch(jobs, depth=max(4, 2 * (batch_size or 8))):
-            _stop_if_interrupted()
+            interrupt.check()
             if not engine_holder and isinstance(item, PageJob) and not item.skipped:
                 engine_holder.append(_load_engine(task, model_name, opts))
-                _stop_if_interrupted()
+                interrupt.check()
             yield item
 
     items = lazy_engine_items()
@@ -482,8 +440,12 @@ class _Emitter:
             sys.stdout.flush()
 
     def _note(self, message: str) -> None:
-        if not self.opts.quiet:
-            _report(message, note=True)
+        self.note_for(self.opts)(message)
+
+    @staticmethod
+    def note_for(opts: Options):
+        """How notes are reported: on stderr unless --quiet."""
+        return (lambda message: None) if opts.quiet else (lambda message: _report(message, note=True))
 
 
 def _text_block(item: PageJob, result, several: bool) -> str:

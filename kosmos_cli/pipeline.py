@@ -146,7 +146,7 @@ def _result(engine: Engine, task: Task, page: PageJob, out: Output, prompt: str)
     raw = prompt + out.text if task.caption_task else out.text
     page_size = page.image.size
     return PageResult(
-        source=str(page.source), page=page.page, task=task.name, model=engine.name,
+        source=page.source, page=page.page, task=task.name, model=engine.name,
         width=page_size[0], height=page_size[1], raw=raw, truncated=out.truncated,
         **task.page_fields(raw, out.model_size, page_size),
     )

@@ -34,6 +34,25 @@ def kosmos25_processor_layout(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="session")
+def k25(kosmos25_tied) -> str:
+    """The tiny Kosmos-2.5 checkpoint as the CLI's --model argument."""
+    return str(kosmos25_tied)
+
+
+# --------------------------------------------------------------------------------------------------
+# Kosmos-2
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def k2(tmp_path_factory) -> str:
+    """A tiny Kosmos-2 checkpoint as the CLI's --model argument."""
+    from kosmos2_checkpoint import make_kosmos2_checkpoint
+
+    return str(make_kosmos2_checkpoint(tmp_path_factory.mktemp("cli_kosmos2")))
+
+
 # --------------------------------------------------------------------------------------------------
 # Markers
 # --------------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from kosmos_cli import documents, writers
 from kosmos_cli.cli import app
 from pdf_helpers import make_image_pdf
 from test_cli import FAST, KOSMOS, PAGE_COMMENT, ROOT, _no_temp_files, _state, jsonl, kosmos, needs_script
-from test_cli import k2, k25  # noqa: F401  (the checkpoints, as fixtures)
 
 
 def _png(path: Path, size=(64, 48)) -> Path:
@@ -441,17 +440,17 @@ def test_two_ctrl_c_end_cleanly_and_the_run_resumes(k25, tmp_path):
 
 def test_a_ctrl_c_swallowed_by_library_code_still_stops_the_run(k25, tmp_path, monkeypatch):
     """torch's optional NumPy import catches a KeyboardInterrupt raised inside it; the run must stop anyway."""
-    from kosmos_cli import cli, engine
+    from kosmos_cli import engine, interrupt
 
-    monkeypatch.setattr(cli, "_interrupted", threading.Event())
+    monkeypatch.setattr(interrupt, "_pressed", threading.Event())
     real = engine.load
 
     def load_swallowing_ctrl_c(*args, **kwargs):
         try:
-            cli._on_ctrl_c(signal.SIGINT, None)
+            interrupt._on_ctrl_c(signal.SIGINT, None)
         except KeyboardInterrupt:
             pass
-        cli._on_ctrl_c(signal.SIGINT, None)  # a second press: ignored
+        interrupt._on_ctrl_c(signal.SIGINT, None)  # a second press: ignored
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine, "load", load_swallowing_ctrl_c)
@@ -485,3 +484,17 @@ def test_a_failed_page_is_a_placeholder_and_a_rerun_redoes_it(k25, tmp_path, mon
     assert "error" not in md and [f"<!-- page {n} -->" in md for n in (1, 2, 3)] == [True] * 3
     _no_temp_files(out)
 
+
+
+def test_a_corrupt_page_state_is_reported_and_the_page_redone(k25, tmp_path):
+    pdf = make_image_pdf(tmp_path / "doc.pdf", 2)
+    out = tmp_path / "out"
+    assert kosmos("md", pdf, "-o", out, "--model", k25, *FAST).exit_code == 0
+    expected = (out / "doc.md").read_text()
+    _state(out, "md", "doc", 2).write_text('{"source": "doc.pdf", "pa')  # torn by hand
+    result = kosmos("md", pdf, "-o", out, "--model", k25, *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert "kosmos: note: " in result.stderr and "0002.json" in result.stderr, result.stderr
+    assert "1 page in" in result.stderr and "1 already done" in result.stderr
+    assert (out / "doc.md").read_text() == expected
+    assert json.loads(_state(out, "md", "doc", 2).read_text())["page"] == 2

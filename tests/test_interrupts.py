@@ -3,7 +3,6 @@ the outputs equal those of a run never stopped, with no page lost, duplicated or
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import signal

@@ -324,6 +324,8 @@ def _load_engine(task, model_name: str, opts: Options):
         raise _Fatal(f"cannot load model {model_name}: {err}", 1) from err
     if engine.kind != task.model_kind:
         raise _Fatal(f"`kosmos {task.name}` needs a {task.model_kind} model, but {model_name} is {engine.kind}", 2)
+    if not opts.quiet:
+        _report(f"running {engine}")
     return engine
 
 

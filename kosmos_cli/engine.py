@@ -13,7 +13,7 @@ from PIL import Image
 from .models import kosmos2, kosmos2_5
 from .models.config import Kosmos25Config, read_config
 from .models.generation import CompiledStep, DecodeSettings, Prompt, Request, generate
-from .models.layers import attention_choice
+from .models.layers import attention_choice, cuda_capability
 from .models.loading import ModelLoadError, load_weights, resolve_model_dir
 from .processing.images import clip_pixels, kosmos2_5_patches, read_image_processor_config
 from .processing.kosmos2 import Kosmos2Tokenizer
@@ -57,11 +57,15 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """auto: bf16 on CUDA (what the models were run in), fp32 on CPU (bf16 matmuls are slow there)."""
+    """auto: bf16 on Ampere and newer GPUs (what the models are run in), fp16 on older ones (no bf16
+    in their tensor cores, Triton or fused SDPA kernels: bf16 would run the vision encoder's attention
+    through SDPA's math kernel and fail to compile), fp32 on the CPU (bf16 matmuls are slow there)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if cuda_capability(device) >= (8, 0) else torch.float16
     try:
         return DTYPES[dtype]
     except KeyError:
@@ -76,12 +80,13 @@ class Engine:
 
     def __init__(self, name: str, model_dir: Path, device: torch.device, dtype: torch.dtype, compile: bool = False):
         self.name, self.device, self.dtype = name, device, dtype
+        self.config = config = read_config(model_dir)
         # The decode step, compiled once per engine (see CompiledStep), or None for plain eager. A
         # compiled engine keeps its KV cache between calls: the graphs are tied to its addresses.
-        self.step = CompiledStep(device) if compile else None
+        head_dim = config.text.embed_dim // config.text.attention_heads
+        self.step = CompiledStep(device, head_dim) if compile else None
         self.kept_cache = None
         self.streaming = False  # one stream at a time: a compiled engine's streams share kept_cache
-        self.config = config = read_config(model_dir)
         self.image_config = read_image_processor_config(model_dir)
         if isinstance(config, Kosmos25Config):
             arch, self.tokenizer = kosmos2_5, Kosmos25Tokenizer.from_dir(model_dir)
@@ -102,6 +107,20 @@ class Engine:
                      dtype=dtype, device=device, ignore=ignore)
         self.model = model.eval()
         self.eos_ids = _eos_ids(model_dir, config.text.eos_token_id)
+
+    def __str__(self) -> str:
+        """What runs where, for the log: model, device (GPU name and capability), dtype, decode step."""
+        where = str(self.device)
+        if self.device.type == "cuda":
+            major, minor = cuda_capability(self.device)
+            where += f" ({torch.cuda.get_device_name(self.device)}, sm_{major}{minor})"
+        if self.step is None:
+            step = "eager decode step"
+        elif self.step.broken:
+            step = "eager decode step (compiling failed)"
+        else:
+            step = f"compiled decode step, {'FlexAttention' if self.step.flex else 'SDPA'}"
+        return f"{self.name} on {where} in {str(self.dtype).removeprefix('torch.')}, {step}"
 
     def prepare(self, image: Image.Image) -> Prepared:
         """Preprocess one image on the CPU (thread-safe: run it in background threads to overlap
@@ -267,6 +286,11 @@ def _eos_ids(model_dir: Path, configured: int | list[int]) -> list[int]:
     return ids
 
 
+def compiles_by_default(device: torch.device) -> bool:
+    """On CUDA GPUs that Triton supports (Volta and newer); not on the CPU (see `load`)."""
+    return device.type == "cuda" and cuda_capability(device) >= (7, 0)
+
+
 def load(
     model: str = "microsoft/kosmos-2.5",
     device: str | torch.device = "auto",
@@ -276,10 +300,10 @@ def load(
     """Load a Kosmos-2.5 or Kosmos-2 checkpoint from a local directory or a Hugging Face repo id.
 
     compile: run the decode step through torch.compile (CUDA graphs on a GPU). "auto" compiles on
-    CUDA, where it removes per-token launch overhead, and not on the CPU, where compiling takes
-    about a minute before it pays off."""
+    CUDA GPUs that Triton supports, where it removes per-token launch overhead, and not on the CPU,
+    where compiling takes about a minute before it pays off."""
     attention_choice()  # a bad KOSMOS_ATTENTION fails here, not in the middle of a run
     device = pick_device(device)
     if compile == "auto":
-        compile = device.type == "cuda"
+        compile = compiles_by_default(device)
     return Engine(str(model), resolve_model_dir(model), device, pick_dtype(dtype, device), bool(compile))

@@ -546,6 +546,7 @@ def test_unexpected_error_is_one_line_unless_debug(k25, png, monkeypatch):
     result = kosmos("md", png, "--model", k25, *FAST)
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines() == [
+        f"kosmos: running {k25} on cpu in float32, eager decode step",
         "kosmos: error: ZeroDivisionError: boom (run with --debug for the traceback)"]
     result = CliRunner().invoke(app, ["md", str(png), "--model", k25, "--debug", *FAST])
     assert isinstance(result.exception, ZeroDivisionError)  # --debug lets the traceback through

@@ -193,7 +193,7 @@ def test_compiled_decode_step_gives_identical_results(kosmos25_sharded, alone, a
 
 
 def test_a_failing_compile_falls_back_to_eager(engine, alone, monkeypatch):
-    step = generation.CompiledStep(torch.device("cpu"))
+    step = generation.CompiledStep(torch.device("cpu"), 96)
 
     def broken(*args, **kwargs):
         raise torch._inductor.exc.InvalidCxxCompiler()
@@ -210,9 +210,9 @@ def test_the_cuda_compile_silences_the_graph_count_warning(monkeypatch):
     a CPU compile leaves the setting alone (compiling is lazy: nothing runs here)."""
     triton = torch._inductor.config.triton
     monkeypatch.setattr(triton, "cudagraph_dynamic_shape_warn_limit", 8)
-    generation.CompiledStep(torch.device("cpu"))
+    generation.CompiledStep(torch.device("cpu"), 96)
     assert triton.cudagraph_dynamic_shape_warn_limit == 8
-    generation.CompiledStep(torch.device("cuda"))
+    generation.CompiledStep(torch.device("cuda"), 96)
     assert triton.cudagraph_dynamic_shape_warn_limit is None
 
 
@@ -286,7 +286,7 @@ def test_flex_block_mask_attends_like_the_length_mask(span):
     ("auto", "cpu", True), ("auto", "cuda", False), ("flex", "cuda", True), ("sdpa", "cpu", False)])
 def test_flex_decoding_where_measured_faster_or_asked_for(choice, device, flex, monkeypatch):
     monkeypatch.setenv("KOSMOS_ATTENTION", choice)
-    assert flex_decoding(torch.device(device)) == flex
+    assert flex_decoding(torch.device(device), 96) == flex
 
 
 def test_an_unknown_attention_choice_fails_at_load(kosmos25_sharded, monkeypatch):

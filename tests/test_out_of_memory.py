@@ -149,7 +149,7 @@ def test_out_of_memory_releases_the_kept_cache(engine, monkeypatch):
 
 def test_out_of_memory_in_the_compiled_step_keeps_compiling(engine):
     """Only a compiler failure turns compiling off; running out of memory is the caller's to handle."""
-    step = generation.CompiledStep(torch.device("cpu"))
+    step = generation.CompiledStep(torch.device("cpu"), 96)
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")

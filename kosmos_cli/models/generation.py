@@ -278,23 +278,27 @@ def decode_step(decoder, cache, hidden, tokens, lengths, minimums, limits, done,
 
 class CompiledStep:
     """decode_step through torch.compile (on CUDA with mode="reduce-overhead": CUDA graphs, one per
-    (slots, span bucket) shape), attending with FlexAttention where `flex_decoding` says so. If
-    compiling fails (no compiler, an unsupported setup), it warns once and runs the plain function
-    (SDPA) from then on."""
+    (rows, span bucket) shape), attending with FlexAttention where `flex_decoding` says so. Where
+    torch cannot compile (no compiler, an unsupported Python or GPU), it warns once and runs the
+    plain function (SDPA) from then on."""
 
-    def __init__(self, device: torch.device):
-        self.flex = flex_decoding(device)
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        if mode is not None:
-            # One graph per (rows, span bucket) is the plan (CUDA_SCHEDULE): ~20 span buckets up to a
-            # 3,072-token page's full length, a few row counts as the last pages drain. torch warns
-            # past 8 graphs, advising what the schedule already does; every user would see it.
-            triton = torch._inductor.config.triton
-            if hasattr(triton, "cudagraph_dynamic_shape_warn_limit"):
-                triton.cudagraph_dynamic_shape_warn_limit = None
-        self.compiled = torch.compile(decode_step, dynamic=True, mode=mode)
-        self.compiler_errors = _compiler_errors()
+    def __init__(self, device: torch.device, head_dim: int):
+        self.flex = flex_decoding(device, head_dim)
         self.broken = False
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        try:
+            if mode is not None:
+                # One graph per (rows, span bucket) is the plan (CUDA_SCHEDULE): ~20 span buckets up to a
+                # 3,072-token page's full length, a few row counts as the last pages drain. torch warns
+                # past 8 graphs, advising what the schedule already does; every user would see it.
+                triton = torch._inductor.config.triton
+                if hasattr(triton, "cudagraph_dynamic_shape_warn_limit"):
+                    triton.cudagraph_dynamic_shape_warn_limit = None
+            self.compiler_errors = _compiler_errors()
+            self.compiled = torch.compile(decode_step, dynamic=True, mode=mode)
+        except Exception as err:  # e.g. "Dynamo is not supported on Python 3.13+" (torch <= 2.5)
+            warnings.warn(f"torch.compile is not available here, decoding without it: {err}")
+            self.broken = True
 
     def __call__(self, *args):
         if not self.broken:

@@ -53,9 +53,12 @@ class VisionEncoder(nn.Module):
         self.layernorm = RMSNorm(cfg.hidden_size, cfg.layer_norm_eps)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        """patches (B, P, 2 + 768): 1-based row id, column id, pixels; all-zero rows are padding."""
+        """patches (B, P, 2 + 768) float32: 1-based row id, column id, pixels; all-zero rows are
+        padding. The ids are read before the pixels are cast to the model's dtype: bf16 holds
+        integers exactly only up to 256, and a tall page has more patch rows than that."""
         rows, cols = patches[..., 0].long(), patches[..., 1].long()
-        x = self.patch_projection(patches[..., 2:]) + self.row_embedder(rows) + self.column_embedder(cols)
+        pixels = patches[..., 2:].to(self.patch_projection.weight.dtype)
+        x = self.patch_projection(pixels) + self.row_embedder(rows) + self.column_embedder(cols)
         # Padding patches are hidden as keys only; as queries they still produce (unused) outputs,
         # which the resampler then reads, exactly as the model was trained.
         key_mask = (patches.sum(-1) != 0)[:, None, None, :]
@@ -77,7 +80,7 @@ class Kosmos25(nn.Module):
 
     def encode_images(self, patches: torch.Tensor) -> torch.Tensor:
         """patches (B, P, 770) -> image embeddings (B, Q, D) for the decoder."""
-        features = self.vision(patches.to(self.resampler.dense.weight.dtype))
+        features = self.vision(patches.float())
         return self.resampler(F.normalize(features, dim=-1))
 
 

@@ -3,6 +3,7 @@ the KV cache and the text decoder (both models use the same fairseq-style decode
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -12,10 +13,12 @@ from torch import nn
 
 # --------------------------------------------------------------------------------------------
 # Attention backend, chosen with KOSMOS_ATTENTION:
-#   auto (default): flash-attn for unmasked attention on CUDA when it is importable, SDPA otherwise,
-#         and FlexAttention for the compiled decode step on the CPU (measured faster there);
+#   auto (default): flash-attn for unmasked attention on CUDA GPUs that it supports (Ampere and
+#         newer) when it is importable, SDPA otherwise, and FlexAttention for the compiled decode
+#         step on the CPU (measured faster there) where this torch supports it;
 #   sdpa: SDPA everywhere;
-#   flex: as auto, and FlexAttention for the compiled decode step on CUDA too.
+#   flex: as auto, and FlexAttention for the compiled decode step on CUDA too (an error where this
+#         torch or the model's shapes do not allow it).
 # FlexAttention reads only the cache blocks each slot has filled; SDPA reads every slot up to the
 # longest one's span. Which is faster on a GPU is not measured yet, so auto keeps SDPA there.
 # --------------------------------------------------------------------------------------------
@@ -31,25 +34,57 @@ except ImportError:  # pragma: no cover - torch < 2.5
     BlockMask = flex_attention = None
 
 ATTENTION_CHOICES = ("auto", "sdpa", "flex")
+# The oldest torch whose FlexAttention decodes our shapes: before it, BlockMask.from_kv_blocks has no
+# seq_lengths (2.5), head dim 96 is refused (2.6) and the decoding kernel fails on head dims that are
+# not powers of two (until about 2.10).
+FLEX_DECODING_TORCH = (2, 10)
+FLEX_MIN_HEAD_DIM_CUDA = 16  # Triton's FlexAttention kernels
 
 
 def attention_choice() -> str:
     choice = os.environ.get("KOSMOS_ATTENTION", "auto")
     if choice not in ATTENTION_CHOICES:
         raise ValueError(f"KOSMOS_ATTENTION={choice!r}: use one of {', '.join(ATTENTION_CHOICES)}")
-    if choice == "flex" and flex_attention is None:
-        raise ValueError("KOSMOS_ATTENTION=flex needs torch >= 2.5 (FlexAttention)")
     return choice
 
 
-def flex_decoding(device: torch.device) -> bool:
-    """Whether the compiled decode step should attend with FlexAttention on this device."""
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def flex_unsupported(device: torch.device, head_dim: int) -> str | None:
+    """Why FlexAttention cannot run the decode step here, or None when it can."""
+    if flex_attention is None or torch_version() < FLEX_DECODING_TORCH:
+        return (f"FlexAttention decoding needs torch >= {'.'.join(map(str, FLEX_DECODING_TORCH))} "
+                f"(this is {torch.__version__})")
+    if device.type == "cuda" and head_dim < FLEX_MIN_HEAD_DIM_CUDA:
+        return f"FlexAttention on CUDA needs a head dim of at least {FLEX_MIN_HEAD_DIM_CUDA}, the model's is {head_dim}"
+    return None
+
+
+def flex_decoding(device: torch.device, head_dim: int) -> bool:
+    """Whether the compiled decode step attends with FlexAttention (ValueError when asked for and
+    not possible here)."""
     choice = attention_choice()
-    return flex_attention is not None and (choice == "flex" or (choice == "auto" and device.type == "cpu"))
+    if choice == "sdpa":
+        return False
+    reason = flex_unsupported(device, head_dim)
+    if choice == "flex" and reason is not None:
+        raise ValueError(f"KOSMOS_ATTENTION=flex: {reason}")
+    return reason is None and (choice == "flex" or device.type == "cpu")
 
 
-def flash_available() -> bool:
-    return _flash_attn_func is not None and attention_choice() != "sdpa"
+@functools.lru_cache(maxsize=None)
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """The GPU's compute capability, (8, 0) for an A100; asked once per device."""
+    return torch.cuda.get_device_capability(device)
+
+
+def flash_available(device: torch.device) -> bool:
+    """flash-attn is installed, not switched off, and supports this GPU (Ampere and newer)."""
+    return (_flash_attn_func is not None and attention_choice() != "sdpa" and device.type == "cuda"
+            and cuda_capability(device) >= (8, 0))
 
 
 def attention(
@@ -62,7 +97,7 @@ def attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """q: (B, H, Tq, D), k/v: (B, H, Tk, D), mask: bool (B, 1, Tq|1, Tk), True = attend. -> (B, H, Tq, D)."""
-    if mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_available():
+    if mask is None and q.dtype in (torch.float16, torch.bfloat16) and flash_available(q.device):
         # flash-attn wants (B, T, H, D).
         out = _flash_attn_func(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, softmax_scale=scale

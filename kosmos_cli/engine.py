@@ -12,7 +12,7 @@ from PIL import Image
 
 from .models import kosmos2, kosmos2_5
 from .models.config import Kosmos25Config, read_config
-from .models.generation import CompiledStep, DecodeSettings, Prompt, Request, generate
+from .models.generation import CompiledStep, DecodeSettings, LoopCheck, Prompt, Request, generate
 from .models.layers import attention_choice, cuda_capability
 from .models.loading import ModelLoadError, load_weights, resolve_model_dir
 from .processing.images import clip_pixels, kosmos2_5_patches, read_image_processor_config
@@ -154,12 +154,12 @@ class Engine:
         max_new_tokens: int | Sequence[int] = 1024,
         min_new_tokens: int | Sequence[int] = 0,
         no_repeat_ngram_size: int | None = None,
-        loop_check: Callable[[list[int]], int | None] | None = None,
+        loop_check: LoopCheck | None = None,
         batch_size: int | None = None,
     ) -> list[Output]:
         """Like generate(), with decoded text, stop reasons and model-space sizes, in input order.
-        `loop_check` (new ids -> how many to keep, or None) ends rows that have fallen into a loop;
-        `batch_size` caps the slots decoded together (default: all images at once)."""
+        `loop_check` ends rows that have fallen into a loop (see LoopCheck); `batch_size` caps the
+        slots decoded together (default: all images at once)."""
         images = list(images)
         prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         limits = [max_new_tokens] * len(images) if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -181,7 +181,7 @@ class Engine:
         max_prompt_tokens: int | None = None,
         max_new_tokens: int | None = None,
         no_repeat_ngram_size: int | None = None,
-        loop_check: Callable[[list[int]], int | None] | None = None,
+        loop_check: LoopCheck | None = None,
     ) -> Iterator[tuple[Any, Output]]:
         """Continuous batching: yield (key, Output) as pages finish, for jobs (key, prepared image,
         prompt text, max new tokens[, min new tokens]) that may arrive lazily.

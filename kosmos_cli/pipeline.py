@@ -17,7 +17,8 @@ import torch
 from .documents import ErrorJob, PageJob
 from .engine import Engine, Output, Prepared
 from .tasks import grounding, markdown, ocr
-from .tasks.repetition import find_loop
+from .models.generation import LoopCheck
+from .tasks.repetition import WINDOW, find_loop, may_loop
 from .writers import PageResult
 
 
@@ -43,10 +44,13 @@ TASKS = {
 }
 
 
-def loop_guard(ids: list[int]) -> int | None:
+def _keep_before_loop(ids: list[int]) -> int | None:
     """How many ids to keep when the generation has fallen into an exact loop, else None."""
     loop = find_loop(ids)
     return None if loop is None else loop.keep
+
+
+LOOP_GUARD = LoopCheck(_keep_before_loop, WINDOW, may_loop)
 
 
 OUT_OF_MEMORY = "out of GPU memory on a single page: lower --max-new-tokens or --dpi, or use --device cpu"
@@ -96,7 +100,7 @@ def transcribe(
     while True:
         try:
             for key, out in engine.stream(jobs(), slots=slots, max_prompt_tokens=prompt_tokens,
-                                          max_new_tokens=limit, loop_check=loop_guard):
+                                          max_new_tokens=limit, loop_check=LOOP_GUARD):
                 page, _ = in_flight.pop(key)
                 results[key] = _result(engine, task, page, out, prompt)
                 if on_page is not None:

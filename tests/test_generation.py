@@ -1,5 +1,7 @@
 """Continuous batching, per-page budgets, the n-gram ban, the loop guard, and the pipeline on top."""
 
+import random
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from kosmos_cli.models import generation
 from kosmos_cli.models.generation import ban_repeated_ngrams
 from kosmos_cli.models.layers import DecodeStep, flex_decoding
 from kosmos_cli.processing.kosmos2_5 import chat_prompt
+from kosmos_cli.tasks.repetition import WINDOW, find_loop, may_loop
 from tests.test_kosmos2_5 import noise_image
 
 
@@ -70,20 +73,51 @@ def test_stream_rejects_budgets_beyond_the_cache(engine):
 
 
 @pytest.mark.parametrize("schedule", [generation.CPU_SCHEDULE, generation.CUDA_SCHEDULE])
-def test_loop_check_stops_a_row_and_keeps_the_prefix(engine, monkeypatch, schedule):
+@pytest.mark.parametrize("screen", [None, "all", "none"])
+def test_loop_check_stops_a_row_and_keeps_the_prefix(engine, monkeypatch, schedule, screen):
+    """The check sees at most `window` trailing ids, and the whole row once it fires; on the GPU's
+    schedule a device screen (`may_loop`) decides which rows reach it."""
     monkeypatch.setattr(generation, "LOOP_CHECK_EVERY", 4)
     monkeypatch.setattr(generation, "schedule_for", lambda device: schedule)
     calls = []
 
-    def check(ids):
+    def keep(ids):
         calls.append(len(ids))
-        return 3 if len(ids) >= 8 else None
+        return 3 if len(ids) >= 6 else None
 
+    may_loop = {None: None, "all": lambda tails: torch.ones(len(tails), dtype=torch.bool),
+                "none": lambda tails: torch.zeros(len(tails), dtype=torch.bool)}[screen]
+    check = generation.LoopCheck(keep, window=6, may_loop=may_loop)
     out = engine.run([IMAGES[0], IMAGES[1]], "<ocr>", [60, 2], loop_check=check)
     full = engine.run([IMAGES[0]], "<ocr>", 60)[0]
+    if screen == "none" and schedule.loop_prefilter:  # screened out: the check never runs
+        assert out[0].ids == full.ids and not calls
+        return
     assert out[0].stop == "loop" and out[0].ids == full.ids[:3]
     assert out[1].stop in ("eos", "length")
-    assert calls
+    assert max(calls[:-1]) <= 6 and calls[-1] >= 8  # tails only, then the whole row
+
+
+def test_the_device_screen_never_misses_a_loop():
+    """may_loop is a necessary condition of find_loop: rows it rejects have no loop (checked on
+    random rows, a third ending in an exact loop, a third in short-period runs)."""
+    rng = random.Random(1)
+    rows, expected = [], []
+    for k in range(300):
+        n = rng.randrange(256, WINDOW + 1)
+        ids = [rng.randrange(5, 30) for _ in range(n)]
+        if k % 3 == 0:
+            period, repeats = rng.randrange(1, 201), rng.randrange(2, 6)
+            unit = [rng.randrange(5, 30) for _ in range(period)]
+            ids = ids[: max(0, n - period * repeats)] + unit * repeats
+        elif k % 3 == 1:
+            unit = [rng.randrange(5, 8) for _ in range(rng.randrange(1, 50))]
+            ids = ids[:-300] + (unit * 300)[:300]
+        rows.append([0] * (WINDOW - len(ids)) + ids[-WINDOW:])
+        expected.append(find_loop(ids[-WINDOW:]) is not None)
+    screened = may_loop(torch.tensor(rows)).tolist()
+    assert sum(expected) > 50 and all(s for s, e in zip(screened, expected) if e)
+    assert sum(screened) < len(rows)  # and it does screen rows out
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])

@@ -31,15 +31,19 @@ class Schedule:
     span_bucket: decode attention reads the cache prefix [0, span) rounded up to this; masked keys
     weigh exactly 0, so the bucket changes no result, and the step keeps one shape for many steps.
     pow2_rows: the step covers the occupied slots rounded up to a power of two, not their exact
-    count. Coarse buckets and power-of-two rows keep the number of recorded CUDA graphs small."""
+    count. Coarse buckets and power-of-two rows keep the number of recorded CUDA graphs small.
+    loop_prefilter: the loop check first screens every row on the device, so that only rows that
+    may loop are copied to the host and scanned there (the GPU waits for that scan)."""
 
     sync_every: int
     span_bucket: int
     pow2_rows: bool
+    loop_prefilter: bool  # screen rows for loops on the device (LoopCheck.may_loop) before the host check
 
 
-CPU_SCHEDULE = Schedule(sync_every=1, span_bucket=64, pow2_rows=False)  # a CPU check costs nothing
-CUDA_SCHEDULE = Schedule(sync_every=8, span_bucket=256, pow2_rows=True)
+# A CPU check costs nothing; screening rows for loops costs the CPU more than the host check saves.
+CPU_SCHEDULE = Schedule(sync_every=1, span_bucket=64, pow2_rows=False, loop_prefilter=False)
+CUDA_SCHEDULE = Schedule(sync_every=8, span_bucket=256, pow2_rows=True, loop_prefilter=True)
 
 
 def schedule_for(device: torch.device) -> Schedule:
@@ -74,12 +78,26 @@ class Generated:
     stop: str
 
 
+@dataclass(frozen=True)
+class LoopCheck:
+    """Ends rows that have fallen into a loop, every LOOP_CHECK_EVERY steps.
+
+    keep(new ids) -> how many of them to keep, or None (no loop). window: how many trailing ids keep
+    needs to see a loop (None: all); it gets the whole row once it finds one, to say where the loop
+    starts. may_loop(tails (A, window) on the device) -> (A,) bool: a cheap necessary condition, so
+    that keep runs on the host only for rows that may loop (see Schedule.loop_prefilter)."""
+
+    keep: Callable[[list[int]], int | None]
+    window: int | None = None
+    may_loop: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
 @dataclass
 class DecodeSettings:
     eos_ids: tuple[int, ...] = (2,)
     pad_id: int = 1
     no_repeat_ngram_size: int = 0
-    loop_check: Callable[[list[int]], int | None] | None = None  # new ids -> how many to keep, or None
+    loop_check: LoopCheck | None = None
 
 
 def generate(
@@ -102,17 +120,18 @@ def generate(
     step function (decode_step, or a compiled version of it). cache(slots, capacity): the KV cache
     to use (default: a new one)."""
     cache = cache or (lambda n, c: decoder.new_cache(n, c, dtype=dtype, device=device))
-    with torch.inference_mode():
-        batch = _Batch(encode_images, decoder, slots, capacity, settings, dtype, device, step or decode_step, cache)
-        yield from batch.run(iter(requests))
+    batch = _Batch(encode_images, decoder, slots, capacity, settings, dtype, device, step or decode_step, cache)
+    yield from batch.run(iter(requests))
 
 
 class _Batch:
-    """The state of a continuous batch. Device tensors: tokens (S, C) every slot's sequence,
+    """The state of a continuous batch (its tensors are inference tensors: each method that touches
+    them runs in inference mode, none across a yield to the caller). Device tensors: tokens (S, C) every slot's sequence,
     lengths (S,), limits and minimums (S,) as lengths, done (S,), hidden (S, D) the last hidden state.
     The host mirrors lengths exactly (every assigned slot advances by one per step) so that it
     never has to read them back."""
 
+    @torch.inference_mode()
     def __init__(self, encode_images, decoder, slots, capacity, settings, dtype, device, step, cache):
         self.encode_images, self.decoder, self.settings, self.decode_step = encode_images, decoder, settings, step
         self.slots, self.device = slots, device
@@ -150,6 +169,7 @@ class _Batch:
                     self._check_loops()
             yield from self._collect()
 
+    @torch.inference_mode()
     def _admit(self, requests: Iterator[Request]) -> bool:
         """Fill free slots with waiting requests (encode + prefill). Returns True when none are left."""
         free = [s for s, owner in enumerate(self.owner) if owner is None]
@@ -195,6 +215,7 @@ class _Batch:
             self.lengths_host[row] = n
         return exhausted
 
+    @torch.inference_mode()
     def _step(self) -> None:
         """One decode step for the first k slots (all occupied ones): newcomers take the lowest
         free slots, so k shrinks as the last pages drain (see Schedule.pow2_rows). The math runs in
@@ -220,24 +241,44 @@ class _Batch:
             k = 1 << (k - 1).bit_length()
         return min(self.slots, k)
 
+    @torch.inference_mode()
     def _check_loops(self) -> None:
-        """Run the loop check on every unfinished slot; stop looping ones. One device-to-host copy."""
+        """Run the loop check on every unfinished slot; stop looping ones. One device-to-host copy
+        of the last `window` new ids of each such slot (or only of those that may loop, when the
+        schedule screens them on the device first), and of the whole row of a slot that loops."""
+        check = self.settings.loop_check
         active = [s for s, done in enumerate(self.done.tolist()) if not done and self.owner[s] is not None]
         if not active:
             return
-        host = self.tokens[:, : max(self.lengths_host) + 1].tolist()
-        for s in active:
-            start = len(self.owner[s].prompt.ids)
-            keep = self.settings.loop_check(host[s][start : self.lengths_host[s]])
+        starts = [len(self.owner[s].prompt.ids) for s in active]
+        ends = [self.lengths_host[s] for s in active]
+        width = check.window or max(end - start for start, end in zip(starts, ends))
+        if width <= 0:
+            return
+        # (active, width) ids ending at each slot's length; those of its prompt are cut off below.
+        ends_t = torch.tensor(ends, device=self.device)
+        columns = (ends_t[:, None] - width + torch.arange(width, device=self.device)).clamp_min(0)
+        tails = self.tokens[torch.tensor(active, device=self.device)[:, None], columns]
+        if self.schedule.loop_prefilter and check.may_loop is not None:
+            screened = check.may_loop(tails).nonzero().flatten().tolist()
+            active, starts, ends = ([values[i] for i in screened] for values in (active, starts, ends))
+            tails = tails[screened]
+        for s, start, end, tail in zip(active, starts, ends, tails.tolist()):
+            new = tail[width - min(width, end - start):]
+            keep = check.keep(new)
+            if keep is not None and len(new) < end - start:  # the loop may begin before the tail
+                keep = check.keep(self.tokens[s, start:end].tolist())
             if keep is not None:
                 self.looped[s] = keep
                 self.done[s] = True
 
-    def _collect(self) -> Iterator[tuple[Any, Generated]]:
+    @torch.inference_mode()
+    def _collect(self) -> list[tuple[Any, Generated]]:
         """Hand finished sequences back and free their slots."""
         finished = [s for s, done in enumerate(self.done.tolist()) if done and self.owner[s] is not None]
         if not finished:
-            return
+            return []
+        collected = []
         host = self.tokens[finished].tolist()
         for s, row in zip(finished, host):
             request = self.owner[s]
@@ -250,10 +291,11 @@ class _Batch:
                 result = Generated(new[:stop], "eos") if stop is not None else Generated(new, "length")
             self.owner[s] = None
             self.lengths_host[s] = 0
-            yield request.key, result
+            collected.append((request.key, result))
         free = torch.tensor(finished, device=self.device)
         self.advance[free] = 0
         self.lengths[free] = 0
+        return collected
 
 
 def decode_step(decoder, cache, hidden, tokens, lengths, minimums, limits, done, eos, pad_id: int, ngram: int, span: int,

@@ -22,9 +22,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 MAX_PERIOD = 200
 MIN_REPEATS = 4
 MIN_TOKENS = 256
+WINDOW = max(MIN_TOKENS, MIN_REPEATS * MAX_PERIOD)  # trailing ids the default check looks at
 
 
 @dataclass(frozen=True)
@@ -100,3 +103,16 @@ def is_looping(
     """True when the tail of ``token_ids`` repeats exactly (period <= max_period, >= min_repeats
     times, >= min_tokens tokens). O(tail) per call; safe to call every few decode steps."""
     return find_loop(token_ids, max_period=max_period, min_repeats=min_repeats, min_tokens=min_tokens) is not None
+
+
+def may_loop(tails: torch.Tensor, *, max_period: int = MAX_PERIOD, min_tokens: int = MIN_TOKENS) -> torch.Tensor:
+    """tails (A, W) token ids, each row's last W new ids (W >= min_tokens; rows with fewer new ids
+    hold other ids before them) -> (A,) bool, on the tails' device with no host sync: False where
+    `find_loop` cannot find a loop. A loop of period p spans at least min_tokens ids, so the last
+    min_tokens ids must already repeat with period p: checked for every p at once."""
+    last = tails[:, -min_tokens:]  # (A, L)
+    i = torch.arange(min_tokens, device=tails.device)
+    p = torch.arange(1, min(max_period, min_tokens - 1) + 1, device=tails.device)[:, None]  # (P, 1)
+    earlier = last[:, (i - p).clamp_min(0)]  # (A, P, L): the id p positions before each
+    repeats = (earlier == last[:, None, :]) | (i < p)  # positions with nothing p before them pass
+    return repeats.all(-1).any(-1)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from .models import kosmos2, kosmos2_5
 from .models.config import Kosmos25Config, read_config
-from .models.generation import CompiledStep, DecodeSettings, LoopCheck, Prompt, Request, generate
+from .models.generation import ADMIT_CHUNK, CompiledStep, DecodeSettings, LoopCheck, Prompt, Request, generate
 from .models.layers import attention_choice, cuda_capability
 from .models.loading import ModelLoadError, load_weights, resolve_model_dir
 from .processing.images import clip_pixels, kosmos2_5_patches, read_image_processor_config
@@ -142,8 +142,9 @@ class Engine:
         """Greedy new token ids per image (EOS excluded). `prompts`: one task text for all images or
         one per image (e.g. "<ocr>", "<md>", "<grounding> An image of"); `max_new_tokens` and
         `min_new_tokens` (EOS forbidden before it) likewise.
-        Batching never changes the result. no_repeat_ngram_size: None = the model's default (3 for
-        Kosmos-2, as its demo; 0 for Kosmos-2.5)."""
+        Batching does not change the result in fp32 (a row's math never reads another row); in
+        bf16/fp16 on a GPU, kernels picked by batch shape may round differently and flip a near-tie.
+        no_repeat_ngram_size: None = the model's default (3 for Kosmos-2, as its demo; 0 for Kosmos-2.5)."""
         outputs = self.run(images, prompts, max_new_tokens, min_new_tokens, no_repeat_ngram_size)
         return [out.ids for out in outputs]
 
@@ -159,7 +160,8 @@ class Engine:
     ) -> list[Output]:
         """Like generate(), with decoded text, stop reasons and model-space sizes, in input order.
         `loop_check` ends rows that have fallen into a loop (see LoopCheck); `batch_size` caps the
-        slots decoded together (default: all images at once)."""
+        slots decoded together (default: as many as fit, see auto_batch_size; halved on running out
+        of memory, down to one image at a time)."""
         images = list(images)
         prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         limits = [max_new_tokens] * len(images) if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -169,8 +171,21 @@ class Engine:
         if not images:
             return []
         jobs = [(i, self.prepare(im), p, n, m) for i, (im, p, n, m) in enumerate(zip(images, prompts, limits, minimums))]
-        results = dict(self.stream(jobs, slots=batch_size or len(images),
-                                   no_repeat_ngram_size=no_repeat_ngram_size, loop_check=loop_check))
+        if batch_size is None:
+            longest = max(prompts, key=self.prompt_length)
+            batch_size = min(len(images), self.auto_batch_size(longest, max(limits)))
+        results: dict[int, Output] = {}
+        while True:  # out of memory: release it, halve the slots, redo the unfinished images
+            try:
+                for key, out in self.stream([job for job in jobs if job[0] not in results], slots=batch_size,
+                                            no_repeat_ngram_size=no_repeat_ngram_size, loop_check=loop_check):
+                    results[key] = out
+                break
+            except torch.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+            self.release_memory()
+            batch_size //= 2
         return [results[i] for i in range(len(images))]
 
     def stream(
@@ -235,17 +250,33 @@ class Engine:
             yield key, Output(generated.ids, self.decode(generated.ids), generated.stop, sizes.pop(key))
 
     def auto_batch_size(self, prompt: str, max_new_tokens: int, limit: int = 64) -> int:
-        """The most slots that fit: on CUDA, free memory (after the weights) over one slot's KV cache
-        (prompt + budget) plus its logits, keeping a fixed reserve for the vision encoder and prefill
-        of newcomers; 4 on the CPU, where larger batches stop paying off. OOM still halves it."""
+        """The most slots that fit: on CUDA, free memory (after the weights), less the activations of
+        one admission (`admission_bytes`), over one slot's KV cache (prompt + budget) plus its logits;
+        4 on the CPU, where larger batches stop paying off. Out-of-memory still halves it."""
         if self.device.type != "cuda":
             return 4
         free, _ = torch.cuda.mem_get_info(self.device)
         text = self.config.text
         kv_per_token = text.layers * 2 * text.embed_dim * torch.finfo(self.dtype).bits // 8
         per_slot = kv_per_token * (self.prompt_length(prompt) + max_new_tokens) + text.vocab_size * 8
-        reserve = 4 * 2**30  # vision encoder + prefill activations for a few newcomers at once
+        reserve = self.admission_bytes(self.prompt_length(prompt))
         return max(1, min(limit, int((free - reserve) * 0.9) // per_slot))
+
+    def admission_bytes(self, prompt_tokens: int) -> int:
+        """Memory for admitting ADMIT_CHUNK newcomers at once: the vision encoder's activations per
+        image (tokens x (4 x width + 3 x MLP width): residual, norm, q/k/v/out and the MLP's
+        intermediates; attention itself is fused) plus the prompt's prefill (tokens x (4 x dim + 2 x
+        FFN)), with half again for the allocator's fragmentation and 512 MiB for kernels' workspace.
+        Kosmos-2.5 in bf16: ~150 MB per image, ~75 MB per prompt, 3.0 GiB in all."""
+        vision, text = self.config.vision, self.config.text
+        if self.kind == "kosmos-2.5":
+            image_tokens = self.max_patches
+        else:
+            image_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+        per_image = image_tokens * (4 * vision.hidden_size + 3 * vision.intermediate_size)
+        per_prompt = prompt_tokens * (4 * text.embed_dim + 2 * text.ffn_dim)
+        element = torch.finfo(self.dtype).bits // 8
+        return int(ADMIT_CHUNK * (per_image + per_prompt) * element * 1.5) + 512 * 2**20
 
     def release_memory(self) -> None:
         """Drop the kept KV cache and hand cached GPU blocks back (after running out of memory), so

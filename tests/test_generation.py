@@ -198,10 +198,63 @@ def test_auto_batch_size_fits_free_memory(engine, monkeypatch):
     monkeypatch.setattr(engine, "device", torch.device("cuda"))
     text = engine.config.text
     per_slot = text.layers * 2 * text.embed_dim * 4 * (engine.prompt_length("<ocr>") + 100) + text.vocab_size * 8
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 * 2**30 + 10 * per_slot, 80 * 2**30))
+    reserve = engine.admission_bytes(engine.prompt_length("<ocr>"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (reserve + 10 * per_slot, 80 * 2**30))
     assert engine.auto_batch_size("<ocr>", 100) == 9  # 90% of the room for 10 slots
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (reserve, 80 * 2**30))
     assert engine.auto_batch_size("<ocr>", 100) == 1
+
+
+def test_the_admission_reserve_follows_the_model(engine):
+    """The vision encoder's activations for ADMIT_CHUNK images plus their prefill: the real
+    Kosmos-2.5 in bf16 (4,096 patches of width 1,536, MLP 3,968; 2,060-token prompts) needs ~3 GiB."""
+    from kosmos_cli.models.config import Kosmos25Config
+
+    real = kosmos_cli.engine.Engine.__new__(kosmos_cli.engine.Engine)
+    real.config, real.kind, real.max_patches, real.dtype = Kosmos25Config(), "kosmos-2.5", 4096, torch.bfloat16
+    assert 2.9 * 2**30 < real.admission_bytes(2060) < 3.1 * 2**30
+    assert engine.admission_bytes(40) < real.admission_bytes(40)
+
+
+def test_newcomers_are_admitted_a_chunk_at_a_time(engine, alone, monkeypatch):
+    monkeypatch.setattr(generation, "ADMIT_CHUNK", 3)
+    sizes = []
+    real_encode = engine.model.encode_images
+    monkeypatch.setattr(engine.model, "encode_images", lambda x: sizes.append(len(x)) or real_encode(x))
+    outputs = engine.run(IMAGES, PROMPTS, LIMITS, batch_size=7)
+    assert sizes[:3] == [3, 3, 1] and max(sizes) <= 3
+    assert [(o.ids, o.stop) for o in outputs] == [(o.ids, o.stop) for o in alone]
+
+
+def test_the_library_caps_its_slots_and_backs_off_out_of_memory(engine, alone, monkeypatch):
+    """run() without batch_size decodes as many images as auto_batch_size allows (4 on the CPU), not
+    one slot per image, and halves its slots when memory runs out, like the pipeline."""
+    slots, calls = [], []
+    real_stream, real_step = engine.stream, generation.decode_step
+
+    def stream(jobs, **kwargs):
+        slots.append(kwargs["slots"])
+        return real_stream(jobs, **kwargs)
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "stream", stream)
+    monkeypatch.setattr(generation, "decode_step", step)
+    outputs = engine.run(IMAGES, PROMPTS, LIMITS)
+    assert slots == [4, 2]
+    assert [(o.ids, o.stop) for o in outputs] == [(o.ids, o.stop) for o in alone]
+
+
+def test_the_callers_code_between_results_is_not_in_inference_mode(engine):
+    jobs = [(i, engine.prepare(im), "<ocr>", 3) for i, im in enumerate(IMAGES[:3])]
+    stream = engine.stream(iter(jobs), slots=2, max_prompt_tokens=engine.prompt_length("<ocr>"), max_new_tokens=3)
+    for _ in stream:
+        assert not torch.is_inference_mode_enabled()
+        assert torch.ones(2, requires_grad=True).sum().requires_grad
 
 
 @pytest.mark.parametrize("attention, schedule", [("sdpa", generation.CPU_SCHEDULE), ("flex", generation.CPU_SCHEDULE),

@@ -19,6 +19,7 @@ from .layers import DecodeStep, KVCache, TextDecoder, flex_decoding
 
 # The loop guard copies the generated tokens to the host and scans them in Python, so it runs less often.
 LOOP_CHECK_EVERY = 32
+ADMIT_CHUNK = 8  # newcomers encoded and prefilled together (bounds their activation memory)
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,15 @@ class _Batch:
             newcomers.append(request)
         if not newcomers:
             return exhausted
-        rows = free[: len(newcomers)]
+        # A few newcomers at a time: the vision encoder's and the prefill's activations grow with
+        # their number, and the first admission fills every slot.
+        for first in range(0, len(newcomers), ADMIT_CHUNK):
+            chunk = newcomers[first : first + ADMIT_CHUNK]
+            self._prefill(free[first : first + len(chunk)], chunk)
+        return exhausted
+
+    def _prefill(self, rows: list[int], newcomers: list[Request]) -> None:
+        """Encode the newcomers' images and prefill their prompts into the given free slots."""
         lens = [len(r.prompt.ids) for r in newcomers]
         width = max(lens)
         ids = torch.full((len(rows), width), self.settings.pad_id, dtype=torch.long)
@@ -213,7 +222,6 @@ class _Batch:
         for row, r, n in zip(rows, newcomers, lens):
             self.owner[row] = r
             self.lengths_host[row] = n
-        return exhausted
 
     @torch.inference_mode()
     def _step(self) -> None:

@@ -31,6 +31,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.checkpoints
 
+from kosmos_cli.engine import pick_dtype  # noqa: E402
+
 SIZES = {
     "full": {},  # the released configuration (transformers' defaults)
     "small": dict(
@@ -84,7 +86,7 @@ def synthetic_pages(n: int, seed: int) -> list[Image.Image]:
 
 
 def timed(fn, device: str) -> float:
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
     sync()
     start = time.perf_counter()
     fn()
@@ -130,7 +132,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="full")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on Ampere and newer GPUs, float16 on older ones, "
+                        "float32 on the CPU), bfloat16/bf16, float16/fp16, float32/fp32")
     parser.add_argument("--pages", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lengths", default="50-2000", help="per-page new tokens, uniform in LO-HI (or one number)")
@@ -146,7 +149,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cuda = args.device.startswith("cuda")
-    dtype = (torch.bfloat16 if cuda else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = pick_dtype(args.dtype, torch.device(args.device))
     lo, _, hi = args.lengths.partition("-")
     rng = random.Random(1)
     lengths = [rng.randint(int(lo), int(hi or lo)) for _ in range(args.pages)]
@@ -187,10 +190,10 @@ def main() -> None:
         for system, s in systems.items():
             n, base = s["pages"], allocated(args.device)
             if cuda:
-                torch.cuda.reset_peak_memory_stats()
+                torch.cuda.reset_peak_memory_stats(args.device)
             seconds[system] = min(seconds[system], timed(lambda: s["go"](pages[:n], lengths[:n]), args.device))
             if cuda:
-                peak[system] = max(peak[system], torch.cuda.max_memory_allocated() - base + s["resident"])
+                peak[system] = max(peak[system], torch.cuda.max_memory_allocated(args.device) - base + s["resident"])
 
     rows = []
     bandwidth = peak_bandwidth(args.device)
@@ -213,7 +216,7 @@ def main() -> None:
         for base in ("hf1", "hfb"):
             if ours in by and base in by:
                 print(f"{ours} / {base}: {by[ours]['pages_per_s'] / by[base]['pages_per_s']:.2f}x pages/s")
-    meta = {"device": torch.cuda.get_device_name() if cuda else "cpu",
+    meta = {"device": torch.cuda.get_device_name(args.device) if cuda else "cpu",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "args": vars(args) | {"model_dir": str(model_dir), "json": None}}
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))

@@ -202,14 +202,14 @@ def tiny_text_config(vocab_size: int, *, tied: bool, **overrides) -> dict:
     return dict(
         vocab_size=vocab_size, embed_dim=32, layers=2, attention_heads=4, ffn_dim=64, dropout=0.0,
         attention_dropout=0.0, activation_dropout=0.0, tie_word_embeddings=tied, pad_token_id=1,
-        bos_token_id=0, eos_token_id=2, **overrides,
-    )
+        bos_token_id=0, eos_token_id=2,
+    ) | overrides
 
 
-def _tiny_config(vocab_size: int, *, tied: bool):
+def _tiny_config(vocab_size: int, *, tied: bool, text_heads: int = 4):
     from transformers import Kosmos2_5Config
 
-    text = tiny_text_config(vocab_size, tied=tied, max_position_embeddings=1024)
+    text = tiny_text_config(vocab_size, tied=tied, max_position_embeddings=1024, attention_heads=text_heads)
     vision = dict(
         hidden_size=32,
         patch_embed_hidden_size=768,  # 16*16*3: fixed by the image processor
@@ -275,6 +275,7 @@ def make_kosmos2_5_checkpoint(
     image_dependent: bool,
     processor_layout: str = "preprocessor",
     seed: int = 0,
+    text_heads: int = 4,
 ) -> Path:
     """Write a tiny random Kosmos-2.5 checkpoint in the Hub layout into `path`; return `path`.
 
@@ -295,7 +296,7 @@ def make_kosmos2_5_checkpoint(
     path.mkdir(parents=True, exist_ok=True)
 
     vocab_size = write_kosmos2_5_tokenizer(path)
-    config = _tiny_config(vocab_size, tied=tied)
+    config = _tiny_config(vocab_size, tied=tied, text_heads=text_heads)
 
     torch.manual_seed(seed)
     model = Kosmos2_5ForConditionalGeneration(config).to(torch.float32).eval()

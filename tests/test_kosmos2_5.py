@@ -52,12 +52,13 @@ def our_logits(engine, image, prompt):
 
 
 def full_forward(engine, patches, ids, masks):
-    decoder = engine.model.text
-    ids, masks = torch.tensor(ids), torch.tensor(masks)
-    rows = torch.arange(ids.shape[0])
+    """Logits of an uncached forward, on the engine's device and in its dtype."""
+    decoder, device = engine.model.text, engine.device
+    ids, masks = torch.tensor(ids, device=device), torch.tensor(masks, device=device)
+    rows = torch.arange(ids.shape[0], device=device)
     with torch.inference_mode():
-        embeds = engine.model.encode_images(patches)
-        cache = decoder.new_cache(ids.shape[0], ids.shape[1], dtype=torch.float32, device="cpu")
+        embeds = engine.model.encode_images(patches.to(device))
+        cache = decoder.new_cache(ids.shape[0], ids.shape[1], dtype=engine.dtype, device=device)
         x = decoder.embed(ids, torch.zeros_like(rows), embeds, masks)
         return decoder.logits(decoder(x, cache, DecodeStep.prefill_rows(rows)))
 

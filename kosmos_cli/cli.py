@@ -12,7 +12,7 @@ import traceback
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Annotated, Iterator, Optional
 
 import click
 import typer
@@ -36,42 +36,79 @@ PROMPT_RULE = ("A last argument that starts with < is the prompt (default \"<gro
 
 @dataclass
 class Options:
-    output: Optional[Path]
-    model: Optional[str]
-    device: str
-    dtype: str
-    batch_size: str
-    max_new_tokens: Optional[int]
-    pages: Optional[str]
-    dpi: float
-    password: Optional[str]
-    format: str
-    overlay: bool
-    overwrite: bool
-    quiet: bool
-    debug: bool
-    compile: Optional[bool]
+    """The flags every command shares."""
+
+    output: Optional[Path] = None
+    model: Optional[str] = None
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: str = "auto"
+    max_new_tokens: Optional[int] = None
+    pages: Optional[str] = None
+    dpi: float = documents.DEFAULT_DPI
+    password: Optional[str] = None
+    format: str = "text"
+    overlay: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+    debug: bool = False
+    compile: Optional[bool] = None
 
 
-def _options(
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write files under this directory (mirrors input subfolders) instead of stdout; re-runs skip finished pages."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hugging Face repo id or local checkpoint directory. [default: microsoft/kosmos-2.5 for ocr/md, microsoft/kosmos-2-patch14-224 for ground]"),
-    device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, cuda:N."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32."),
-    batch_size: str = typer.Option("auto", "--batch-size", "-b", help="Pages decoded together: a number, or auto (as many as fit in free GPU memory, up to 64; 4 on CPU)."),
-    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="Token budget per page; a page that hits it is marked truncated. [default: 3072 for ocr/md, 128 for ground]"),
-    pages: Optional[str] = typer.Option(None, "--pages", "-p", help="Pages to process in every document, 1-based: 1-3,7 or 5- or -2."),
-    dpi: float = typer.Option(documents.DEFAULT_DPI, min=36, max=1200, help="PDF rendering resolution. 200 dpi puts a letter page at 1700x2200 px, about twice the ~1 MP grid Kosmos-2.5 reads."),
-    password: Optional[str] = typer.Option(None, help="Password for encrypted PDFs."),
-    format: str = typer.Option("text", "--format", "-f", help="stdout format: text (markdown, OCR lines x0,y0,x1,y0,x1,y1,x0,y1,text, or the caption; a line <!-- SOURCE, page N --> starts each page when the run has several documents or a document several pages) or jsonl (one JSON object per page, failed inputs included)."),
-    overlay: bool = typer.Option(False, help="With -o: also write a PNG per page with the boxes drawn."),
-    overwrite: bool = typer.Option(False, help="With -o: redo pages that are already written."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, notes or summary: only errors."),
-    debug: bool = typer.Option(False, help="Show Python tracebacks for errors."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Compile the decode step with torch.compile (CUDA graphs on a GPU). KOSMOS_ATTENTION=auto|sdpa|flex picks its attention kernel (see README). [default: on for CUDA, off for CPU, where compiling takes a minute]"),
-) -> Options:
-    return Options(output, model, device, dtype, batch_size, max_new_tokens, pages, dpi, password, format,
-                   overlay, overwrite, quiet, debug, compile)
+# One alias per shared flag; each command below lists them, so a flag can be grepped to its command.
+Inputs = Annotated[list[str], typer.Argument(help=INPUTS_HELP, show_default=False)]
+GroundInputs = Annotated[list[str], typer.Argument(help=INPUTS_HELP + " " + PROMPT_RULE, show_default=False)]
+Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Write files under this directory (mirrors input subfolders) instead of stdout; re-runs skip finished pages.")]
+Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Hugging Face repo id or local checkpoint directory. [default: microsoft/kosmos-2.5 for ocr/md, microsoft/kosmos-2-patch14-224 for ground]")]
+Device = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda, cuda:N.")]
+DType = Annotated[str, typer.Option(help="auto (bf16 on Ampere and newer GPUs, fp16 on older ones, fp32 on CPU), bfloat16, float16, float32.")]
+BatchSize = Annotated[str, typer.Option("--batch-size", "-b", help="Pages decoded together: a number, or auto (as many as fit in free GPU memory, up to 64; 4 on CPU).")]
+MaxNewTokens = Annotated[Optional[int], typer.Option(min=1, help="Token budget per page; a page that hits it is marked truncated. [default: 3072 for ocr/md, 128 for ground]")]
+Pages = Annotated[Optional[str], typer.Option("--pages", "-p", help="Pages to process in every document, 1-based: 1-3,7 or 5- or -2.")]
+Dpi = Annotated[float, typer.Option(min=36, max=1200, help="PDF rendering resolution. 200 dpi puts a letter page at 1700x2200 px, about twice the ~1 MP grid Kosmos-2.5 reads.")]
+Password = Annotated[Optional[str], typer.Option(help="Password for encrypted PDFs.")]
+Format = Annotated[str, typer.Option("--format", "-f", help="stdout format: text (markdown, OCR lines x0,y0,x1,y0,x1,y1,x0,y1,text, or the caption; a line <!-- SOURCE, page N --> starts each page when the run has several documents or a document several pages) or jsonl (one JSON object per page, failed inputs included).")]
+Overlay = Annotated[bool, typer.Option(help="With -o: also write a PNG per page with the boxes drawn.")]
+Overwrite = Annotated[bool, typer.Option(help="With -o: redo pages that are already written.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, notes or summary: only errors.")]
+Debug = Annotated[bool, typer.Option(help="Show Python tracebacks for errors.")]
+Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Compile the decode step with torch.compile (CUDA graphs on a GPU). KOSMOS_ATTENTION=auto|sdpa|flex picks its attention kernel (see README). [default: on for CUDA, off for CPU, where compiling takes a minute]")]
+
+
+@app.command("ocr")
+def ocr(inputs: Inputs, output: Output = None, model: Model = None, device: Device = "auto", dtype: DType = "auto",
+        batch_size: BatchSize = "auto", max_new_tokens: MaxNewTokens = None, pages: Pages = None,
+        dpi: Dpi = documents.DEFAULT_DPI, password: Password = None, format: Format = "text", overlay: Overlay = False,
+        overwrite: Overwrite = False, quiet: Quiet = False, debug: Debug = False, compile: Compile = None) -> None:
+    """Kosmos-2.5 OCR: text lines with 8-point polygons (x0,y0,x1,y0,x1,y1,x0,y1) in page pixels."""
+    _command("ocr", **locals())
+
+
+@app.command("md")
+def md(inputs: Inputs, output: Output = None, model: Model = None, device: Device = "auto", dtype: DType = "auto",
+       batch_size: BatchSize = "auto", max_new_tokens: MaxNewTokens = None, pages: Pages = None,
+       dpi: Dpi = documents.DEFAULT_DPI, password: Password = None, format: Format = "text", overlay: Overlay = False,
+       overwrite: Overwrite = False, quiet: Quiet = False, debug: Debug = False, compile: Compile = None,
+       ask: Annotated[Optional[str], typer.Option("--ask", help="Ask a question about each page with microsoft/kosmos-2.5-chat (the default model then).")] = None) -> None:
+    """Kosmos-2.5 markdown of each page (or answers with --ask)."""
+    _command("md", **locals())
+
+
+@app.command("ground")
+def ground(inputs: GroundInputs, output: Output = None, model: Model = None, device: Device = "auto",
+           dtype: DType = "auto", batch_size: BatchSize = "auto", max_new_tokens: MaxNewTokens = None,
+           pages: Pages = None, dpi: Dpi = documents.DEFAULT_DPI, password: Password = None, format: Format = "text",
+           overlay: Overlay = False, overwrite: Overwrite = False, quiet: Quiet = False, debug: Debug = False,
+           compile: Compile = None,
+           prompt: Annotated[Optional[str], typer.Option("--prompt", help="Prompt to ground, e.g. \"<grounding> An image of\" or \"<grounding><phrase> a dog</phrase>\".")] = None) -> None:
+    """Kosmos-2 grounded caption of each image: caption, phrases and their boxes."""
+    if inputs[-1].startswith("<"):  # PROMPT_RULE: by spelling only, never by the file system
+        if prompt is not None:
+            _fail_usage(f"two prompts: {inputs[-1]!r} and --prompt {prompt!r} (give one)")
+        inputs, prompt = inputs[:-1], inputs[-1]
+        if not inputs:
+            _fail_usage("no input files given (a last argument that starts with < is the prompt)")
+    _command("ground", **locals())
 
 
 def _fail_usage(message: str) -> None:
@@ -79,67 +116,29 @@ def _fail_usage(message: str) -> None:
     raise typer.Exit(2)
 
 
-# Typer has no option groups shared between commands, so each command takes the common options
-# through this wrapper, which copies _options' parameters onto the command's signature.
-def _command(name: str, doc: str, *, ask: bool = False, ground: bool = False):
-    import inspect
-    import typing
-
-    # Real types, not the strings `from __future__ import annotations` leaves: Typer validates with them.
-    hints = typing.get_type_hints(_options)
-    common = [p.replace(annotation=hints[p.name]) for p in inspect.signature(_options).parameters.values()]
-    first = [inspect.Parameter("inputs", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[str],
-                               default=typer.Argument(..., help=INPUTS_HELP + (" " + PROMPT_RULE if ground else ""),
-                                                      show_default=False))]
-    extra = []
-    if ask:
-        extra.append(inspect.Parameter("ask", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
-            None, "--ask", help="Ask a question about each page with microsoft/kosmos-2.5-chat (the default model then).")))
-    if ground:
-        extra.append(inspect.Parameter("prompt", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
-            None, "--prompt", help="Prompt to ground, e.g. \"<grounding> An image of\" or \"<grounding><phrase> a dog</phrase>\".")))
-    params = first + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in common] + extra
-
-    def command(**kwargs):
-        inputs = kwargs.pop("inputs")
-        question = kwargs.pop("ask", None)
-        prompt = kwargs.pop("prompt", None)
-        opts = _options(**kwargs)
-        if ground and inputs[-1].startswith("<"):  # PROMPT_RULE: by spelling only, never by the file system
-            if prompt is not None:
-                _fail_usage(f"two prompts: {inputs[-1]!r} and --prompt {prompt!r} (give one)")
-            inputs, prompt = inputs[:-1], inputs[-1]
-            if not inputs:
-                _fail_usage("no input files given (a last argument that starts with < is the prompt)")
-        try:
-            code = run(name, inputs, opts, prompt=prompt, question=question)
-        except (typer.Exit, click.exceptions.ClickException):
+def _command(name: str, inputs: list[str], *, prompt: str | None = None, ask: str | None = None, **flags) -> None:
+    """Run one command with its arguments (each command passes its own, by name) and exit with its
+    code: failures are one line on stderr (tracebacks with --debug)."""
+    opts = Options(**flags)
+    try:
+        code = run(name, inputs, opts, prompt=prompt, question=ask)
+    except (typer.Exit, click.exceptions.ClickException):
+        raise
+    except KeyboardInterrupt:
+        _report("interrupted")
+        code = 130
+    except BrokenPipeError:  # `kosmos ... | head`: the reader left; stop quietly, as other tools do
+        try:  # keep the interpreter's final flush of stdout from failing again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        code = 141
+    except Exception as err:  # a bug or an unforeseen failure: one line, the traceback only with --debug
+        if opts.debug:
             raise
-        except KeyboardInterrupt:
-            _report("interrupted")
-            code = 130
-        except BrokenPipeError:  # `kosmos ... | head`: the reader left; stop quietly, as other tools do
-            try:  # keep the interpreter's final flush of stdout from failing again
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            except (OSError, ValueError):
-                pass
-            code = 141
-        except Exception as err:  # a bug or an unforeseen failure: one line, the traceback only with --debug
-            if opts.debug:
-                raise
-            _report(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)")
-            code = 1
-        raise typer.Exit(code)
-
-    command.__signature__ = inspect.Signature(params)
-    command.__doc__ = doc
-    command.__name__ = name
-    return command
-
-
-app.command("ocr")(_command("ocr", "Kosmos-2.5 OCR: text lines with 8-point polygons (x0,y0,x1,y0,x1,y1,x0,y1) in page pixels."))
-app.command("md")(_command("md", "Kosmos-2.5 markdown of each page (or answers with --ask).", ask=True))
-app.command("ground")(_command("ground", "Kosmos-2 grounded caption of each image: caption, phrases and their boxes.", ground=True))
+        _report(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)")
+        code = 1
+    raise typer.Exit(code)
 
 
 def _print_version(value: bool) -> None:

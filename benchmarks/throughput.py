@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 from PIL import Image, ImageDraw
@@ -42,7 +40,7 @@ SIZES = {
         latent_query_num=64,
     ),
 }
-# kosmos systems and their KOSMOS_ATTENTION: the default, and the compiled decode step's attention
+# kosmos systems and their attention choice (load(attention=...)): the default, and the compiled decode step's attention
 # forced to SDPA or to FlexAttention (see kosmos_cli/models/layers.py).
 KOSMOS_SYSTEMS = {"kosmos": "auto", "kosmos-sdpa": "sdpa", "kosmos-flex": "flex"}
 # Peak HBM bandwidth, bytes/s, by a part of the device name (first match wins).
@@ -118,9 +116,8 @@ def run_transformers(model_dir: Path, batch: int, device: str, dtype):
 def run_kosmos(model_dir: Path, batch: int, device: str, dtype, compile: str, attention: str):
     import kosmos_cli
 
-    # KOSMOS_ATTENTION is read when the engine loads (its compiled step keeps the choice).
-    with mock.patch.dict(os.environ, {"KOSMOS_ATTENTION": attention}):
-        engine = kosmos_cli.load(model_dir, device=device, dtype=dtype, compile={"on": True, "off": False}.get(compile, "auto"))
+    engine = kosmos_cli.load(model_dir, device=device, dtype=dtype, compile={"on": True, "off": False}.get(compile, "auto"),
+                             attention=attention)
 
     def go(pages, lengths):
         engine.run(pages, "<ocr>", max_new_tokens=lengths, min_new_tokens=lengths, batch_size=batch)
@@ -174,12 +171,12 @@ def main() -> None:
         # A compiled kosmos warms up on the whole timed workload: that compiles the step, records a
         # CUDA graph for every (slots, span) shape the timed run meets and sizes the kept KV cache.
         # The others run a few pages (several batch shapes and the longest page).
-        if engine is not None and engine.step is not None:
+        if engine is not None and engine.compiled is not None:
             go(pages[:n], lengths[:n])
         else:
             warm = [8, max(lengths), 40, 16][: len(pages)]
             go(pages[: len(warm)], warm)
-        if engine is not None and engine.step is not None and engine.step.broken:
+        if engine is not None and engine.compiled is not None and engine.compiled.broken:
             sys.exit(f"{system}: torch.compile of the decode step failed (see the warning above)")
         # What stays allocated between runs (weights, a kept cache), counted in this system's peak.
         systems[system] = dict(go=go, engine=engine, pages=n, resident=allocated(args.device) - before)
@@ -199,7 +196,7 @@ def main() -> None:
     bandwidth = peak_bandwidth(args.device)
     for system, s in systems.items():
         n, engine, tokens = s["pages"], s["engine"], sum(lengths[: s["pages"]])
-        name = system + ("+compile" if engine is not None and engine.step is not None else "")
+        name = system + ("+compile" if engine is not None and engine.compiled is not None else "")
         row = {"system": name, "pages": n, "batch": 1 if system == "hf1" else args.batch_size,
                "seconds": round(seconds[system], 2), "pages_per_s": round(n / seconds[system], 3),
                "new_tokens_per_s": round(tokens / seconds[system], 1)}

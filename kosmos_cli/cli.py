@@ -53,6 +53,7 @@ class Options:
     quiet: bool = False
     debug: bool = False
     compile: Optional[bool] = None
+    attention: str = "auto"  # from KOSMOS_ATTENTION, not a flag: a setting for experiments (see README)
 
 
 # One alias per shared flag; each command below lists them, so a flag can be grepped to its command.
@@ -119,9 +120,9 @@ def _fail_usage(message: str) -> None:
 def _command(name: str, inputs: list[str], *, prompt: str | None = None, ask: str | None = None, **flags) -> None:
     """Run one command with its arguments (each command passes its own, by name) and exit with its
     code: failures are one line on stderr (tracebacks with --debug)."""
-    opts = Options(**flags)
+    opts = Options(**flags, attention=os.environ.get("KOSMOS_ATTENTION", "auto"))
     try:
-        code = run(name, inputs, opts, prompt=prompt, question=ask)
+        code = run_command(name, inputs, opts, prompt=prompt, question=ask)
     except (typer.Exit, click.exceptions.ClickException):
         raise
     except KeyboardInterrupt:
@@ -174,16 +175,14 @@ class Tally:
     failed_inputs: set = field(default_factory=set)
 
 
-def run(task_name: str, inputs: list[str], opts: Options, *, prompt: str | None = None, question: str | None = None) -> int:
+def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str | None = None, question: str | None = None) -> int:
     """Run one command; returns the exit code."""
-    from .models.layers import attention_choice
+    from .models.layers import ATTENTION_CHOICES
     from .pipeline import TASKS
 
     task = TASKS[task_name]
-    try:
-        attention_choice()
-    except ValueError as err:
-        _fail_usage(str(err))
+    if opts.attention not in ATTENTION_CHOICES:
+        _fail_usage(f"KOSMOS_ATTENTION={opts.attention!r}: use one of {', '.join(ATTENTION_CHOICES)}")
     if opts.format not in ("text", "jsonl"):
         _fail_usage(f"--format must be text or jsonl, not {opts.format!r}")
     if (opts.overlay or opts.overwrite) and opts.output is None:
@@ -318,7 +317,7 @@ def _load_engine(task, model_name: str, opts: Options):
 
     try:
         engine = engine_module.load(model_name, device=opts.device, dtype=opts.dtype,
-                                    compile="auto" if opts.compile is None else opts.compile)
+                                    compile="auto" if opts.compile is None else opts.compile, attention=opts.attention)
     except (ModelLoadError, ValueError, FileNotFoundError, RuntimeError) as err:
         raise _Fatal(f"cannot load model {model_name}: {err}", 1) from err
     if engine.kind != task.model_kind:

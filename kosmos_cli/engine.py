@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
 
 from .models import kosmos2, kosmos2_5
 from .models.config import Kosmos25Config, read_config
-from .models.generation import ADMIT_CHUNK, CompiledStep, DecodeSettings, LoopCheck, Prompt, Request, generate
-from .models.layers import attention_choice, cuda_capability
+from .models.generation import ADMIT_CHUNK, CompiledDecodeStep, DecodeSettings, LoopCheck, Prompt, Request, stream
+from .models.layers import MultiheadAttention, check_attention, cuda_capability, flash_available
 from .models.loading import ModelLoadError, load_weights, resolve_model_dir
 from .processing.images import clip_pixels, kosmos2_5_patches, read_image_processor_config
 from .processing.kosmos2 import Kosmos2Tokenizer
@@ -26,6 +26,18 @@ class Prepared:
 
     vision_input: torch.Tensor
     model_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image for `Engine.stream`: a key to match its output, the prepared image, the prompt text
+    and the token budget (EOS is forbidden before min_new_tokens)."""
+
+    key: Any
+    prepared: Prepared
+    prompt: str
+    max_new_tokens: int
+    min_new_tokens: int = 0
 
 
 @dataclass
@@ -78,13 +90,14 @@ class Engine:
     kind: "kosmos-2.5" (Pix2Struct patches, prompts "<ocr>" / "<md>" / chat) or "kosmos-2"
     (CLIP pixels, grounding prompts such as "<grounding> An image of")."""
 
-    def __init__(self, name: str, model_dir: Path, device: torch.device, dtype: torch.dtype, compile: bool = False):
-        self.name, self.device, self.dtype = name, device, dtype
+    def __init__(self, name: str, model_dir: Path, device: torch.device, dtype: torch.dtype, compile: bool = False,
+                 attention: str = "auto"):
+        self.name, self.device, self.dtype, self.attention = name, device, dtype, check_attention(attention)
         self.config = config = read_config(model_dir)
-        # The decode step, compiled once per engine (see CompiledStep), or None for plain eager. A
+        # The decode step, compiled once per engine (see CompiledDecodeStep), or None for plain eager. A
         # compiled engine keeps its KV cache between calls: the graphs are tied to its addresses.
         head_dim = config.text.embed_dim // config.text.attention_heads
-        self.step = CompiledStep(device, head_dim) if compile else None
+        self.compiled = CompiledDecodeStep(device, head_dim, attention) if compile else None
         self.kept_cache = None
         self.streaming = False  # one stream at a time: a compiled engine's streams share kept_cache
         self.image_config = read_image_processor_config(model_dir)
@@ -106,6 +119,10 @@ class Engine:
         load_weights(model, model_dir, arch.CHECKPOINT_NAMES, arch.CHECKPOINT_LEAF_NAMES,
                      dtype=dtype, device=device, ignore=ignore)
         self.model = model.eval()
+        flash = flash_available(device, attention)
+        for module in model.modules():
+            if isinstance(module, MultiheadAttention):
+                module.flash = flash
         self.eos_ids = _eos_ids(model_dir, config.text.eos_token_id)
 
     def __str__(self) -> str:
@@ -114,12 +131,12 @@ class Engine:
         if self.device.type == "cuda":
             major, minor = cuda_capability(self.device)
             where += f" ({torch.cuda.get_device_name(self.device)}, sm_{major}{minor})"
-        if self.step is None:
+        if self.compiled is None:
             step = "eager decode step"
-        elif self.step.broken:
+        elif self.compiled.broken:
             step = "eager decode step (compiling failed)"
         else:
-            step = f"compiled decode step, {'FlexAttention' if self.step.flex else 'SDPA'}"
+            step = f"compiled decode step, {'FlexAttention' if self.compiled.flex else 'SDPA'}"
         return f"{self.name} on {where} in {str(self.dtype).removeprefix('torch.')}, {step}"
 
     def prepare(self, image: Image.Image) -> Prepared:
@@ -170,14 +187,14 @@ class Engine:
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts and {len(limits)}/{len(minimums)} token limits")
         if not images:
             return []
-        jobs = [(i, self.prepare(im), p, n, m) for i, (im, p, n, m) in enumerate(zip(images, prompts, limits, minimums))]
+        jobs = [Job(i, self.prepare(im), p, n, m) for i, (im, p, n, m) in enumerate(zip(images, prompts, limits, minimums))]
         if batch_size is None:
             longest = max(prompts, key=self.prompt_length)
             batch_size = min(len(images), self.auto_batch_size(longest, max(limits)))
         results: dict[int, Output] = {}
         while True:  # out of memory: release it, halve the slots, redo the unfinished images
             try:
-                for key, out in self.stream([job for job in jobs if job[0] not in results], slots=batch_size,
+                for key, out in self.stream([job for job in jobs if job.key not in results], slots=batch_size,
                                             no_repeat_ngram_size=no_repeat_ngram_size, loop_check=loop_check):
                     results[key] = out
                 break
@@ -190,7 +207,7 @@ class Engine:
 
     def stream(
         self,
-        jobs: Iterable[tuple],
+        jobs: Iterable[Job],
         *,
         slots: int,
         max_prompt_tokens: int | None = None,
@@ -198,8 +215,7 @@ class Engine:
         no_repeat_ngram_size: int | None = None,
         loop_check: LoopCheck | None = None,
     ) -> Iterator[tuple[Any, Output]]:
-        """Continuous batching: yield (key, Output) as pages finish, for jobs (key, prepared image,
-        prompt text, max new tokens[, min new tokens]) that may arrive lazily.
+        """Continuous batching: yield (job.key, Output) as pages finish, for jobs that may arrive lazily.
 
         A lazy stream must bound its prompts and budgets up front (max_prompt_tokens,
         max_new_tokens) to size the KV cache; a job beyond them raises ValueError naming its key as
@@ -227,25 +243,25 @@ class Engine:
             jobs = list(jobs)
             if not jobs:
                 return
-            max_prompt_tokens = max(len(encode(job[2]).ids) for job in jobs)
-            max_new_tokens = max(job[3] for job in jobs)
+            max_prompt_tokens = max(len(encode(job.prompt).ids) for job in jobs)
+            max_new_tokens = max(job.max_new_tokens for job in jobs)
         sizes: dict[Any, tuple[int, int]] = {}
 
         def requests() -> Iterator[Request]:
-            for key, prepared, prompt, limit, *minimum in jobs:
-                tokens = encode(prompt)
-                if len(tokens.ids) > max_prompt_tokens or limit > max_new_tokens:
-                    raise ValueError(f"job {key!r}: a prompt of {len(tokens.ids)} tokens and {limit} new tokens exceed "
-                                     f"the stream's bounds ({max_prompt_tokens} and {max_new_tokens})")
-                sizes[key] = prepared.model_size
-                yield Request(tokens, limit, prepared.vision_input, key, minimum[0] if minimum else 0)
+            for job in jobs:
+                tokens = encode(job.prompt)
+                if len(tokens.ids) > max_prompt_tokens or job.max_new_tokens > max_new_tokens:
+                    raise ValueError(f"job {job.key!r}: a prompt of {len(tokens.ids)} tokens and {job.max_new_tokens} new "
+                                     f"tokens exceed the stream's bounds ({max_prompt_tokens} and {max_new_tokens})")
+                sizes[job.key] = job.prepared.model_size
+                yield Request(tokens, job.max_new_tokens, job.prepared.vision_input, job.key, job.min_new_tokens)
 
         ngram = self.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size
         settings = DecodeSettings(tuple(self.eos_ids), self.config.text.pad_token_id, ngram, loop_check)
-        for key, generated in generate(
+        for key, generated in stream(
             self.model.encode_images, self.model.text, requests(), slots=slots,
             capacity=max_prompt_tokens + max_new_tokens, settings=settings, dtype=self.dtype, device=self.device,
-            step=self.step, cache=self._cache if self.step is not None else None,
+            decode=self.compiled, cache=self._cache if self.compiled is not None else None,
         ):
             yield key, Output(generated.ids, self.decode(generated.ids), generated.stop, sizes.pop(key))
 
@@ -327,14 +343,16 @@ def load(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     compile: bool | str = "auto",
+    attention: str = "auto",
 ) -> Engine:
     """Load a Kosmos-2.5 or Kosmos-2 checkpoint from a local directory or a Hugging Face repo id.
 
     compile: run the decode step through torch.compile (CUDA graphs on a GPU). "auto" compiles on
     CUDA GPUs that Triton supports, where it removes per-token launch overhead, and not on the CPU,
-    where compiling takes about a minute before it pays off."""
-    attention_choice()  # a bad KOSMOS_ATTENTION fails here, not in the middle of a run
+    where compiling takes about a minute before it pays off.
+    attention: the attention kernels, "auto", "sdpa" or "flex" (see models/layers.py)."""
+    check_attention(attention)  # a bad choice fails here, before any work
     device = pick_device(device)
     if compile == "auto":
         compile = compiles_by_default(device)
-    return Engine(str(model), resolve_model_dir(model), device, pick_dtype(dtype, device), bool(compile))
+    return Engine(str(model), resolve_model_dir(model), device, pick_dtype(dtype, device), bool(compile), attention)

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from .documents import ErrorJob, PageJob
-from .engine import Engine, Output, Prepared
+from .engine import Engine, Job, Output, Prepared
 from .tasks import grounding, markdown, ocr
 from .models.generation import LoopCheck
 from .tasks.repetition import WINDOW, find_loop, may_loop
@@ -90,11 +90,11 @@ def transcribe(
             item = order.popleft()
             yield item, results.pop(id(item), None)
 
-    def jobs() -> Iterator[tuple[int, Prepared, str, int]]:
+    def jobs() -> Iterator[Job]:
         while waiting or (fresh := next(source, None)) is not None:
             page, prepared = waiting.popleft() if waiting else fresh
             in_flight[id(page)] = (page, prepared)  # before the engine sees it: an OOM may follow
-            yield id(page), prepared, prompt, limit
+            yield Job(id(page), prepared, prompt, limit)
 
     slots, prompt_tokens = batch_size, engine.prompt_length(prompt)
     while True:

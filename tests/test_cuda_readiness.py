@@ -41,9 +41,8 @@ def test_compiling_by_default_needs_a_gpu_that_triton_supports(monkeypatch, capa
 def test_flash_attention_only_on_gpus_it_supports(monkeypatch, capability, choice, available):
     monkeypatch.setattr(layers, "_flash_attn_func", lambda *args, **kwargs: None)  # "installed"
     monkeypatch.setattr(layers, "cuda_capability", lambda device: capability)
-    monkeypatch.setenv("KOSMOS_ATTENTION", choice)
-    assert layers.flash_available(CUDA) == available
-    assert not layers.flash_available(torch.device("cpu"))
+    assert layers.flash_available(CUDA, choice) == available
+    assert not layers.flash_available(torch.device("cpu"), choice)
 
 
 @pytest.mark.parametrize("version, choice, device, head_dim, expected", [
@@ -60,12 +59,11 @@ def test_flash_attention_only_on_gpus_it_supports(monkeypatch, capability, choic
 def test_flex_attention_where_this_torch_and_the_shapes_allow_it(monkeypatch, version, choice, device,
                                                                  head_dim, expected):
     monkeypatch.setattr(torch, "__version__", version)
-    monkeypatch.setenv("KOSMOS_ATTENTION", choice)
     if isinstance(expected, str):
-        with pytest.raises(ValueError, match=f"KOSMOS_ATTENTION=flex: .*{re.escape(expected)}"):
-            layers.flex_decoding(torch.device(device), head_dim)
+        with pytest.raises(ValueError, match=f"attention=flex: .*{re.escape(expected)}"):
+            layers.flex_decoding(torch.device(device), head_dim, choice)
     else:
-        assert layers.flex_decoding(torch.device(device), head_dim) == expected
+        assert layers.flex_decoding(torch.device(device), head_dim, choice) == expected
 
 
 def test_a_torch_that_cannot_compile_decodes_without_it(kosmos25_sharded, monkeypatch):
@@ -80,7 +78,7 @@ def test_a_torch_that_cannot_compile_decodes_without_it(kosmos25_sharded, monkey
     monkeypatch.setattr(torch, "compile", unsupported)
     with pytest.warns(UserWarning, match="torch.compile is not available here.*Python 3.13"):
         engine = kosmos_cli.load(kosmos25_sharded, device="cpu", compile=True)
-    assert engine.step.broken and "compiling failed" in str(engine)
+    assert engine.compiled.broken and "compiling failed" in str(engine)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once, at load; not again per step
         assert engine.generate(images, "<ocr>", max_new_tokens=6) == expected

@@ -6,11 +6,13 @@ import pytest
 import torch
 
 import kosmos_cli
+from kosmos_cli.engine import Job
 from kosmos_cli import pipeline
 from kosmos_cli.documents import ErrorJob, PageJob
 from kosmos_cli.models import generation
 from kosmos_cli.models.generation import ban_repeated_ngrams
-from kosmos_cli.models.layers import DecodeStep, flex_decoding
+from kosmos_cli.models.cache import StepPlan
+from kosmos_cli.models.layers import flex_decoding
 from kosmos_cli.processing.kosmos2_5 import chat_prompt
 from kosmos_cli.tasks.repetition import WINDOW, find_loop, may_loop
 from tests.test_kosmos2_5 import noise_image
@@ -59,7 +61,7 @@ def test_per_page_budgets_and_stop_reasons(alone):
 
 
 def test_lazy_stream_yields_every_key_once(engine, alone):
-    jobs = ((i, engine.prepare(im), p, n) for i, (im, p, n) in enumerate(zip(IMAGES, PROMPTS, LIMITS)))
+    jobs = (Job(i, engine.prepare(im), p, n) for i, (im, p, n) in enumerate(zip(IMAGES, PROMPTS, LIMITS)))
     longest = max(engine.prompt_length(p) for p in PROMPTS)
     got = dict(engine.stream(jobs, slots=2, max_prompt_tokens=longest, max_new_tokens=max(LIMITS)))
     assert sorted(got) == list(range(len(IMAGES)))
@@ -67,7 +69,7 @@ def test_lazy_stream_yields_every_key_once(engine, alone):
 
 
 def test_stream_rejects_budgets_beyond_the_cache(engine):
-    jobs = iter([(0, engine.prepare(IMAGES[0]), "<ocr>", 50)])
+    jobs = iter([Job(0, engine.prepare(IMAGES[0]), "<ocr>", 50)])
     with pytest.raises(ValueError, match="exceed the stream's bounds"):
         list(engine.stream(jobs, slots=1, max_prompt_tokens=engine.prompt_length("<ocr>"), max_new_tokens=10))
 
@@ -250,7 +252,7 @@ def test_the_library_caps_its_slots_and_backs_off_out_of_memory(engine, alone, m
 
 
 def test_the_callers_code_between_results_is_not_in_inference_mode(engine):
-    jobs = [(i, engine.prepare(im), "<ocr>", 3) for i, im in enumerate(IMAGES[:3])]
+    jobs = [Job(i, engine.prepare(im), "<ocr>", 3) for i, im in enumerate(IMAGES[:3])]
     stream = engine.stream(iter(jobs), slots=2, max_prompt_tokens=engine.prompt_length("<ocr>"), max_new_tokens=3)
     for _ in stream:
         assert not torch.is_inference_mode_enabled()
@@ -265,14 +267,13 @@ def test_compiled_decode_step_gives_identical_results(kosmos25_sharded, alone, a
     draining run of varied lengths (rows in use from 3 down to 1, every span bucket up to the end)."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setenv("KOSMOS_ATTENTION", attention)
     monkeypatch.setattr(generation, "schedule_for", lambda device: schedule)
-    compiled = kosmos_cli.load(kosmos25_sharded, device="cpu", compile=True)
-    assert compiled.step.flex == (attention == "flex")
+    compiled = kosmos_cli.load(kosmos25_sharded, device="cpu", compile=True, attention=attention)
+    assert compiled.compiled.flex == (attention == "flex")
     torch._dynamo.reset()  # engines share compiled graphs where they can: count this one's from zero
     compiles = counters["stats"]["unique_graphs"]
     outputs = compiled.run(IMAGES, PROMPTS, LIMITS, batch_size=3)
-    assert not compiled.step.broken
+    assert not compiled.compiled.broken
     assert [(o.ids, o.stop) for o in outputs] == [(o.ids, o.stop) for o in alone]
     longer = compiled.run(IMAGES[:4], "<ocr>", [70, 3, 140, 9], min_new_tokens=[70, 3, 140, 9], batch_size=3)
     assert [len(o.ids) for o in longer] == [70, 3, 140, 9]
@@ -280,13 +281,13 @@ def test_compiled_decode_step_gives_identical_results(kosmos25_sharded, alone, a
 
 
 def test_a_failing_compile_falls_back_to_eager(engine, alone, monkeypatch):
-    step = generation.CompiledStep(torch.device("cpu"), 96)
+    step = generation.CompiledDecodeStep(torch.device("cpu"), 96)
 
     def broken(*args, **kwargs):
         raise torch._inductor.exc.InvalidCxxCompiler()
 
     monkeypatch.setattr(step, "compiled", broken)
-    monkeypatch.setattr(engine, "step", step)
+    monkeypatch.setattr(engine, "compiled", step)
     with pytest.warns(UserWarning, match="decoding without it"):
         outputs = engine.run(IMAGES[:2], PROMPTS[:2], LIMITS[:2])
     assert step.broken and [o.ids for o in outputs] == [o.ids for o in alone[:2]]
@@ -297,9 +298,9 @@ def test_the_cuda_compile_silences_the_graph_count_warning(monkeypatch):
     a CPU compile leaves the setting alone (compiling is lazy: nothing runs here)."""
     triton = torch._inductor.config.triton
     monkeypatch.setattr(triton, "cudagraph_dynamic_shape_warn_limit", 8)
-    generation.CompiledStep(torch.device("cpu"), 96)
+    generation.CompiledDecodeStep(torch.device("cpu"), 96)
     assert triton.cudagraph_dynamic_shape_warn_limit == 8
-    generation.CompiledStep(torch.device("cuda"), 96)
+    generation.CompiledDecodeStep(torch.device("cuda"), 96)
     assert triton.cudagraph_dynamic_shape_warn_limit is None
 
 
@@ -359,27 +360,25 @@ def test_flex_block_mask_attends_like_the_length_mask(span):
     n, heads, dim = len(starts), 2, 16
     q = torch.randn(n, heads, 1, dim)
     keys, values = torch.randn(n, heads, span + 40, dim)[:, :, :span], torch.randn(n, heads, span, dim)
-    masked = DecodeStep.decode_all(starts, span).attend(q, keys, values)
-    flex = DecodeStep.decode_all(starts, span, flex=True).attend(q, keys, values)
+    masked = StepPlan.decode_all(starts, span).attend(q, keys, values)
+    flex = StepPlan.decode_all(starts, span, flex=True).attend(q, keys, values)
     torch.testing.assert_close(flex, masked, rtol=1e-5, atol=1e-5)
     blocked = values.clone()
     for b, start in enumerate(starts.tolist()):  # keys past a slot's length must not matter
         blocked[b, :, start + 1 :] = 1e4
-    torch.testing.assert_close(DecodeStep.decode_all(starts, span, flex=True).attend(q, keys, blocked), masked,
+    torch.testing.assert_close(StepPlan.decode_all(starts, span, flex=True).attend(q, keys, blocked), masked,
                                rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(("choice", "device", "flex"), [
     ("auto", "cpu", True), ("auto", "cuda", False), ("flex", "cuda", True), ("sdpa", "cpu", False)])
-def test_flex_decoding_where_measured_faster_or_asked_for(choice, device, flex, monkeypatch):
-    monkeypatch.setenv("KOSMOS_ATTENTION", choice)
-    assert flex_decoding(torch.device(device), 96) == flex
+def test_flex_decoding_where_measured_faster_or_asked_for(choice, device, flex):
+    assert flex_decoding(torch.device(device), 96, choice) == flex
 
 
-def test_an_unknown_attention_choice_fails_at_load(kosmos25_sharded, monkeypatch):
-    monkeypatch.setenv("KOSMOS_ATTENTION", "flash")
-    with pytest.raises(ValueError, match="KOSMOS_ATTENTION='flash': use one of auto, sdpa, flex"):
-        kosmos_cli.load(kosmos25_sharded, device="cpu")
+def test_an_unknown_attention_choice_fails_at_load(kosmos25_sharded):
+    with pytest.raises(ValueError, match="attention='flash': use one of auto, sdpa, flex"):
+        kosmos_cli.load(kosmos25_sharded, device="cpu", attention="flash")
 
 
 def test_compiled_engine_keeps_its_cache(kosmos25_sharded, alone):
@@ -390,6 +389,6 @@ def test_compiled_engine_keeps_its_cache(kosmos25_sharded, alone):
     assert compiled.kept_cache is cache
     bigger = compiled.run(IMAGES, PROMPTS, [n + 10 for n in LIMITS], batch_size=4)
     assert compiled.kept_cache is not cache and compiled.kept_cache.fits(4, 0)
-    assert not compiled.step.broken  # a new cache must not break the compiled step (it fell back once)
+    assert not compiled.compiled.broken  # a new cache must not break the compiled step (it fell back once)
     assert [o.ids for o in first + second] == [o.ids for o in alone[:5]]
     assert [o.ids[: n] for o, n in zip(bigger, LIMITS)] == [o.ids for o in alone]

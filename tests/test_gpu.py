@@ -86,28 +86,26 @@ def test_bf16_batched_agrees_with_single(kosmos25_sharded):
 @gpu
 @pytest.mark.skipif(layers._flash_attn_func is None, reason="flash-attn is not installed")
 @pytest.mark.parametrize("causal", [False, True])
-def test_flash_attention_agrees_with_sdpa(monkeypatch, causal):
+def test_flash_attention_agrees_with_sdpa(causal):
     q, k, v = (torch.randn(2, 8, 300, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    flash = layers.attention(q, k, v, causal=causal, scale=0.125)
-    monkeypatch.setenv("KOSMOS_ATTENTION", "sdpa")
-    sdpa = layers.attention(q, k, v, causal=causal, scale=0.125)
+    flash = layers.attention(q, k, v, causal=causal, scale=0.125, flash=True)
+    sdpa = layers.attention(q, k, v, causal=causal, scale=0.125, flash=False)
     assert (flash.float() - sdpa.float()).abs().max().item() < 2e-2
 
 
 @gpu
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])
-def test_cuda_graphs_decode_like_eager_in_fp32(head16, attention, monkeypatch, no_tf32):
+def test_cuda_graphs_decode_like_eager_in_fp32(head16, attention, no_tf32):
     """The compiled step (reduce-overhead) records CUDA graphs, none skipped, and decodes exactly
     like eager in fp32."""
     from torch._dynamo.utils import counters
 
     eager = kosmos_cli.load(head16, device="cuda", dtype="float32", compile=False)
-    monkeypatch.setenv("KOSMOS_ATTENTION", attention)
-    graphed = kosmos_cli.load(head16, device="cuda", dtype="float32", compile=True)
+    graphed = kosmos_cli.load(head16, device="cuda", dtype="float32", compile=True, attention=attention)
     expected = eager.generate(images(), "<ocr>", LIMITS)
     counters.clear()
     assert graphed.generate(images(), "<ocr>", LIMITS) == expected
-    assert not graphed.step.broken and graphed.step.flex == (attention == "flex")
+    assert not graphed.compiled.broken and graphed.compiled.flex == (attention == "flex")
     assert counters["inductor"]["cudagraph_skips"] == 0
 
 
@@ -115,10 +113,9 @@ def test_cuda_graphs_decode_like_eager_in_fp32(head16, attention, monkeypatch, n
     pytest.param("cuda", "sdpa", marks=gpu), pytest.param("cuda", "flex", marks=gpu),
     ("cpu", "flex"), pytest.param("cpu", "sdpa", marks=pytest.mark.slow),  # one CPU twin is enough for CI
 ])
-def test_bf16_compiled_agrees_with_eager(head16, device, attention, monkeypatch):
+def test_bf16_compiled_agrees_with_eager(head16, device, attention):
     """bf16 through the compiled step (CUDA graphs on a GPU, inductor on the CPU) against eager."""
     eager = kosmos_cli.load(head16, device=device, dtype="bfloat16", compile=False)
-    monkeypatch.setenv("KOSMOS_ATTENTION", attention)
-    compiled = kosmos_cli.load(head16, device=device, dtype="bfloat16", compile=True)
-    assert not compiled.step.broken and compiled.step.flex == (attention == "flex")
+    compiled = kosmos_cli.load(head16, device=device, dtype="bfloat16", compile=True, attention=attention)
+    assert not compiled.compiled.broken and compiled.compiled.flex == (attention == "flex")
     assert agreement(compiled.generate(images(), "<ocr>", LIMITS), eager.generate(images(), "<ocr>", LIMITS)) >= 0.5

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kosmos_cli
-from kosmos_cli.models.layers import DecodeStep
+from kosmos_cli.models.cache import StepPlan
 from kosmos_cli.tasks.grounding import parse_grounding
 from tests.kosmos2_checkpoint import load_kosmos2_oracle, make_kosmos2_checkpoint
 from tests.test_kosmos2_5 import noise_image
@@ -40,7 +40,7 @@ def full_forward(engine, image, ids, mask):
         embeds = engine.model.encode_images(engine.prepare(image).vision_input[None])
         cache = decoder.new_cache(1, ids.shape[1], dtype=torch.float32, device="cpu")
         x = decoder.embed(ids, torch.zeros_like(rows), embeds, mask)
-        return decoder.logits(decoder(x, cache, DecodeStep.prefill_rows(rows)))[0]
+        return decoder.logits(decoder(x, cache, StepPlan.prefill_rows(rows)))[0]
 
 
 def test_kind(kosmos2):
@@ -93,7 +93,7 @@ def test_compiled_decoding_equals_eager(kosmos2):
     images = [noise_image(*s, seed=i) for i, s in enumerate(SHAPES + [(90, 90)])]
     limits = [40, 5, 17, 30]
     assert compiled.generate(images, PROMPTS, max_new_tokens=limits) == engine.generate(images, PROMPTS, max_new_tokens=limits)
-    assert not compiled.step.broken and compiled.step.flex
+    assert not compiled.compiled.broken and compiled.compiled.flex
 
 
 def test_cached_decoding_equals_uncached_forward(kosmos2):

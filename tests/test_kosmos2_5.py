@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import kosmos_cli
-from kosmos_cli.models.layers import DecodeStep
+from kosmos_cli.models.cache import StepPlan
 from kosmos_cli.processing.images import kosmos2_5_patches
 from kosmos_cli.processing.kosmos2_5 import chat_prompt
 from tests.checkpoints import load_kosmos2_5_oracle
@@ -60,7 +60,7 @@ def full_forward(engine, patches, ids, masks):
         embeds = engine.model.encode_images(patches.to(device))
         cache = decoder.new_cache(ids.shape[0], ids.shape[1], dtype=engine.dtype, device=device)
         x = decoder.embed(ids, torch.zeros_like(rows), embeds, masks)
-        return decoder.logits(decoder(x, cache, DecodeStep.prefill_rows(rows)))
+        return decoder.logits(decoder(x, cache, StepPlan.prefill_rows(rows)))
 
 
 @pytest.mark.parametrize("fixture", ["tied", "sharded"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kosmos_cli
+from kosmos_cli.engine import Job
 from kosmos_cli import pipeline
 from kosmos_cli.documents import ErrorJob, PageJob
 from kosmos_cli.models import generation
@@ -131,7 +132,7 @@ def test_out_of_memory_twice_keeps_the_pages_waiting_for_a_retry(engine, clean, 
 def test_out_of_memory_releases_the_kept_cache(engine, monkeypatch):
     """A compiled engine keeps its KV cache between streams; after out-of-memory it must be dropped,
     so the retry with half the slots allocates half the cache instead of reusing the big one."""
-    monkeypatch.setattr(engine, "step", lambda *args: generation.decode_step(*args))  # keeps a cache, no compile
+    monkeypatch.setattr(engine, "compiled", lambda *args: generation.decode_step(*args))  # keeps a cache, no compile
     sizes = []
     real_cache = engine._cache
 
@@ -149,7 +150,7 @@ def test_out_of_memory_releases_the_kept_cache(engine, monkeypatch):
 
 def test_out_of_memory_in_the_compiled_step_keeps_compiling(engine):
     """Only a compiler failure turns compiling off; running out of memory is the caller's to handle."""
-    step = generation.CompiledStep(torch.device("cpu"), 96)
+    step = generation.CompiledDecodeStep(torch.device("cpu"), 96)
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
@@ -185,14 +186,14 @@ def test_a_stream_refuses_a_job_beyond_its_bounds_before_working_on_it(engine, m
     encoded = []
     monkeypatch.setattr(engine.model, "encode_images", lambda x: encoded.append(x) or pytest.fail("worked on it"))
     prompt_tokens = engine.prompt_length("<ocr>")
-    jobs = iter([(0, engine.prepare(IMAGES[0]), "<ocr>", 50)])
+    jobs = iter([Job(0, engine.prepare(IMAGES[0]), "<ocr>", 50)])
     with pytest.raises(ValueError, match="job 0: .* exceed the stream's bounds"):
         list(engine.stream(jobs, slots=1, max_prompt_tokens=prompt_tokens, max_new_tokens=10))
     assert not encoded
 
 
 def test_an_engine_runs_one_stream_at_a_time(engine):
-    jobs = [(i, engine.prepare(im), "<ocr>", 3) for i, im in enumerate(IMAGES[:2])]
+    jobs = [Job(i, engine.prepare(im), "<ocr>", 3) for i, im in enumerate(IMAGES[:2])]
     first = engine.stream(iter(jobs), slots=1, max_prompt_tokens=engine.prompt_length("<ocr>"), max_new_tokens=3)
     next(first)
     with pytest.raises(RuntimeError, match="already running a stream"):

@@ -15,7 +15,9 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch.fx.experimental import _config as fx_config
 
-from .layers import DecodeStep, KVCache, TextDecoder, flex_decoding
+from .cache import KVCache, StepPlan
+from .decoder import TextDecoder
+from .layers import flex_decoding
 
 # The loop guard copies the generated tokens to the host and scans them in Python, so it runs less often.
 LOOP_CHECK_EVERY = 32
@@ -101,7 +103,7 @@ class DecodeSettings:
     loop_check: LoopCheck | None = None
 
 
-def generate(
+def stream(
     encode_images: Callable[[torch.Tensor], torch.Tensor],
     decoder: TextDecoder,
     requests: Iterable[Request],
@@ -111,18 +113,18 @@ def generate(
     settings: DecodeSettings,
     dtype: torch.dtype,
     device: torch.device,
-    step: Callable | None = None,
+    decode: Callable | None = None,
     cache: Callable[[int, int], KVCache] | None = None,
 ) -> Iterator[tuple[Any, Generated]]:
     """Yield (request.key, Generated) as sequences finish (not in request order).
 
     slots: sequences decoded together; capacity: the longest prompt + max_new_tokens any request
-    may need. encode_images(stacked vision inputs) -> image embeddings (n, Q, D). step: the decode
+    may need. encode_images(stacked vision inputs) -> image embeddings (n, Q, D). decode: the decode
     step function (decode_step, or a compiled version of it). cache(slots, capacity): the KV cache
     to use (default: a new one)."""
     cache = cache or (lambda n, c: decoder.new_cache(n, c, dtype=dtype, device=device))
-    batch = _Batch(encode_images, decoder, slots, capacity, settings, dtype, device, step or decode_step, cache)
-    yield from batch.run(iter(requests))
+    batch = _Batch(encode_images, decoder, slots, capacity, settings, dtype, device, decode or decode_step, cache)
+    yield from batch.drain(iter(requests))
 
 
 class _Batch:
@@ -133,8 +135,8 @@ class _Batch:
     never has to read them back."""
 
     @torch.inference_mode()
-    def __init__(self, encode_images, decoder, slots, capacity, settings, dtype, device, step, cache):
-        self.encode_images, self.decoder, self.settings, self.decode_step = encode_images, decoder, settings, step
+    def __init__(self, encode_images, decoder, slots, capacity, settings, dtype, device, decode, cache):
+        self.encode_images, self.decoder, self.settings, self.decode_step = encode_images, decoder, settings, decode
         self.slots, self.device = slots, device
         self.schedule = schedule_for(device)
         # Slack: a finished slot keeps stepping (on pad tokens) until the next sync frees it.
@@ -155,7 +157,8 @@ class _Batch:
         self.lengths_host = [0] * slots
         self.looped: dict[int, int] = {}
 
-    def run(self, requests: Iterator[Request]) -> Iterator[tuple[Any, Generated]]:
+    def drain(self, requests: Iterator[Request]) -> Iterator[tuple[Any, Generated]]:
+        """Decode until every request is done, admitting new ones as slots free up."""
         exhausted = False
         step = 0
         while True:
@@ -164,7 +167,7 @@ class _Batch:
             if all(owner is None for owner in self.owner):
                 return
             for _ in range(self.schedule.sync_every):
-                self._step()
+                self._advance()
                 step += 1
                 if self.settings.loop_check is not None and step % LOOP_CHECK_EVERY == 0:
                     self._check_loops()
@@ -209,7 +212,7 @@ class _Batch:
         lens_t = torch.tensor(lens, device=self.device)
         embeds = self.encode_images(torch.stack([r.vision_input for r in newcomers]).to(self.device))
         x = self.decoder.embed(ids, torch.zeros_like(rows_t), embeds, mask)
-        h = self.decoder(x, self.cache, DecodeStep.prefill_rows(rows_t))
+        h = self.decoder(x, self.cache, StepPlan.prefill_rows(rows_t))
         self.hidden[rows_t] = h[torch.arange(len(rows), device=self.device), lens_t - 1]
         self.tokens[rows_t] = self.settings.pad_id
         self.tokens[rows_t, :width] = ids
@@ -224,7 +227,7 @@ class _Batch:
             self.lengths_host[row] = n
 
     @torch.inference_mode()
-    def _step(self) -> None:
+    def _advance(self) -> None:
         """One decode step for the first k slots (all occupied ones): newcomers take the lowest
         free slots, so k shrinks as the last pages drain (see Schedule.pow2_rows). The math runs in
         `decode_step` (compiled when asked)."""
@@ -312,7 +315,7 @@ def decode_step(decoder, cache, hidden, tokens, lengths, minimums, limits, done,
 
     hidden (k, D), tokens (k, C), lengths/minimums/limits (k,), done (k,) -> (next ids (k,), done
     (k,), new hidden (k, D)). Writes only the KV cache: a pure tensor function, so it can be compiled
-    (and on CUDA captured as a graph) once per (k, span) shape. flex: FlexAttention (see DecodeStep)."""
+    (and on CUDA captured as a graph) once per (k, span) shape. flex: FlexAttention (see StepPlan)."""
     logits = decoder.logits(hidden).float()  # (k, V)
     early = (lengths < minimums).unsqueeze(1)
     logits[:, eos] = logits[:, eos].masked_fill(early, float("-inf"))
@@ -323,17 +326,17 @@ def decode_step(decoder, cache, hidden, tokens, lengths, minimums, limits, done,
     # and recompiles the step on every call.
     done = done | (next_ids[:, None] == eos).any(-1) | (lengths + 1 >= limits)
     x = decoder.embed(next_ids[:, None], lengths)
-    return next_ids, done, decoder(x, cache, DecodeStep.decode_all(lengths, span, flex))[:, 0]
+    return next_ids, done, decoder(x, cache, StepPlan.decode_all(lengths, span, flex))[:, 0]
 
 
-class CompiledStep:
+class CompiledDecodeStep:
     """decode_step through torch.compile (on CUDA with mode="reduce-overhead": CUDA graphs, one per
     (rows, span bucket) shape), attending with FlexAttention where `flex_decoding` says so. Where
     torch cannot compile (no compiler, an unsupported Python or GPU), it warns once and runs the
     plain function (SDPA) from then on."""
 
-    def __init__(self, device: torch.device, head_dim: int):
-        self.flex = flex_decoding(device, head_dim)
+    def __init__(self, device: torch.device, head_dim: int, attention: str = "auto"):
+        self.flex = flex_decoding(device, head_dim, attention)
         self.broken = False
         mode = "reduce-overhead" if device.type == "cuda" else None
         try:

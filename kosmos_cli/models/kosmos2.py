@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Kosmos2Config, Kosmos2VisionConfig
-from .layers import MultiheadAttention, Resampler, TextDecoder, activation
+from .decoder import TextDecoder
+from .layers import MultiheadAttention, Resampler, activation
 
 
 class CLIPMLP(nn.Module):

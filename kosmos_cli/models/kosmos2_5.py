@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Kosmos25Config, Kosmos25VisionConfig
-from .layers import MultiheadAttention, Resampler, RMSNorm, TextDecoder, activation
+from .decoder import TextDecoder
+from .layers import MultiheadAttention, Resampler, RMSNorm, activation
 
 
 class GatedMLP(nn.Module):

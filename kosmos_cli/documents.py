@@ -10,8 +10,11 @@ An input argument is a file, a directory (walked recursively), a glob (``*``, ``
 ``**`` for any depth), or ``-``: paths read from stdin, one a line (blank lines ignored; these are
 literal paths, files or directories, never globs). Directory walks and glob matches keep only
 supported extensions (case-insensitive: .pdf .png .jpg .jpeg .tif .tiff .webp .bmp .gif), skip hidden
-names (starting with ``.``), do not follow symlinked directories, and are sorted naturally
-(``scan2.png`` before ``scan10.png``). A file named explicitly must have a supported extension.
+names (starting with ``.``; a glob part that starts with ``.`` matches them), do not follow symlinked
+directories (a directory named literally, or a glob's fixed leading folders, may be a symlink), and
+are sorted naturally (``scan2.png`` before ``scan10.png``). Only regular files are documents: walks and
+globs skip others (named pipes, sockets, devices) with a note, an `InputError` whose ``warning`` is
+set; a file named explicitly must be a regular file with a supported extension.
 Missing paths, globs that match nothing and unsupported files become `InputError`s, never exceptions.
 Files are deduplicated by their resolved path, first occurrence wins.
 
@@ -40,8 +43,9 @@ a page; GIF, animated WebP and MPO contribute their first frame only (animation 
 pages); the EXIF orientation is applied (any format that carries it, JPEG and TIFF in practice);
 transparency is composited on white; 16-bit and float images are scaled to 8 bits.
 Every failure is one exception type, `DocumentError(path, reason)`: unreadable, empty, corrupt or
-truncated file, unsupported type, encrypted PDF without or with a wrong password, images or pages
-over `MAX_PIXELS` (decompression bombs included; the limit admits large legitimate scans).
+truncated file, not a regular file, unsupported type, encrypted PDF without or with a wrong password,
+images or pages over `MAX_PIXELS` (decompression bombs included; the limit admits large legitimate
+scans).
 
 Threads
 -------
@@ -54,11 +58,12 @@ threads through a bounded window, so memory stays bounded by ``depth`` pages wha
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import math
 import os
 import queue
 import re
+import stat
 import sys
 import threading
 import warnings
@@ -138,10 +143,14 @@ class DocumentError(Exception):
 
 @dataclass(frozen=True)
 class InputError:
-    """An input argument (or stdin line) that yields nothing: missing, unsupported, empty glob, …"""
+    """An input argument (or stdin line) that yields nothing: missing, unsupported, empty glob, …
+
+    ``warning`` marks notes that are not failures (a named pipe skipped in a folder).
+    """
 
     path: str
     reason: str
+    warning: bool = False
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
@@ -183,7 +192,7 @@ def _glob_root(pattern: str) -> Path:
 
 
 def _walk(directory: Path, errors: list[InputError]) -> list[Path]:
-    """Supported files under ``directory``, recursively, hidden names skipped, naturally sorted."""
+    """Supported regular files under ``directory``, recursively, hidden names skipped, naturally sorted."""
     found: list[Path] = []
 
     def onerror(exc: OSError) -> None:
@@ -193,10 +202,83 @@ def _walk(directory: Path, errors: list[InputError]) -> list[Path]:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             p = Path(dirpath, name)
-            if not name.startswith(".") and _supported(p):
+            if not name.startswith(".") and _supported(p) and _regular(p, errors):
                 found.append(p)
     found.sort(key=lambda p: _natural_key(p.relative_to(directory)))
     return found
+
+
+_FILE_KINDS = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+               (stat.S_ISBLK, "block device"))
+
+
+def _not_regular(mode: int) -> str | None:
+    """Why a file of this st_mode is no document ("not a regular file (named pipe)"), or None."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "special file")
+    return f"not a regular file ({kind})"
+
+
+def _regular(path: Path, errors: list[InputError]) -> bool:
+    """False, with a note, for a found file that is not a regular file (opening a FIFO would hang)."""
+    try:
+        why = _not_regular(path.stat().st_mode)
+    except OSError:  # a broken symlink or a race: opening it reports the precise error
+        return True
+    if why:
+        errors.append(InputError(str(path), f"{why}, skipped", warning=True))
+    return why is None
+
+
+def _glob(pattern: str) -> list[Path]:
+    """Paths matching ``pattern`` like ``glob.glob(recursive=True)``, but without following symlinked
+    directories (a loop like ``self -> .`` would make glob run forever), deduplicated, unsorted."""
+    parts = Path(pattern).parts
+    first = next(i for i, part in enumerate(parts) if _has_magic(part))
+    return list(dict.fromkeys(_match(Path(*parts[:first]), parts[first:])))
+
+
+def _match(base: Path, parts: tuple[str, ...]) -> Iterator[Path]:
+    """Paths below ``base`` that match the pattern parts ``parts`` (see `_glob`)."""
+    head, rest = parts[0], parts[1:]
+    if head == "**":
+        if not rest:  # everything below base: the walk of base finds it
+            yield base
+            return
+        yield from _match(base, rest)  # ** matches no folder too
+        for entry in _entries(base):
+            if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
+                yield from _match(base / entry.name, parts)
+    elif not _has_magic(head):  # a literal part, as typed: followed even if it is a symlink
+        path = base / head
+        if not rest:
+            if os.path.lexists(path):
+                yield path
+        elif path.is_dir():
+            yield from _match(path, rest)
+    else:
+        for entry in _entries(base):
+            if entry.name.startswith(".") and not head.startswith("."):
+                continue
+            if not fnmatch.fnmatch(entry.name, head):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                if rest:
+                    yield from _match(base / entry.name, rest)
+                else:
+                    yield base / entry.name
+            elif not rest and not entry.is_dir():  # a file, or a symlink to one (not to a folder)
+                yield base / entry.name
+
+
+def _entries(directory: Path) -> list[os.DirEntry]:
+    """The entries of ``directory``, none if it cannot be read."""
+    try:
+        with os.scandir(directory) as it:
+            return list(it)
+    except OSError:  # unreadable or vanished: matches nothing, as with glob
+        return []
 
 
 def _os_reason(exc: OSError) -> str:
@@ -233,6 +315,7 @@ def collect_inputs(
         try:
             is_dir = p.is_dir()
             exists = is_dir or p.exists()
+            why = _not_regular(p.stat().st_mode) if exists and not is_dir else None
         except OSError as exc:  # e.g. a parent folder without search permission
             errors.append(InputError(arg, _os_reason(exc)))
             return
@@ -244,6 +327,8 @@ def collect_inputs(
             if not files:
                 errors.append(InputError(arg, f"no supported files in directory ({_SUPPORTED_LIST})"))
             found.extend((f, p) for f in files)
+        elif why:
+            errors.append(InputError(arg, why))
         elif not _supported(p):
             errors.append(InputError(arg, f"unsupported file type {p.suffix or '(none)'!r} ({_SUPPORTED_LIST})"))
         else:
@@ -262,14 +347,12 @@ def collect_inputs(
                     add_path(line)
         elif _has_magic(arg) and not os.path.lexists(arg):
             root = _glob_root(arg)
-            matches = sorted(glob.glob(arg, recursive=True), key=lambda m: _natural_key(Path(m)))
+            matches = sorted(_glob(arg), key=_natural_key)
             n_before = len(found)
-            for m in matches:
-                mp = Path(m)
+            for mp in matches:
                 if mp.is_dir():
-                    files = _walk(mp, errors)
-                    found.extend((f, root) for f in files)
-                elif _supported(mp):
+                    found.extend((f, root) for f in _walk(mp, errors))
+                elif _supported(mp) and _regular(mp, errors):
                     found.append((mp, root))
             if len(found) == n_before:
                 why = "no supported files match" if matches else "no files match"
@@ -592,10 +675,16 @@ def open_document(
     if dpi is None or not dpi > 0:
         raise ValueError(f"dpi must be positive, got {dpi!r}")
     try:
+        mode = os.stat(source).st_mode
+    except OSError as exc:
+        raise DocumentError(source, _os_reason(exc)) from None
+    if stat.S_ISDIR(mode):
+        raise DocumentError(source, "is a directory")
+    if why := _not_regular(mode):  # opening a named pipe would wait for a writer forever
+        raise DocumentError(source, why)
+    try:
         with open(source, "rb") as f:
             head = f.read(1024)
-    except IsADirectoryError:
-        raise DocumentError(source, "is a directory") from None
     except OSError as exc:
         raise DocumentError(source, _os_reason(exc)) from None
     if not head:

@@ -7,8 +7,10 @@ import io
 import math
 import os
 import random
+import signal
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pypdfium2 as pdfium
@@ -20,6 +22,7 @@ from kosmos_cli.documents import (
     DEFAULT_DPI,
     DocumentError,
     ErrorJob,
+    InputError,
     InputFile,
     PageJob,
     collect_inputs,
@@ -46,6 +49,34 @@ def near(a, b, tol=12):
 
 def kosmos_threads():
     return [t for t in threading.enumerate() if t.name.startswith("kosmos")]
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail with TimeoutError instead of hanging (SIGALRM interrupts blocking calls like open())."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextmanager
+def unblocking(pipe: Path, seconds: float = 5):
+    """After ``seconds``, free whoever waits to open the named pipe for reading (in any thread, where
+    SIGALRM cannot reach), so that a test of code that opens it fails instead of hanging."""
+    timer = threading.Timer(seconds, lambda: os.close(os.open(pipe, os.O_RDWR)))  # O_RDWR never waits
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,6 +217,55 @@ def test_symlinked_duplicates_deduplicated(tree):
     os.symlink(Path("scans/p10.png").resolve(), "link.png")
     paths, _ = expand_inputs(["scans/p10.png", "link.png"])
     assert [p.as_posix() for p in paths] == ["scans/p10.png"]
+
+
+def test_globs_do_not_follow_symlink_loops(tree):
+    os.symlink(".", "scans/self")
+    os.symlink("..", "scans/sub/up")
+    with deadline(20):
+        files, errors = collect_inputs(["scans/**/*.png", "scans/**/*.JPG", "scans/**"])
+    assert errors == []
+    assert [f.path.as_posix() for f in files] == [
+        "scans/p10.png", "scans/sub/deep/x.JPG", "scans/a/doc.pdf", "scans/b/doc.pdf", "scans/p2.PNG",
+    ]
+    assert [f.stem for f in files] == ["p10", "sub/deep/x", "a/doc", "b/doc", "p2"]
+    # the same semantics as before otherwise: hidden names skipped unless the pattern asks for them
+    assert [p.as_posix() for p in expand_inputs(["scans/.*.png"])[0]] == ["scans/.hidden.png"]
+    assert [p.as_posix() for p in expand_inputs(["scans/*/d*/*"])[0]] == ["scans/sub/deep/x.JPG"]
+
+
+def test_globs_skip_symlinked_directories_but_follow_symlinked_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    touch_image(Path("elsewhere/far.png"))
+    touch_image(Path("scans/near.png"))
+    os.symlink(Path("elsewhere").resolve(), "scans/linked")
+    os.symlink(Path("scans/near.png").resolve(), "scans/twin.png")
+    paths, _ = expand_inputs(["scans/**/*.png"])
+    assert [p.as_posix() for p in paths] == ["scans/near.png"]  # twin.png: the same file, deduplicated
+    paths, errors = expand_inputs(["scans/l*"])
+    assert paths == [] and errors[0].reason == "no files match"
+    # a folder given literally is the user's choice, symlink or not
+    assert [p.as_posix() for p in expand_inputs(["scans/linked"])[0]] == ["scans/linked/far.png"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_fifo_in_a_folder_or_glob_is_skipped_with_a_note(tree):
+    os.mkfifo("scans/pipe.pdf")
+    os.mkfifo("scans/pipe.txt")  # unsupported names are ignored as always
+    with deadline(10), unblocking(Path("scans/pipe.pdf")):
+        files, errors = collect_inputs(["scans", "scans/**/*.pdf"])
+        assert "scans/pipe.pdf" not in [f.path.as_posix() for f in files]
+        assert [(e.path, e.reason, e.warning) for e in errors] == [
+            ("scans/pipe.pdf", "not a regular file (named pipe), skipped", True),
+            ("scans/pipe.pdf", "not a regular file (named pipe), skipped", True),
+        ]
+        assert not InputError("x", "y").warning  # failures stay failures by default
+        files, errors = collect_inputs(["scans/pipe.pdf"])  # named explicitly: a failure
+        assert files == [] and [(e.reason, e.warning) for e in errors] == [("not a regular file (named pipe)", False)]
+        with pytest.raises(DocumentError, match=r"not a regular file \(named pipe\)"):
+            open_document("scans/pipe.pdf")
+        (item,) = iter_pages([Path("scans/pipe.pdf")])
+        assert isinstance(item, ErrorJob) and "not a regular file" in item.error
 
 
 # --------------------------------------------------------------------------------------------------
@@ -719,3 +799,28 @@ def test_prefetch_early_stop_on_real_pdf_closes_document(tmp_path):
     job = next(gen)
     gen.close()
     assert job.document.closed and not kosmos_threads()
+
+
+# --------------------------------------------------------------------------------------------------
+# Through the CLI (no page reaches the model, so none is loaded)
+# --------------------------------------------------------------------------------------------------
+
+
+def kosmos(*args):
+    from typer.testing import CliRunner
+
+    from kosmos_cli.cli import app
+
+    result = CliRunner().invoke(app, ["md", *map(str, args), "--model", "/nonexistent/model"])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_cli_named_pipe_is_refused_not_waited_for(tmp_path):
+    pipe = tmp_path / "pipe.pdf"
+    os.mkfifo(pipe)
+    with deadline(20), unblocking(pipe):
+        result = kosmos(pipe)
+    assert result.exit_code == 1
+    assert f"kosmos: {pipe}: not a regular file (named pipe)\n" in result.stderr

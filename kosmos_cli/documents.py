@@ -38,14 +38,15 @@ Documents and pages
 -------------------
 `open_document` opens lazily: it reads only what is needed for ``num_pages``; `Document.page(i)`
 renders one page (0-based index) as an RGB PIL image. PDFs are rendered by pypdfium2 at ``dpi``
-(scale = dpi/72; annotations drawn, white background). Images are read by Pillow: every TIFF frame is
-a page; GIF, animated WebP and MPO contribute their first frame only (animation frames are not
-pages); the EXIF orientation is applied (any format that carries it, JPEG and TIFF in practice);
-transparency is composited on white; 16-bit and float images are scaled to 8 bits.
+(scale = dpi/72; annotations and filled form fields drawn, white background). Images are read by
+Pillow: every TIFF frame is a page; GIF, animated WebP and MPO contribute their first frame only
+(animation frames are not pages); the EXIF orientation is applied (any format that carries it, JPEG
+and TIFF in practice); transparency is composited on white; 16-bit and float images are scaled to 8
+bits.
 Every failure is one exception type, `DocumentError(path, reason)`: unreadable, empty, corrupt or
-truncated file, not a regular file, unsupported type, encrypted PDF without or with a wrong password,
-images or pages over `MAX_PIXELS` (decompression bombs included; the limit admits large legitimate
-scans).
+truncated file, not a regular file, unsupported type, encrypted PDF without or with a wrong password
+(AES-256 passwords are also tried SASLprep'd, as PDF 2.0 says), images or pages over `MAX_PIXELS`
+(decompression bombs included; the limit admits large legitimate scans).
 
 Threads
 -------
@@ -64,8 +65,10 @@ import os
 import queue
 import re
 import stat
+import stringprep
 import sys
 import threading
+import unicodedata
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -612,7 +615,7 @@ class Document:
                         f"{self.max_pixels:,} (page is {w_pt / 72:.0f}×{h_pt / 72:.0f} in); use a lower --dpi",
                     )
                 try:
-                    bitmap = page.render(scale=scale, may_draw_forms=False)
+                    bitmap = page.render(scale=scale)  # annotations, and form fields (see init_forms)
                 except Exception as exc:
                     raise DocumentError(self.source, f"page {index + 1}: render failed ({exc})") from None
                 try:
@@ -699,42 +702,28 @@ def open_document(
 
 def _open_pdf(source: Path, dpi: float, password: str | None, max_pixels: int) -> Document:
     import pypdfium2 as pdfium
+    import pypdfium2.raw as pdfium_c
 
-    def load(pw):
-        try:
-            return pdfium.PdfDocument(str(source), password=pw)
-        except pdfium.PdfiumError as exc:
-            # PDFs with only an owner password (print/copy restrictions) open without one; one
-            # --password for a batch must not break them.
-            if pw and getattr(exc, "err_code", None) == 4:
-                try:
-                    return pdfium.PdfDocument(str(source), password=None)
-                except pdfium.PdfiumError:
-                    pass
-            raise
-
+    path = os.fsencode(source) + b"\0"
     with PDFIUM_LOCK:
+        # FPDF_GetLastError is process-global and only set when a load fails, so it is read only right
+        # after FPDF_LoadDocument returned no document (which always sets it); a page-less PDF loads
+        # and is told by its page count, never by a code left over from an earlier file.
+        raw = code = None
+        for pw in [None] if password is None else _password_tries(password):
+            raw = pdfium_c.FPDF_LoadDocument(path, pw)
+            if raw:
+                break
+            code = pdfium_c.FPDF_GetLastError()
+            if code != pdfium_c.FPDF_ERR_PASSWORD:
+                break
+        if not raw:
+            raise DocumentError(source, _pdf_failure(code, password))
+        pdf = pdfium.PdfDocument(raw)
         try:
-            pdf = load(password)
-        except pdfium.PdfiumError as exc:
-            # FPDF_GetLastError is process-global and not reset by a successful call, so a code can be
-            # stale (e.g. a page-less PDF fails without setting one): confirm "password" in the file.
-            code = getattr(exc, "err_code", None)
-            if code == 4 and not _mentions_encrypt(source):
-                code = None
-            if code == 4:  # FPDF_ERR_PASSWORD
-                if password:
-                    raise DocumentError(source, "PDF is encrypted and the password is wrong (--password)") from None
-                raise DocumentError(source, "PDF is encrypted; pass --password") from None
-            if code == 5:  # FPDF_ERR_SECURITY
-                raise DocumentError(source, "PDF uses an unsupported security handler") from None
-            if code == 0:  # load failed with "success": pdfium refuses documents without pages
-                raise DocumentError(source, "PDF has no pages (or an unreadable page tree)") from None
-            if code == 2:  # FPDF_ERR_FILE
-                raise DocumentError(source, "cannot open file") from None
-            raise DocumentError(source, "not a PDF, or a corrupt, truncated or page-less one") from None
-        except OSError as exc:
-            raise DocumentError(source, _os_reason(exc)) from None
+            pdf.init_forms()  # before any page is loaded, so that filled form fields are drawn
+        except pdfium.PdfiumError:
+            pass  # the form fields' values are not drawn; the page is
         try:
             n = len(pdf)
         except Exception as exc:
@@ -742,22 +731,58 @@ def _open_pdf(source: Path, dpi: float, password: str | None, max_pixels: int) -
             raise DocumentError(source, f"cannot count pages ({exc})") from None
         if n < 1:
             pdf.close()
-            raise DocumentError(source, "PDF has no pages")
+            raise DocumentError(source, "PDF has no pages (or an unreadable page tree)")
     return Document(source, "pdf", n, dpi, max_pixels, pdf=pdf, fmt="PDF")
 
 
-def _mentions_encrypt(source: Path) -> bool:
-    """Whether the file contains an /Encrypt key (scanned in chunks; only used on failure)."""
-    tail = b""
-    try:
-        with open(source, "rb") as f:
-            while chunk := f.read(1 << 20):
-                if b"/Encrypt" in tail + chunk:
-                    return True
-                tail = chunk[-16:]
-    except OSError:
-        return False
-    return False
+def _pdf_failure(code: int, password: str | None) -> str:
+    """The reason for a failed FPDF_LoadDocument, from its error code."""
+    import pypdfium2.raw as pdfium_c
+
+    if code == pdfium_c.FPDF_ERR_PASSWORD:
+        if password:
+            return "PDF is encrypted and the password is wrong (--password)"
+        return "PDF is encrypted; pass --password"
+    if code == pdfium_c.FPDF_ERR_SECURITY:
+        return "PDF uses an unsupported security handler"
+    if code == pdfium_c.FPDF_ERR_FILE:
+        return "cannot open file"
+    return "not a PDF, or a corrupt or truncated one"
+
+
+def _password_tries(password: str) -> list[bytes | None]:
+    """Passwords to try, in order: as given; SASLprep'd when that differs (PDF 2.0 processes AES-256
+    passwords so, then keeps 127 bytes); none, since a PDF with only an owner password opens without
+    one and one --password for a batch must not break it."""
+    given = password.encode("utf-8", "surrogateescape")
+    tries: list[bytes | None] = [given + b"\0"]
+    prepared = _saslprep(password)
+    if prepared is not None and prepared.encode()[:127] != given:
+        tries.append(prepared.encode()[:127] + b"\0")
+    tries.append(None)
+    return tries
+
+
+_PROHIBITED = (
+    stringprep.in_table_c12, stringprep.in_table_c21_c22, stringprep.in_table_c3, stringprep.in_table_c4,
+    stringprep.in_table_c5, stringprep.in_table_c6, stringprep.in_table_c7, stringprep.in_table_c8,
+    stringprep.in_table_c9,
+)
+
+
+def _saslprep(text: str) -> str | None:
+    """``text`` prepared by SASLprep (RFC 4013, as a query: unassigned code points allowed), or None
+    when it holds a prohibited character or breaks the bidi rule, so that no password can match it."""
+    mapped = "".join(" " if stringprep.in_table_c12(c) else c for c in text if not stringprep.in_table_b1(c))
+    prepared = unicodedata.normalize("NFKC", mapped)
+    if any(prohibited(c) for c in prepared for prohibited in _PROHIBITED):
+        return None
+    if any(stringprep.in_table_d1(c) for c in prepared):  # right-to-left text (RFC 3454, section 6)
+        if any(stringprep.in_table_d2(c) for c in prepared):
+            return None
+        if not (stringprep.in_table_d1(prepared[0]) and stringprep.in_table_d1(prepared[-1])):
+            return None
+    return prepared
 
 
 def _open_image(source: Path, dpi: float, max_pixels: int) -> Document:

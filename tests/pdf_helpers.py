@@ -2,7 +2,8 @@
 
 `make_pdf` writes a minimal PDF by hand, optionally encrypted with the standard security handler
 (revision 2, 40-bit RC4: MD5 and RC4 are a few lines of Python), which pdfium opens like any other.
-`make_image_pdf` uses pypdfium2 itself to place a coloured square on every page.
+`make_image_pdf` uses pypdfium2 itself to place a coloured square on every page; `make_form_pdf` writes
+a page with one filled text field.
 """
 
 from __future__ import annotations
@@ -41,6 +42,24 @@ def _pad(pw: str) -> bytes:
 BLACK_BOX = b"0 0 0 rg 20 20 60 60 re f"  # a black 60×60 pt square at (20, 20) from the bottom left
 
 
+def _write_objects(path: Path, objs: dict[int, bytes], trailer: str = "") -> Path:
+    """Serialise numbered objects with an xref table; object 1 is the catalog."""
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = {}
+    for num in sorted(objs):
+        offsets[num] = len(out)
+        out += f"{num} 0 obj\n".encode() + objs[num] + b"\nendobj\n"
+    xref = len(out)
+    count = max(objs) + 1
+    out += f"xref\n0 {count}\n0000000000 65535 f \n".encode()
+    for num in range(1, count):
+        out += f"{offsets[num]:010d} 00000 n \n".encode()
+    out += f"trailer\n<< /Size {count} /Root 1 0 R {trailer} >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(bytes(out))
+    return Path(path)
+
+
 def make_pdf(
     path: Path,
     pages: list[bytes] | int = 1,
@@ -75,23 +94,37 @@ def make_pdf(
         if key is not None:
             data = _rc4(hashlib.md5(key + struct.pack("<i", cn)[:3] + b"\0\0").digest()[:10], data)
         objs[cn] = f"<< /Length {len(data)} >>\nstream\n".encode() + data + b"\nendstream"
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = {}
-    for num in sorted(objs):
-        offsets[num] = len(out)
-        out += f"{num} 0 obj\n".encode() + objs[num] + b"\nendobj\n"
-    xref = len(out)
-    count = max(objs) + 1
-    out += f"xref\n0 {count}\n0000000000 65535 f \n".encode()
-    for num in range(1, count):
-        out += f"{offsets[num]:010d} 00000 n \n".encode()
-    trailer = f"trailer\n<< /Size {count} /Root 1 0 R /ID [<{file_id.hex()}> <{file_id.hex()}>]"
+    trailer = f"/ID [<{file_id.hex()}> <{file_id.hex()}>]"
     if key is not None:
         trailer += f" /Encrypt {enc_num} 0 R"
-    out += (trailer + f" >>\nstartxref\n{xref}\n%%EOF\n").encode()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(bytes(out))
-    return Path(path)
+    return _write_objects(path, objs, trailer)
+
+
+# The widget of `make_form_pdf`, in points from the bottom left of its 200×100 pt page.
+FORM_FIELD_RECT = (20, 30, 180, 60)
+
+
+def make_form_pdf(path: Path, value: str = "FILLED") -> Path:
+    """A 200×100 pt page whose only content is a filled text field (AcroForm widget at `FORM_FIELD_RECT`).
+
+    The value is drawn only by the widget's appearance stream (Helvetica 14 pt, black), as form-filling
+    applications save it; the page's own content is empty.
+    """
+    x0, y0, x1, y1 = FORM_FIELD_RECT
+    appearance = f"/Tx BMC q BT /Helv 14 Tf 0 g 4 8 Td ({value}) Tj ET Q EMC".encode()
+    objs = {
+        1: b"<< /Type /Catalog /Pages 2 0 R /AcroForm << /Fields [4 0 R] /DA (/Helv 0 Tf 0 g) "
+           b"/DR << /Font << /Helv 6 0 R >> >> >> >>",
+        2: b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        3: b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 100] /Annots [4 0 R] >>",
+        4: f"<< /Type /Annot /Subtype /Widget /FT /Tx /T (name) /V ({value}) /Rect [{x0} {y0} {x1} {y1}] "
+           f"/P 3 0 R /F 4 /DA (/Helv 14 Tf 0 g) /AP << /N 5 0 R >> >>".encode(),
+        5: f"<< /Type /XObject /Subtype /Form /BBox [0 0 {x1 - x0} {y1 - y0}] "
+           f"/Resources << /Font << /Helv 6 0 R >> >> /Length {len(appearance)} >>\nstream\n".encode()
+           + appearance + b"\nendstream",
+        6: b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>",
+    }
+    return _write_objects(path, objs)
 
 
 def page_color(k: int) -> tuple[int, int, int]:

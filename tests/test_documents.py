@@ -32,7 +32,7 @@ from kosmos_cli.documents import (
     parse_pages,
     prefetch,
 )
-from pdf_helpers import make_image_pdf, make_pdf, page_color, png_header_only
+from pdf_helpers import FORM_FIELD_RECT, make_form_pdf, make_image_pdf, make_pdf, page_color, png_header_only
 
 IMAGE_EXTS = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif"]
 
@@ -373,6 +373,74 @@ def test_stale_pdfium_error_code_is_not_reported_as_encryption(tmp_path):
     with pytest.raises(DocumentError) as info:
         open_document(path)
     assert "encrypted" not in str(info.value)
+
+
+def test_filled_form_fields_are_drawn(tmp_path):
+    path = make_form_pdf(tmp_path / "form.pdf")
+    with open_document(path, dpi=72) as doc:
+        im = doc.page(0).convert("L")
+    x0, y0, x1, y1 = FORM_FIELD_RECT
+    field = im.crop((x0, im.height - y1, x1, im.height - y0))
+    assert field.getextrema()[0] < 64  # the value's glyphs are dark
+    outside = im.crop((0, 0, im.width, im.height - y1))
+    assert outside.getextrema() == (255, 255)
+
+
+def test_pdf_error_messages_do_not_depend_on_the_file_before(tmp_path):
+    """pdfium's last-error code is process-global: each file's message must come from that file alone."""
+    broken = tmp_path / "broken.pdf"
+    broken.write_bytes(b"%PDF-1.4\nnot really\n")
+    pageless = tmp_path / "none.pdf"
+    pdf = pdfium.PdfDocument.new()
+    pdf.save(str(pageless))
+    pdf.close()
+    encrypted = make_pdf(tmp_path / "enc.pdf", 1, user_password="x")
+    good = make_pdf(tmp_path / "good.pdf", 1)
+
+    def message(path):
+        try:
+            open_document(path).close()
+        except DocumentError as exc:
+            return exc.reason
+        return None
+
+    for target in (broken, pageless):
+        after = {before.name: (message(before), message(target))[1] for before in (encrypted, good, broken, pageless)}
+        assert len(set(after.values())) == 1, after
+    assert "encrypted" not in message(pageless) and "no pages" in message(pageless)
+    assert "corrupt" in message(broken)
+
+
+def test_saslprep():
+    sasl = D._saslprep
+    assert sasl("I\u00adX") == "IX"  # soft hyphen: mapped to nothing (RFC 4013 examples)
+    assert sasl("user") == "user" and sasl("USER") == "USER"
+    assert sasl("\u00aa") == "a" and sasl("\u2168") == "IX"  # NFKC
+    assert sasl("pass\u00a0word") == "pass word"  # non-ASCII space → space
+    assert sasl("\ufb01le") == "file" and sasl("\uff46\uff49\uff4c\uff45") == "file"
+    assert sasl("\u0007") is None  # prohibited: control character
+    assert sasl("\u0627\u0031") is None  # bidi: RandAL first but not last
+    assert sasl("\u0627\u0031\u0628") == "\u0627\u0031\u0628"
+
+
+@pytest.mark.parametrize("typed", ["\ufb01le", "\uff46\uff49\uff4c\uff45", "fi\u00adle"])
+def test_aes256_password_is_saslprepped(tmp_path, typed):
+    """PDF 2.0: an R6 password is SASLprep'd, so what a user types opens what a conforming writer stored."""
+    pikepdf = pytest.importorskip("pikepdf")
+    path = tmp_path / "r6.pdf"
+    with pikepdf.new() as pdf:
+        pdf.add_blank_page(page_size=(200, 100))
+        pdf.save(path, encryption=pikepdf.Encryption(user="file", owner="owner-pw", R=6))
+    with open_document(path, password=typed) as doc:
+        assert doc.num_pages == 1
+    with pytest.raises(DocumentError, match="password is wrong"):
+        open_document(path, password="fi1e")
+    # a writer that stored the password unprocessed still gets what the user typed, first
+    raw = tmp_path / "raw.pdf"
+    with pikepdf.new() as pdf:
+        pdf.add_blank_page(page_size=(200, 100))
+        pdf.save(raw, encryption=pikepdf.Encryption(user=typed, owner="owner-pw", R=6))
+    assert open_document(raw, password=typed).num_pages == 1
 
 
 def test_pdf_sniffed_by_content(tmp_path):

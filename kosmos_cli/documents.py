@@ -52,9 +52,11 @@ Threads
 -------
 PDFium is not thread-safe: no two pdfium calls may run at the same time, even on different
 documents. Every pdfium call in this module (open, page count, render, close) holds the one
-module-level `PDFIUM_LOCK`; other modules that call pypdfium2 must take it too. Image pages reopen
-their file on every call and are safe to render from any thread. `prefetch` renders in background
-threads through a bounded window, so memory stays bounded by ``depth`` pages whatever the page count.
+module-level `PDFIUM_LOCK`; other modules that call pypdfium2 must take it too. A document dropped
+without `close` while another thread holds the lock is closed by the next pdfium call here, so a
+finalizer never waits. Image pages reopen their file on every call and are safe to render from any
+thread. `prefetch` renders in background threads through a bounded window, so memory stays bounded by
+``depth`` pages whatever the page count.
 """
 
 from __future__ import annotations
@@ -542,6 +544,17 @@ def _read_reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+# PDF handles whose Document was dropped while another thread held PDFIUM_LOCK: closed by the next
+# holder of the lock (see Document.__del__).
+_ORPHANS: list = []
+
+
+def _close_orphans() -> None:
+    """Close the handles finalizers left behind; call with PDFIUM_LOCK held."""
+    while _ORPHANS:
+        _ORPHANS.pop().close()
+
+
 class Document:
     """An opened PDF or image file. ``page(i)`` (0-based) renders one page at a time as RGB.
 
@@ -569,10 +582,20 @@ class Document:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self) -> None:  # close under the lock, not from pypdfium2's finalizer on a random thread
+    def __del__(self) -> None:
+        # Close under the lock, not from pypdfium2's own finalizer on a random thread. A finalizer must
+        # neither wait (a render elsewhere may hold the lock for seconds) nor raise (a Ctrl-C landing here
+        # would be printed as "Exception ignored"): if the lock is busy, the next holder closes the handle.
         try:
-            self.close()
-        except Exception:
+            if self._pdf is not None:
+                _ORPHANS.append(self._pdf)
+                self._pdf = None
+                if PDFIUM_LOCK.acquire(blocking=False):
+                    try:
+                        _close_orphans()
+                    finally:
+                        PDFIUM_LOCK.release()
+        except BaseException:  # nothing a finalizer could do with it
             pass
 
     @property
@@ -581,6 +604,7 @@ class Document:
 
     def close(self) -> None:
         with PDFIUM_LOCK:
+            _close_orphans()
             if self._closed:
                 return
             self._closed = True
@@ -599,6 +623,7 @@ class Document:
     def _render_pdf(self, index: int) -> Image.Image:
         scale = self.dpi / 72.0
         with PDFIUM_LOCK:
+            _close_orphans()
             if self._closed:
                 raise DocumentError(self.source, "document is closed")
             try:
@@ -706,6 +731,7 @@ def _open_pdf(source: Path, dpi: float, password: str | None, max_pixels: int) -
 
     path = os.fsencode(source) + b"\0"
     with PDFIUM_LOCK:
+        _close_orphans()
         # FPDF_GetLastError is process-global and only set when a load fails, so it is read only right
         # after FPDF_LoadDocument returned no document (which always sets it); a page-less PDF loads
         # and is told by its page count, never by a code left over from an earlier file.

@@ -8,6 +8,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -470,6 +471,52 @@ def test_concurrent_pdf_renders_are_serialised_and_correct(tmp_path):
     assert errors == []
     for d in docs:
         d.close()
+
+
+@pytest.fixture
+def unraisable(monkeypatch):
+    """Exceptions Python would print as "Exception ignored in ..." (from finalizers)."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: seen.append(info.exc_type))
+    return seen
+
+
+def test_dropping_a_document_never_blocks_on_the_pdfium_lock(tmp_path, unraisable):
+    doc = open_document(make_pdf(tmp_path / "a.pdf", 1))
+    handle = doc._pdf
+    locked, release = threading.Event(), threading.Event()
+
+    def render_elsewhere():  # stands for a long render in a worker thread
+        with D.PDFIUM_LOCK:
+            locked.set()
+            release.wait(2)
+
+    worker = threading.Thread(target=render_elsewhere)
+    worker.start()
+    locked.wait()
+    started = time.monotonic()
+    del doc
+    gc.collect()
+    assert time.monotonic() - started < 0.5
+    release.set()
+    worker.join()
+    assert handle.raw is not None  # not closed behind the lock's back...
+    open_document(make_pdf(tmp_path / "b.pdf", 1)).close()
+    assert handle.raw is None  # ...but by the next pdfium call
+    assert unraisable == []
+
+
+def test_ctrl_c_in_a_document_finalizer_is_not_printed(tmp_path, unraisable):
+    """A second Ctrl-C during cleanup must not print "Exception ignored in Document.__del__"."""
+
+    class Interrupted:
+        def close(self):
+            raise KeyboardInterrupt
+
+    doc = D.Document(tmp_path / "x.pdf", "pdf", 1, 72, D.MAX_PIXELS, pdf=Interrupted())
+    del doc
+    gc.collect()
+    assert unraisable == []
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,13 +36,17 @@ every file to the same stem (needed for resume).
 
 Documents and pages
 -------------------
-`open_document` opens lazily: it reads only what is needed for ``num_pages``; `Document.page(i)`
-renders one page (0-based index) as an RGB PIL image. PDFs are rendered by pypdfium2 at ``dpi``
-(scale = dpi/72; annotations and filled form fields drawn, white background). Images are read by
-Pillow: every TIFF frame is a page; GIF, animated WebP and MPO contribute their first frame only
-(animation frames are not pages); the EXIF orientation is applied (any format that carries it, JPEG
-and TIFF in practice); transparency is composited on white; 16-bit and float images are scaled to 8
-bits.
+`open_document` opens lazily: it reads only what is needed for ``num_pages``. `Document.page(i)`
+renders one page (0-based index) as a `RenderedPage`: its full pixel ``size`` and a *working image*,
+RGB, that size scaled down (aspect ratio kept, never up) to at most `WORK_PIXELS` pixels, since the
+models read ~1 MP whatever the page size. Results' coordinates are meant for ``size``; the working
+image is what the models (and overlays) see. PDFs are rendered by pypdfium2 at ``dpi`` (the full size
+is the page's extent at dpi/72 pixels per point, rounded up, see `page_pixels`; pdfium renders the
+working size directly; annotations and filled form fields drawn, white background). Images are read
+by Pillow, reduced while still in their own mode (JPEGs decoded at 1/2 to 1/8 scale by libjpeg): every
+TIFF frame is a page; GIF, animated WebP and MPO contribute their first frame only (animation frames
+are not pages); the EXIF orientation is applied (any format that carries it, JPEG and TIFF in
+practice); transparency is composited on white; 16-bit and float images are scaled to 8 bits.
 Every failure is one exception type, `DocumentError(path, reason)`: unreadable, empty, corrupt or
 truncated file, not a regular file, unsupported type, encrypted PDF without or with a wrong password
 (AES-256 passwords are also tried SASLprep'd, as PDF 2.0 says), images or pages over `MAX_PIXELS`
@@ -79,13 +83,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "DEFAULT_DPI",
     "MAX_PIXELS",
     "PDFIUM_LOCK",
     "SUPPORTED_EXTENSIONS",
+    "WORK_PIXELS",
     "Document",
     "DocumentError",
     "ErrorJob",
@@ -93,12 +98,14 @@ __all__ = [
     "InputFile",
     "PageJob",
     "PageSelection",
+    "RenderedPage",
     "assign_stems",
     "collect_inputs",
     "expand_inputs",
     "format_ranges",
     "iter_pages",
     "open_document",
+    "page_pixels",
     "parse_pages",
     "prefetch",
     "relative_stem",
@@ -113,6 +120,13 @@ __all__ = [
 # visible gain at the model's resolution. Polygons are reported in these pixels, which is also ample
 # for overlays.
 DEFAULT_DPI = 200
+
+# The working image's pixel budget: 4× the model's 4096-patch grid (4 × 4096 × 16² = 4.19 MP), i.e. 2×
+# the grid per side, the antialiasing headroom argued for DEFAULT_DPI above. It keeps the default
+# renders at full size (letter at 200 dpi is 3.74 MP, A4 3.87 MP), so default outputs do not change,
+# and bounds a page to ~17 MB as a Pillow RGB image (4 bytes a pixel) however large the scan or the
+# --dpi: a letter page at 1200 dpi (135 MP) would otherwise take 540 MB, and its preprocessing 4 GB.
+WORK_PIXELS = 4 * 4096 * 16 * 16
 
 # Largest page, in pixels, that we decode or render (~900 MB as RGB). Admits 300 dpi scans of A0 posters
 # (9933×14043 = 139 MP) and 200 dpi renders of 85×85 inch pages; refuses decompression bombs and PDFs
@@ -512,6 +526,41 @@ def parse_pages(spec: str) -> PageSelection:
 # --------------------------------------------------------------------------------------------------
 
 
+def page_pixels(width_pt: float, height_pt: float, dpi: float) -> tuple[int, int]:
+    """A page's full pixel size at ``dpi``: its extent at dpi/72 pixels per point, rounded up.
+
+    Floating-point noise is not a pixel: 792 pt at 300 dpi computes as 3300.0000000000005, and pdfium
+    gives page boxes as float32, so an excess under 1e-7 of the size is dropped (pypdfium2's own
+    ``render`` rounds the noise up and renders 3301 px).
+    """
+
+    def pixels(points: float) -> int:
+        exact = points * dpi / 72
+        return max(1, math.ceil(exact - exact * 1e-7))
+
+    return pixels(width_pt), pixels(height_pt)
+
+
+def _working_size(width: int, height: int, limit: int = WORK_PIXELS) -> tuple[int, int]:
+    """``width``×``height`` scaled down, aspect ratio kept, to at most ``limit`` pixels (never up)."""
+    if width * height <= limit:
+        return width, height
+    scale = math.sqrt(limit / (width * height))
+    w, h = max(1, int(width * scale)), max(1, int(height * scale))
+    if w * h > limit:  # a sliver: one side clamped at one pixel, the other takes the whole budget
+        w, h = (w, limit // w) if w < h else (limit // h, h)
+    return w, h
+
+
+@dataclass(frozen=True)
+class RenderedPage:
+    """One rendered page: the working ``image`` (RGB, at most `WORK_PIXELS`) and the page's full pixel
+    ``size`` (the size results' coordinates refer to)."""
+
+    image: Image.Image
+    size: tuple[int, int]
+
+
 def _pillow_allow(max_pixels: int) -> None:
     """Make sure Pillow's own guard (refusal at 2 × MAX_IMAGE_PIXELS) does not undercut ``max_pixels``."""
     limit = Image.MAX_IMAGE_PIXELS
@@ -519,23 +568,60 @@ def _pillow_allow(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow then warns above max_pixels, refuses above twice that
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode → RGB: alpha composited on white, 16-bit/float scaled to 8 bits."""
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+_DEEP_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+# Pixels converted at a time while reducing a big image (4 MB as RGB), whatever its mode.
+_STRIP_PIXELS = 1 << 20
+_EXIF_ORIENTATION = 0x0112
+_ORIENTATION_FIX = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _depth_scale(im: Image.Image) -> float:
+    """The factor that brings a 16-bit or float image's values (by its own range) into 0..255; 1 otherwise."""
+    if im.mode not in _DEEP_MODES:
+        return 1.0
+    hi = im.getextrema()[1]
+    if im.mode == "F":
+        return 255.0 if hi <= 1.0 else (1.0 if hi <= 255 else 255.0 / hi)
+    return 1.0 if hi <= 255 else (255.0 / 65535 if hi <= 65535 else 255.0 / hi)
+
+
+def _to_8bit(im: Image.Image, scale: float) -> Image.Image:
+    """A new L (grey and bilevel) or RGB image from any Pillow mode: alpha composited on white,
+    16-bit/float values × ``scale``."""
+    if im.mode in _DEEP_MODES:
         im = im.convert("F") if im.mode == "F" else im.convert("I")
-        lo, hi = im.getextrema()
-        if im.mode == "F":
-            scale = 255.0 if hi <= 1.0 else (1.0 if hi <= 255 else 255.0 / hi)
-        else:
-            scale = 1.0 if hi <= 255 else (255.0 / 65535 if hi <= 65535 else 255.0 / hi)
-        im = im.point(lambda v: v * scale).convert("L")
-    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-    if has_alpha:
+        return im.point(lambda v: v * scale).convert("L")
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:
         rgba = im.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         canvas.alpha_composite(rgba)
         return canvas.convert("RGB")
-    return im if im.mode == "RGB" else im.convert("RGB")
+    return im.convert("L" if im.mode in ("1", "L") else "RGB")
+
+
+def _reduce(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """A decoded image as a new 8-bit image, reduced by a whole factor to no less than ``size``.
+
+    A big image is box-reduced strip by strip straight from its own mode, so the only full-size copy
+    is the decoded one: converting a 1-bit page to RGB first would take 4× its memory, a 16-bit one 2×.
+    """
+    scale = _depth_scale(im)
+    factor = max(1, min(im.width // size[0], im.height // size[1]))
+    if factor == 1:
+        return _to_8bit(im, scale)
+    rows = max(1, _STRIP_PIXELS // (im.width * factor)) * factor  # whole output rows per strip
+    out = None
+    for top in range(0, im.height, rows):
+        strip = _to_8bit(im.crop((0, top, im.width, min(im.height, top + rows))), scale).reduce(factor)
+        if out is None:
+            out = Image.new(strip.mode, (-(-im.width // factor), -(-im.height // factor)))
+        out.paste(strip, (0, top // factor))
+    return out
 
 
 def _read_reason(exc: BaseException) -> str:
@@ -556,7 +642,7 @@ def _close_orphans() -> None:
 
 
 class Document:
-    """An opened PDF or image file. ``page(i)`` (0-based) renders one page at a time as RGB.
+    """An opened PDF or image file. ``page(i)`` (0-based) renders one page at a time.
 
     Close it (or use ``with``) to release the PDF handle; closing is idempotent and thread-safe.
     """
@@ -612,16 +698,18 @@ class Document:
                 self._pdf.close()
                 self._pdf = None
 
-    def page(self, index: int) -> Image.Image:
-        """Render page ``index`` (0-based) as an RGB image; raises DocumentError."""
+    def page(self, index: int) -> RenderedPage:
+        """Render page ``index`` (0-based): its working image and full size; raises DocumentError."""
         if not 0 <= index < self.num_pages:
             raise IndexError(f"page index {index} out of range for {self.num_pages} pages")
         if self.kind == "pdf":
             return self._render_pdf(index)
         return self._read_image(index)
 
-    def _render_pdf(self, index: int) -> Image.Image:
-        scale = self.dpi / 72.0
+    def _render_pdf(self, index: int) -> RenderedPage:
+        import pypdfium2 as pdfium
+        import pypdfium2.raw as pdfium_c
+
         with PDFIUM_LOCK:
             _close_orphans()
             if self._closed:
@@ -632,28 +720,35 @@ class Document:
                 raise DocumentError(self.source, f"page {index + 1}: cannot load page ({exc})") from None
             try:
                 w_pt, h_pt = page.get_size()
-                w, h = math.ceil(w_pt * scale), math.ceil(h_pt * scale)
-                if w * h > self.max_pixels:
+                size = page_pixels(w_pt, h_pt, self.dpi)
+                if size[0] * size[1] > self.max_pixels:
                     raise DocumentError(
                         self.source,
-                        f"page {index + 1}: {w}×{h} = {w * h:,} pixels at {self.dpi:g} dpi exceeds the limit of "
-                        f"{self.max_pixels:,} (page is {w_pt / 72:.0f}×{h_pt / 72:.0f} in); use a lower --dpi",
+                        f"page {index + 1}: {size[0]}×{size[1]} = {size[0] * size[1]:,} pixels at {self.dpi:g} dpi "
+                        f"exceeds the limit of {self.max_pixels:,} (page is {w_pt / 72:.0f}×{h_pt / 72:.0f} in); "
+                        "use a lower --dpi",
                     )
+                w, h = _working_size(*size)
                 try:
-                    bitmap = page.render(scale=scale)  # annotations, and form fields (see init_forms)
+                    # pdfium fits the page to the bitmap it is given, so the working size is rendered
+                    # directly (never the full size), with the page's own rotation, annotations and forms.
+                    bitmap = pdfium.PdfBitmap.new_native(w, h, pdfium_c.FPDFBitmap_BGR, rev_byteorder=True)
+                    bitmap.fill_rect((255, 255, 255, 255), 0, 0, w, h)
+                    args = (bitmap, page, 0, 0, w, h, 0, pdfium_c.FPDF_ANNOT | pdfium_c.FPDF_REVERSE_BYTE_ORDER)
+                    pdfium_c.FPDF_RenderPageBitmap(*args)
+                    if page.formenv:
+                        pdfium_c.FPDF_FFLDraw(page.formenv, *args)
                 except Exception as exc:
                     raise DocumentError(self.source, f"page {index + 1}: render failed ({exc})") from None
                 try:
-                    im = bitmap.to_pil()
-                    # to_pil may share the bitmap's buffer: copy before the bitmap is freed.
-                    im = im.convert("RGB") if im.mode != "RGB" else im.copy()
+                    image = bitmap.to_pil()  # RGB: Pillow copies it (into 4 bytes a pixel)
                 finally:
                     bitmap.close()
             finally:
                 page.close()
-        return im
+        return RenderedPage(image, size)
 
-    def _read_image(self, index: int) -> Image.Image:
+    def _read_image(self, index: int) -> RenderedPage:
         _pillow_allow(self.max_pixels)
         try:
             with Image.open(self.source) as im:
@@ -662,9 +757,12 @@ class Document:
                 w, h = im.size
                 if w * h > self.max_pixels:
                     raise DocumentError(self.source, _too_big(w, h, self.max_pixels, index, self.num_pages))
+                target = _working_size(w, h)
+                if target != (w, h):
+                    im.draft(None, target)  # JPEG: libjpeg decodes at 1/2..1/8 scale, still ≥ target
                 im.load()
-                frame = ImageOps.exif_transpose(im)
-                return _to_rgb(frame)
+                orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+                image = _reduce(im, target)
         except DocumentError:
             raise
         except Image.DecompressionBombError as exc:
@@ -674,6 +772,15 @@ class Document:
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise DocumentError(self.source, where + _os_reason(exc)) from None
             raise DocumentError(self.source, f"{where}corrupt or truncated image ({_read_reason(exc)})") from None
+        # Closing the file freed the decoded pixels: finish on the reduced copy alone.
+        if image.size != target:
+            image = image.resize(target, Image.Resampling.LANCZOS)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        if orientation in _ORIENTATION_FIX:
+            image = image.transpose(_ORIENTATION_FIX[orientation])
+        size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+        return RenderedPage(image, size)
 
 
 def _too_big(w: int, h: int, limit: int, index: int = 0, n: int = 1) -> str:
@@ -868,8 +975,12 @@ class ErrorJob:
 class PageJob:
     """One page to process. ``image`` is None until `load` (or `prefetch`) renders it.
 
+    After loading, ``image`` is the working image (at most `WORK_PIXELS`, what the model reads and
+    overlays are drawn on), ``size`` the page's full pixel size at the requested resolution (results'
+    coordinates are scaled to it).
     ``selected`` lists the document's selected pages (ascending), so a consumer knows when the
     document is complete; ``skipped`` pages (already done, per iter_pages' ``skip``) are never rendered.
+    A job built with an image already in memory has that image's size.
     """
 
     source: Path
@@ -880,7 +991,12 @@ class PageJob:
     document: Document | None = field(default=None, repr=False)
     image: Image.Image | None = field(default=None, repr=False)
     skipped: bool = False
+    size: tuple[int, int] | None = None
     _released: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.image is not None and self.size is None:
+            self.size = self.image.size
 
     @property
     def is_last(self) -> bool:
@@ -892,14 +1008,15 @@ class PageJob:
         if self.image is not None or self.skipped or self.document is None:
             return self
         try:
-            self.image = self.document.page(self.page - 1)
-            return self
+            rendered = self.document.page(self.page - 1)
         except DocumentError as exc:
             return ErrorJob(self.source, self.stem, self.page, exc.reason, selected=self.selected)
         except Exception as exc:  # MemoryError, pdfium surprises: a page failure, not a stream failure
             return ErrorJob(self.source, self.stem, self.page, f"{type(exc).__name__}: {exc}", selected=self.selected)
         finally:
             self._release()
+        self.image, self.size = rendered.image, rendered.size
+        return self
 
     def _release(self) -> None:
         """Drop this job's claim on the document; the last claim closes it."""

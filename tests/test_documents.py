@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
 
 import pypdfium2 as pdfium
@@ -279,7 +280,7 @@ def test_pdf_pages_render_lazily_at_dpi(tmp_path):
     with open_document(path, dpi=100) as doc:
         assert doc.num_pages == 3 and doc.kind == "pdf" and doc.source == path
         for k in range(3):
-            im = doc.page(k)
+            im = doc.page(k).image
             assert im.mode == "RGB"
             assert im.size == (math.ceil(144 * 100 / 72), math.ceil(72 * 100 / 72))
             # square at 18..54 pt from the bottom left: centre (36, 36) pt → (50, 50) px from the top left
@@ -294,7 +295,7 @@ def test_pdf_pages_render_lazily_at_dpi(tmp_path):
 def test_default_dpi_letter_size(tmp_path):
     path = make_pdf(tmp_path / "letter.pdf", 1, size=(612, 792))
     assert DEFAULT_DPI in (150, 200)
-    im = open_document(path).page(0)
+    im = open_document(path).page(0).image
     assert im.size == (math.ceil(612 * DEFAULT_DPI / 72), math.ceil(792 * DEFAULT_DPI / 72))
 
 
@@ -305,7 +306,7 @@ def test_encrypted_pdf(tmp_path):
     with pytest.raises(DocumentError, match="encrypted and the password is wrong"):
         open_document(path, password="nope")
     with open_document(path, dpi=72, password="s3cret") as doc:
-        im = doc.page(1)
+        im = doc.page(1).image
         assert doc.num_pages == 2 and im.size == (200, 100)
         assert im.getpixel((50, 50)) == (0, 0, 0)  # the decrypted content stream was drawn
     # owner password opens it too
@@ -314,7 +315,7 @@ def test_encrypted_pdf(tmp_path):
 
 def test_owner_only_encryption_ignores_batch_password(tmp_path):
     path = make_pdf(tmp_path / "restricted.pdf", 1, user_password="")
-    assert open_document(path, dpi=72).page(0).getpixel((50, 50)) == (0, 0, 0)
+    assert open_document(path, dpi=72).page(0).image.getpixel((50, 50)) == (0, 0, 0)
     assert open_document(path, dpi=72, password="for-another-file").num_pages == 1
     plain = make_pdf(tmp_path / "plain.pdf", 1)
     assert open_document(plain, dpi=72, password="whatever").num_pages == 1
@@ -359,7 +360,7 @@ def test_gigantic_pdf_page_is_refused_before_rendering(tmp_path):
     doc = open_document(path)  # opening is fine
     with pytest.raises(DocumentError, match=r"40000×40000 = 1,600,000,000 pixels.*lower --dpi"):
         doc.page(0)
-    assert open_document(path, dpi=2).page(0).size == (400, 400)
+    assert open_document(path, dpi=2).page(0).image.size == (400, 400)
     with pytest.raises(DocumentError, match="exceeds the limit"):
         open_document(make_pdf(tmp_path / "small.pdf", 1), dpi=72, max_pixels=1000).page(0)
 
@@ -376,10 +377,37 @@ def test_stale_pdfium_error_code_is_not_reported_as_encryption(tmp_path):
     assert "encrypted" not in str(info.value)
 
 
+PAPER_POINTS = {  # as PDFs store them (ISO sizes rounded to 0.001 pt)
+    "letter": ("612", "792"),
+    "legal": ("612", "1008"),
+    "tabloid": ("792", "1224"),
+    "A3": ("841.89", "1190.551"),
+    "A4": ("595.276", "841.89"),
+    "A5": ("419.528", "595.276"),
+}
+COMMON_DPI = [72, 96, 150, 200, 300, 600, 1200]
+
+
+@pytest.mark.parametrize("paper", PAPER_POINTS)
+def test_page_pixels_of_common_paper_sizes(tmp_path, paper):
+    """Pixels = the page's exact extent at the dpi, rounded up: 792 pt at 300 dpi is 3300 px, not 3301."""
+    w_pt, h_pt = PAPER_POINTS[paper]
+    path = make_pdf(tmp_path / f"{paper}.pdf", [b""], size=(w_pt, h_pt))
+    for dpi in COMMON_DPI:
+        exact = tuple(math.ceil(Fraction(v) * dpi / 72) for v in (w_pt, h_pt))
+        assert D.page_pixels(float(w_pt), float(h_pt), dpi) == exact, (paper, dpi)
+        with open_document(path, dpi=dpi) as doc:
+            page = doc.page(0)
+        assert page.size == exact, (paper, dpi)
+        if exact[0] * exact[1] <= D.WORK_PIXELS:  # rendered at full size: the bitmap is that size
+            assert page.image.size == exact, (paper, dpi)
+    assert D.page_pixels(612, 792, 300) == (2550, 3300)
+
+
 def test_filled_form_fields_are_drawn(tmp_path):
     path = make_form_pdf(tmp_path / "form.pdf")
     with open_document(path, dpi=72) as doc:
-        im = doc.page(0).convert("L")
+        im = doc.page(0).image.convert("L")
     x0, y0, x1, y1 = FORM_FIELD_RECT
     field = im.crop((x0, im.height - y1, x1, im.height - y0))
     assert field.getextrema()[0] < 64  # the value's glyphs are dark
@@ -453,14 +481,14 @@ def test_pdf_sniffed_by_content(tmp_path):
 def test_concurrent_pdf_renders_are_serialised_and_correct(tmp_path):
     paths = [make_image_pdf(tmp_path / f"d{i}.pdf", 4) for i in range(2)]
     docs = [open_document(p, dpi=72) for p in paths]
-    expected = {(i, k): docs[i].page(k).tobytes() for i in range(2) for k in range(4)}
+    expected = {(i, k): docs[i].page(k).image.tobytes() for i in range(2) for k in range(4)}
     errors = []
 
     def work(seed):
         rng = random.Random(seed)
         for _ in range(25):
             i, k = rng.randrange(2), rng.randrange(4)
-            if docs[i].page(k).tobytes() != expected[(i, k)]:
+            if docs[i].page(k).image.tobytes() != expected[(i, k)]:
                 errors.append((i, k))
 
     threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
@@ -530,7 +558,7 @@ def test_every_image_type(tmp_path, ext):
     Image.new("RGB", (64, 48), (200, 40, 40)).save(path)
     with open_document(path, dpi=300) as doc:  # dpi does not resize images
         assert doc.kind == "image" and doc.num_pages == 1
-        im = doc.page(0)
+        im = doc.page(0).image
     assert im.mode == "RGB" and im.size == (64, 48)
     assert near(im.getpixel((10, 10)), (200, 40, 40), tol=30)
 
@@ -538,7 +566,7 @@ def test_every_image_type(tmp_path, ext):
 def test_uppercase_extension(tmp_path):
     path = tmp_path / "SCAN.JPEG"
     Image.new("RGB", (8, 8), "white").save(path, format="JPEG")
-    assert open_document(path).page(0).size == (8, 8)
+    assert open_document(path).page(0).image.size == (8, 8)
 
 
 def test_multi_frame_tiff_every_frame_is_a_page(tmp_path):
@@ -548,7 +576,7 @@ def test_multi_frame_tiff_every_frame_is_a_page(tmp_path):
     doc = open_document(path)
     assert doc.num_pages == 3
     for k in range(3):
-        im = doc.page(k)
+        im = doc.page(k).image
         assert im.size == (30 + 10 * k, 20) and im.getpixel((5, 5)) == page_color(k)
 
 
@@ -558,7 +586,7 @@ def test_gif_first_frame_only(tmp_path):
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
     doc = open_document(path)
     assert doc.num_pages == 1
-    assert near(doc.page(0).getpixel((5, 5)), (255, 0, 0))
+    assert near(doc.page(0).image.getpixel((5, 5)), (255, 0, 0))
 
 
 @pytest.mark.parametrize("ext", [".jpg", ".tif"])
@@ -569,7 +597,7 @@ def test_exif_orientation_applied(tmp_path, ext):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise to display
     im.save(path, exif=exif)
-    out = open_document(path).page(0)
+    out = open_document(path).page(0).image
     assert out.size == (20, 60)
     assert near(out.getpixel((10, 3)), (0, 0, 0), tol=40)  # the left stripe is now at the top
     assert near(out.getpixel((10, 50)), (255, 255, 255), tol=40)
@@ -582,7 +610,7 @@ def test_alpha_composited_on_white(tmp_path, mode, ext):
     im = im.convert(mode)
     path = tmp_path / f"alpha{ext}"
     im.save(path, **({"lossless": True} if ext == ".webp" else {}))
-    out = open_document(path).page(0)
+    out = open_document(path).page(0).image
     assert out.mode == "RGB"
     assert out.getpixel((8, 5)) == (255, 255, 255)
     assert out.getpixel((2, 5)) == (0, 0, 0)
@@ -594,22 +622,116 @@ def test_palette_transparency_and_other_modes(tmp_path):
     p.paste(1, (0, 0, 5, 10))
     path = tmp_path / "p.png"
     p.save(path, transparency=0)
-    out = open_document(path).page(0)
+    out = open_document(path).page(0).image
     assert out.getpixel((8, 5)) == (255, 255, 255) and out.getpixel((2, 5)) == (255, 0, 0)
     cmyk = tmp_path / "cmyk.jpg"
     Image.new("CMYK", (10, 10), (0, 0, 0, 0)).save(cmyk)
-    assert near(open_document(cmyk).page(0).getpixel((5, 5)), (255, 255, 255))
+    assert near(open_document(cmyk).page(0).image.getpixel((5, 5)), (255, 255, 255))
     one = tmp_path / "one.bmp"
     Image.new("1", (10, 10), 0).save(one)
-    assert open_document(one).page(0).getpixel((5, 5)) == (0, 0, 0)
+    assert open_document(one).page(0).image.getpixel((5, 5)) == (0, 0, 0)
 
 
 def test_16_bit_scaled_not_clipped(tmp_path):
     im = Image.new("I;16", (4, 4), 32768)
     path = tmp_path / "deep.png"
     im.save(path)
-    v = open_document(path).page(0).getpixel((1, 1))
+    v = open_document(path).page(0).image.getpixel((1, 1))
     assert 120 <= v[0] <= 135 and v[0] == v[1] == v[2]
+
+
+def test_pdf_working_image_is_rendered_small_and_size_is_the_full_page(tmp_path):
+    """At --dpi 1200 a letter page is 10200×13200 px: pdfium renders ≤ WORK_PIXELS, `size` is the full page."""
+    path = make_pdf(tmp_path / "letter.pdf", [b"0 0 0 rg 0 0 306 396 re f"], size=(612, 792))  # black lower-left quarter
+    with open_document(path, dpi=1200) as doc:
+        page = doc.page(0)
+    assert page.size == (10200, 13200)
+    w, h = page.image.size
+    assert page.image.mode == "RGB" and w * h <= D.WORK_PIXELS and w * h > 0.99 * D.WORK_PIXELS
+    assert abs(w / h - 10200 / 13200) < 1 / h
+    assert page.image.getpixel((w // 4, h * 3 // 4)) == (0, 0, 0)
+    assert page.image.getpixel((w * 3 // 4, h // 4)) == (255, 255, 255)
+    assert page.image.getpixel((w // 2 - 3, h // 2 + 3)) == (0, 0, 0)  # the quarter ends at the middle
+    assert page.image.getpixel((w // 2 + 3, h // 2 - 3)) == (255, 255, 255)
+
+
+def test_default_letter_page_keeps_its_full_size(tmp_path):
+    path = make_pdf(tmp_path / "letter.pdf", 1, size=(612, 792))
+    page = open_document(path).page(0)
+    assert page.image.size == page.size == (1700, 2200)
+
+
+def black_square_image(path, size, mode="1", box=(0.25, 0.5, 0.5, 0.75), **save):
+    """A white ``size`` image in ``mode`` with a black square at the fractional ``box`` (x0, y0, x1, y1)."""
+    im = Image.new("L", size, 255)
+    w, h = size
+    im.paste(0, (int(box[0] * w), int(box[1] * h), int(box[2] * w), int(box[3] * h)))
+    im.convert(mode).save(path, **save)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, mode, save",
+    [
+        ("fax.png", "1", {}),
+        ("scan.tif", "1", {"compression": "group4"}),
+        ("photo.jpg", "RGB", {"quality": 90}),
+        ("gray.png", "L", {}),
+        ("palette.gif", "P", {}),
+        ("alpha.webp", "RGBA", {"lossless": True}),
+        ("cmyk.jpg", "CMYK", {}),
+    ],
+)
+def test_big_images_are_read_as_a_bounded_working_image(tmp_path, name, mode, save):
+    size = (4100, 3100)  # 12.7 MP: a working image of about a third of that per side
+    path = black_square_image(tmp_path / name, size, mode, **save)
+    page = open_document(path).page(0)
+    assert page.size == size
+    w, h = page.image.size
+    assert page.image.mode == "RGB" and w * h <= D.WORK_PIXELS and abs(w / h - size[0] / size[1]) < 1 / h
+    assert near(page.image.getpixel((int(0.375 * w), int(0.625 * h))), (0, 0, 0), tol=40)
+    assert near(page.image.getpixel((int(0.75 * w), int(0.25 * h))), (255, 255, 255), tol=40)
+
+
+def test_big_16_bit_image_is_scaled_not_clipped(tmp_path):
+    im = Image.new("I;16", (3000, 2000), 32768)
+    im.paste(65535, (0, 0, 1500, 2000))
+    path = tmp_path / "deep.png"
+    im.save(path)
+    page = open_document(path).page(0)
+    w, h = page.image.size
+    assert page.size == (3000, 2000) and w * h <= D.WORK_PIXELS
+    assert page.image.getpixel((w // 4, h // 2)) == (255, 255, 255)
+    assert 120 <= page.image.getpixel((w * 3 // 4, h // 2))[0] <= 135
+
+
+def test_big_image_exif_orientation_applies_to_size_and_image(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    black_square_image(path, (4000, 1200), "RGB", box=(0, 0, 0.1, 1), exif=exif)  # black stripe on the left
+    page = open_document(path).page(0)
+    assert page.size == (1200, 4000)
+    w, h = page.image.size
+    assert w < h and w * h <= D.WORK_PIXELS
+    assert near(page.image.getpixel((w // 2, 3)), (0, 0, 0), tol=40)  # the left stripe is now at the top
+    assert near(page.image.getpixel((w // 2, h // 2)), (255, 255, 255), tol=40)
+
+
+def test_jpeg_is_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
+    path = black_square_image(tmp_path / "big.jpg", (8000, 6000), "RGB")
+    decoded = []
+    real_load = Image.Image.load
+
+    def spy(im):
+        out = real_load(im)
+        decoded.append(im.size)
+        return out
+
+    monkeypatch.setattr(Image.Image, "load", spy)
+    page = open_document(path).page(0)
+    assert page.size == (8000, 6000)
+    assert max(w * h for w, h in decoded) <= 4 * D.WORK_PIXELS  # libjpeg scaled the DCT: never 48 MP
 
 
 @pytest.mark.parametrize(
@@ -789,6 +911,17 @@ def test_page_render_failure_becomes_error_job(tmp_path):
     (job,) = list(iter_pages([path]))
     err = job.load()
     assert isinstance(err, ErrorJob) and err.page == 1 and "truncated" in err.error and not err.warning
+
+
+def test_page_job_carries_the_full_size_and_the_working_image(tmp_path):
+    path = make_pdf(tmp_path / "big.pdf", 2, size=(612, 792))
+    jobs = list(iter_pages([path], dpi=600))
+    assert all(j.size is None and j.image is None for j in jobs)
+    job = jobs[0].load()
+    assert job.size == (5100, 6600) and job.image.width * job.image.height <= D.WORK_PIXELS
+    # a job built around an image already in memory: the image is the page
+    im = Image.new("RGB", (30, 20))
+    assert PageJob(Path("x.png"), "x", 1, 1, (1,), image=im).size == (30, 20)
 
 
 # --------------------------------------------------------------------------------------------------

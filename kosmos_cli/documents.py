@@ -59,8 +59,8 @@ documents. Every pdfium call in this module (open, page count, render, close) ho
 module-level `PDFIUM_LOCK`; other modules that call pypdfium2 must take it too. A document dropped
 without `close` while another thread holds the lock is closed by the next pdfium call here, so a
 finalizer never waits. Image pages reopen their file on every call and are safe to render from any
-thread. `prefetch` renders in background threads through a bounded window, so memory stays bounded by
-``depth`` pages whatever the page count.
+thread. `prefetch` renders in background threads through a window bounded by a number of pages and by
+bytes, so memory stays bounded whatever the page count and page size.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ import unicodedata
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -89,6 +89,7 @@ __all__ = [
     "DEFAULT_DPI",
     "MAX_PIXELS",
     "PDFIUM_LOCK",
+    "PREFETCH_BYTES",
     "SUPPORTED_EXTENSIONS",
     "WORK_PIXELS",
     "Document",
@@ -132,6 +133,10 @@ WORK_PIXELS = 4 * 4096 * 16 * 16
 # (9933×14043 = 139 MP) and 200 dpi renders of 85×85 inch pages; refuses decompression bombs and PDFs
 # with absurd page boxes before any memory is allocated.
 MAX_PIXELS = 300_000_000
+
+# Rendered pages that `prefetch` may hold ahead of the consumer, in bytes: 15 working images at the
+# full WORK_PIXELS, far more small ones (the page count `depth` bounds those).
+PREFETCH_BYTES = 256 << 20
 
 SUPPORTED_EXTENSIONS = frozenset({".pdf", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif"})
 _MULTI_FRAME_FORMATS = frozenset({"TIFF"})  # formats whose frames are pages (see module docstring)
@@ -1107,42 +1112,95 @@ def _load(item):
     return item.load() if isinstance(item, PageJob) else item
 
 
-def prefetch(items: Iterable, depth: int = 4, workers: int = 2) -> Iterator:
+def _held_bytes(item) -> int:
+    """Memory a loaded item holds: its image, at the 4 bytes a pixel Pillow keeps RGB in."""
+    image = getattr(item, "image", None)
+    return image.width * image.height * 4 if isinstance(image, Image.Image) else 0
+
+
+def prefetch(items: Iterable, depth: int = 4, workers: int = 2, *, max_bytes: int = PREFETCH_BYTES) -> Iterator:
     """Render pages ahead in background threads; yields the same items, in order, loaded.
 
-    A feeder thread pulls from ``items`` (opening documents) and submits ``job.load()`` to a pool of
-    ``workers`` threads; at most ``depth`` items are pulled but not yet handed to the consumer, so at
-    most ``depth`` + 1 rendered pages are alive whatever the document size. Page failures arrive as
-    ErrorJob items; an exception raised by ``items`` itself is re-raised to the consumer after the
-    items before it. Closing the returned generator early (``break``, ``.close()``, garbage collection)
-    stops the feeder, cancels pending renders, closes ``items`` and joins every thread.
+    A feeder thread pulls from ``items`` (opening documents) and hands ``job.load()`` to ``workers``
+    render threads. The items pulled but not yet handed to the consumer are at most ``depth``, those
+    being rendered at most ``workers``, and no item is pulled while the rendered ones waiting hold
+    ``max_bytes`` or more (one is always allowed, so a page bigger than the budget still passes): memory
+    stays bounded by both a page count and bytes, whatever the document size. Page failures arrive as
+    ErrorJob items; an exception raised by ``items`` itself is re-raised to the consumer after the items
+    before it. Closing the returned generator early (``break``, ``.close()``, a KeyboardInterrupt in the
+    consumer, garbage collection) returns at once: renders not started are cancelled, the feeder stops
+    and closes ``items``, and a render in flight finishes in its thread. All these threads are daemons,
+    so interpreter exit does not wait for them.
     ``depth=0`` loads synchronously in the consumer's thread (no threads at all).
     """
     if depth < 0 or workers < 1:
         raise ValueError(f"need depth >= 0 and workers >= 1, got depth={depth}, workers={workers}")
     if depth == 0:
         return (_load(item) for item in items)
-    return _prefetch(iter(items), depth, workers)
+    return _prefetch(iter(items), depth, workers, max_bytes)
 
 
-def _prefetch(source: Iterator, depth: int, workers: int) -> Iterator:
-    slots = threading.Semaphore(depth)
+@dataclass
+class _Window:
+    """What `_prefetch` holds ahead of its consumer; guarded by ``changed``."""
+
+    changed: threading.Condition = field(default_factory=threading.Condition)
+    ahead: int = 0  # items pulled, not yet handed to the consumer
+    rendering: int = 0  # of those, not yet loaded
+    bytes: int = 0  # held by the loaded ones
+
+
+def _prefetch(source: Iterator, depth: int, workers: int, max_bytes: int) -> Iterator:
+    window = _Window()
     stop = threading.Event()
-    pending: queue.Queue = queue.Queue()  # futures in source order, then _DONE; ≤ depth by `slots`
+    pending: queue.SimpleQueue = queue.SimpleQueue()  # futures in source order, then _DONE
+    tasks: queue.SimpleQueue = queue.SimpleQueue()  # (future, item) for the render threads; None ends one
     failure: list[BaseException] = []
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kosmos-render")
+
+    def room() -> bool:
+        if stop.is_set() or window.ahead == 0:
+            return True
+        return window.ahead < depth and window.rendering < workers and window.bytes < max_bytes
+
+    def render() -> None:
+        while (task := tasks.get()) is not None:
+            future, item = task
+            if stop.is_set() or not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = _load(item)
+            except BaseException as exc:
+                result, error = None, exc
+            else:
+                error = None
+            with window.changed:
+                window.rendering -= 1
+                window.bytes += _held_bytes(result)
+                window.changed.notify_all()
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+            del task, future, item, result, error  # a page nobody references must be freed now
 
     def feed() -> None:
         try:
             while True:
-                slots.acquire()
+                with window.changed:
+                    window.changed.wait_for(room)
                 if stop.is_set():
                     break
                 try:
                     item = next(source)
                 except StopIteration:
                     break
-                pending.put(pool.submit(_load, item))
+                future: Future = Future()
+                with window.changed:
+                    window.ahead += 1
+                    window.rendering += 1
+                pending.put(future)
+                tasks.put((future, item))
+                del future, item
         except BaseException as exc:  # the source itself failed: hand it to the consumer
             failure.append(exc)
         finally:
@@ -1153,31 +1211,43 @@ def _prefetch(source: Iterator, depth: int, workers: int) -> Iterator:
                 except Exception:
                     pass
             pending.put(_DONE)
+            for _ in range(workers):
+                tasks.put(None)
 
-    feeder = threading.Thread(target=feed, name="kosmos-prefetch", daemon=True)
-    feeder.start()
+    threads = [threading.Thread(target=feed, name="kosmos-prefetch", daemon=True)]
+    threads += [threading.Thread(target=render, name=f"kosmos-render-{k}", daemon=True) for k in range(workers)]
+    for thread in threads:
+        thread.start()
+    exhausted = False
     try:
         while True:
-            fut = pending.get()
-            if fut is _DONE:
+            future = pending.get()
+            if future is _DONE:
+                exhausted = True
                 break
-            item = fut.result()
-            slots.release()
+            item = future.result()
+            del future
+            with window.changed:
+                window.ahead -= 1
+                window.bytes -= _held_bytes(item)
+                window.changed.notify_all()
             yield item
             del item
         if failure:
             raise failure[0]
     finally:
+        # Closed early: never wait, a render in flight may take seconds (a huge page) and a Ctrl-C must
+        # stop the run now; renders not started are cancelled and the threads end on their own.
         stop.set()
-        slots.release()  # wake the feeder if it waits for a slot
-        while True:  # cancel renders nobody will consume
+        with window.changed:
+            window.changed.notify_all()
+        while True:
             try:
-                fut = pending.get(timeout=0.05) if feeder.is_alive() else pending.get_nowait()
+                future = pending.get_nowait()
             except queue.Empty:
-                if not feeder.is_alive() and pending.empty():
-                    break
-                continue
-            if fut is not _DONE:
-                fut.cancel()
-        feeder.join()
-        pool.shutdown(wait=True, cancel_futures=True)
+                break
+            if future is not _DONE:
+                future.cancel()
+        if exhausted:  # every render was consumed: the threads are ending, leave none behind
+            for thread in threads:
+                thread.join()

@@ -53,6 +53,14 @@ def kosmos_threads():
     return [t for t in threading.enumerate() if t.name.startswith("kosmos")]
 
 
+def wait_for_kosmos_threads(seconds=5.0):
+    """Background threads finish on their own after an early close; wait for them."""
+    deadline = time.monotonic() + seconds
+    while kosmos_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return kosmos_threads()
+
+
 @contextmanager
 def deadline(seconds: int):
     """Fail with TimeoutError instead of hanging (SIGALRM interrupts blocking calls like open())."""
@@ -983,7 +991,7 @@ def test_prefetch_memory_is_bounded():
     assert FakeJob.peak <= depth + 1
 
 
-def test_prefetch_early_stop_joins_threads_and_closes_source():
+def test_prefetch_early_stop_ends_threads_and_closes_source():
     before = set(threading.enumerate())
     pulled, closed = [], []
     gen = prefetch(fake_jobs(10_000, pulled, closed), depth=4, workers=2)
@@ -991,9 +999,10 @@ def test_prefetch_early_stop_joins_threads_and_closes_source():
         if i == 2:
             break
     gen.close()
+    assert not wait_for_kosmos_threads()  # close returns at once; the threads end right after
     assert closed == [True]
     assert len(pulled) <= 3 + 4 + 1
-    assert set(threading.enumerate()) <= before and not kosmos_threads()
+    assert set(threading.enumerate()) <= before
 
 
 def test_prefetch_abandoned_generator_is_cleaned_up():
@@ -1046,7 +1055,60 @@ def test_prefetch_early_stop_on_real_pdf_closes_document(tmp_path):
     gen = prefetch(iter_pages([path], dpi=36), depth=2)
     job = next(gen)
     gen.close()
-    assert job.document.closed and not kosmos_threads()
+    assert not wait_for_kosmos_threads() and job.document.closed
+
+
+def test_prefetch_look_ahead_is_bounded_by_bytes():
+    """Big pages: at most ``max_bytes`` of rendered pages are held ahead (one is always allowed)."""
+    live, peak, lock = [0], [0], threading.Lock()
+
+    class BigJob(PageJob):
+        def load(self):
+            self.image = Image.new("RGB", (512, 512))  # 1 MiB as Pillow holds RGB
+            with lock:
+                live[0] += 1
+                peak[0] = max(peak[0], live[0])
+            return self
+
+    jobs = (BigJob(Path("b"), "b", k, 60, tuple(range(1, 61))) for k in range(1, 61))
+    for item in prefetch(jobs, depth=50, workers=2, max_bytes=3 << 20):
+        time.sleep(0.002)
+        with lock:
+            live[0] -= 1
+    assert peak[0] <= 3 + 2 + 1  # the budget, the renders in flight, the consumer's page
+    big = (BigJob(Path("b"), "b", k, 3, (1, 2, 3)) for k in range(1, 4))
+    assert [i.page for i in prefetch(big, depth=4, max_bytes=1)] == [1, 2, 3]  # never stuck
+
+
+def test_prefetch_close_does_not_wait_for_a_render_in_flight():
+    started, done = threading.Event(), threading.Event()
+
+    class SlowJob(PageJob):
+        def load(self):
+            if self.page == 2:
+                started.set()
+                time.sleep(2)  # a huge page
+                done.set()
+            self.image = True
+            return self
+
+    closed = []
+
+    def jobs():
+        try:
+            for k in range(1, 10):
+                yield SlowJob(Path("s"), "s", k, 9, tuple(range(1, 10)))
+        finally:
+            closed.append(True)
+
+    gen = prefetch(jobs(), depth=4, workers=2)
+    assert next(gen).page == 1
+    assert started.wait(5)
+    began = time.monotonic()
+    gen.close()
+    assert time.monotonic() - began < 0.5 and not done.is_set()
+    assert all(t.daemon for t in kosmos_threads())  # interpreter exit does not wait for them
+    assert not wait_for_kosmos_threads() and closed == [True]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -47,10 +47,12 @@ by Pillow, reduced while still in their own mode (JPEGs decoded at 1/2 to 1/8 sc
 TIFF frame is a page; GIF, animated WebP and MPO contribute their first frame only (animation frames
 are not pages); the EXIF orientation is applied (any format that carries it, JPEG and TIFF in
 practice); transparency is composited on white; 16-bit and float images are scaled to 8 bits.
-Every failure is one exception type, `DocumentError(path, reason)`: unreadable, empty, corrupt or
-truncated file, not a regular file, unsupported type, encrypted PDF without or with a wrong password
-(AES-256 passwords are also tried SASLprep'd, as PDF 2.0 says), images or pages over `MAX_PIXELS`
-(decompression bombs included; the limit admits large legitimate scans).
+libtiff's warnings become the page's ``notes`` (its errors, part of the page's error).
+Every failure is one exception type, `DocumentError(path, reason, page=None)`: unreadable, empty,
+corrupt or truncated file, not a regular file, unsupported type, encrypted PDF without or with a
+wrong password (AES-256 passwords are also tried SASLprep'd, as PDF 2.0 says), images or pages over
+`MAX_PIXELS` (decompression bombs included; the limit admits large legitimate scans). A page's reason
+does not name the page (the page job carries it; ``str()`` of the exception does).
 
 Threads
 -------
@@ -59,8 +61,9 @@ documents. Every pdfium call in this module (open, page count, render, close) ho
 module-level `PDFIUM_LOCK`; other modules that call pypdfium2 must take it too. A document dropped
 without `close` while another thread holds the lock is closed by the next pdfium call here, so a
 finalizer never waits. Image pages reopen their file on every call and are safe to render from any
-thread. `prefetch` renders in background threads through a window bounded by a number of pages and by
-bytes, so memory stays bounded whatever the page count and page size.
+thread (TIFF decodes are serialised while fd 2 is captured for libtiff's messages). `prefetch` renders
+in background threads through a window bounded by a number of pages and by bytes, so memory stays
+bounded whatever the page count and page size.
 """
 
 from __future__ import annotations
@@ -73,12 +76,14 @@ import re
 import stat
 import stringprep
 import sys
+import tempfile
 import threading
 import unicodedata
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -152,12 +157,17 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class DocumentError(Exception):
-    """A document (or one of its pages) cannot be read. ``str()`` is ``"<path>: <reason>"``."""
+    """A document (or one of its pages) cannot be read.
 
-    def __init__(self, path: str | os.PathLike, reason: str):
-        super().__init__(f"{path}: {reason}")
+    ``reason`` never names the page; ``page`` (1-based) is set for a page failure, and ``str()`` is
+    ``"<path>: <reason>"`` or ``"<path>: page <page>: <reason>"``.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str, page: int | None = None):
+        super().__init__(f"{path}: {reason}" if page is None else f"{path}: page {page}: {reason}")
         self.path = str(path)
         self.reason = reason
+        self.page = page
 
 
 # --------------------------------------------------------------------------------------------------
@@ -560,10 +570,11 @@ def _working_size(width: int, height: int, limit: int = WORK_PIXELS) -> tuple[in
 @dataclass(frozen=True)
 class RenderedPage:
     """One rendered page: the working ``image`` (RGB, at most `WORK_PIXELS`) and the page's full pixel
-    ``size`` (the size results' coordinates refer to)."""
+    ``size`` (the size results' coordinates refer to); ``notes`` are decoder warnings worth reporting."""
 
     image: Image.Image
     size: tuple[int, int]
+    notes: tuple[str, ...] = ()
 
 
 def _pillow_allow(max_pixels: int) -> None:
@@ -627,6 +638,52 @@ def _reduce(im: Image.Image, size: tuple[int, int]) -> Image.Image:
             out = Image.new(strip.mode, (-(-im.width // factor), -(-im.height // factor)))
         out.paste(strip, (0, top // factor))
     return out
+
+
+# libtiff reports through the C stderr, as "<Module>: <message>" lines (Fax4Decode: Bad code word ...).
+_LIBTIFF_LINE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*: ")
+_FD2_LOCK = threading.Lock()
+
+
+@contextmanager
+def _libtiff_messages(messages: list[str]) -> Iterator[None]:
+    """Collect what libtiff writes to fd 2 during the block into ``messages``.
+
+    fd 2 is process-wide, so captures are serialised and kept to one decode; lines that are not
+    libtiff's (our own ``kosmos:`` lines, a progress bar from another thread) are passed on to stderr
+    when the block ends.
+    """
+    with _FD2_LOCK, tempfile.TemporaryFile() as capture:
+        try:
+            sys.stderr.flush()
+        except (AttributeError, OSError, ValueError):  # no usable sys.stderr: nothing buffered to keep
+            pass
+        try:
+            saved = os.dup(2)
+        except OSError:  # no fd 2 at all: nothing to capture, nor to pass on
+            yield
+            return
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            other = b""
+            for line in capture.read().splitlines(keepends=True):
+                text = line.decode(errors="replace")
+                if _LIBTIFF_LINE.match(text) and not text.startswith("kosmos:"):
+                    messages.append(text.strip().rstrip("."))
+                else:
+                    other += line
+            while other:
+                other = other[os.write(2, other):]
+
+
+def _libtiff_note(messages: list[str]) -> str:
+    more = len(messages) - 1
+    return f"libtiff: {messages[0]}" + (f" (and {more} more libtiff warning{'s' * (more != 1)})" if more else "")
 
 
 def _read_reason(exc: BaseException) -> str:
@@ -718,20 +775,20 @@ class Document:
         with PDFIUM_LOCK:
             _close_orphans()
             if self._closed:
-                raise DocumentError(self.source, "document is closed")
+                raise DocumentError(self.source, "document is closed", index + 1)
             try:
                 page = self._pdf[index]
             except Exception as exc:
-                raise DocumentError(self.source, f"page {index + 1}: cannot load page ({exc})") from None
+                raise DocumentError(self.source, f"cannot load page ({exc})", index + 1) from None
             try:
                 w_pt, h_pt = page.get_size()
                 size = page_pixels(w_pt, h_pt, self.dpi)
                 if size[0] * size[1] > self.max_pixels:
                     raise DocumentError(
                         self.source,
-                        f"page {index + 1}: {size[0]}×{size[1]} = {size[0] * size[1]:,} pixels at {self.dpi:g} dpi "
-                        f"exceeds the limit of {self.max_pixels:,} (page is {w_pt / 72:.0f}×{h_pt / 72:.0f} in); "
-                        "use a lower --dpi",
+                        f"{size[0]}×{size[1]} = {size[0] * size[1]:,} pixels at {self.dpi:g} dpi exceeds the limit of "
+                        f"{self.max_pixels:,} (page is {w_pt / 72:.0f}×{h_pt / 72:.0f} in); use a lower --dpi",
+                        index + 1,
                     )
                 w, h = _working_size(*size)
                 try:
@@ -744,7 +801,7 @@ class Document:
                     if page.formenv:
                         pdfium_c.FPDF_FFLDraw(page.formenv, *args)
                 except Exception as exc:
-                    raise DocumentError(self.source, f"page {index + 1}: render failed ({exc})") from None
+                    raise DocumentError(self.source, f"render failed ({exc})", index + 1) from None
                 try:
                     image = bitmap.to_pil()  # RGB: Pillow copies it (into 4 bytes a pixel)
                 finally:
@@ -755,28 +812,35 @@ class Document:
 
     def _read_image(self, index: int) -> RenderedPage:
         _pillow_allow(self.max_pixels)
+        messages: list[str] = []  # libtiff's, for TIFFs
         try:
             with Image.open(self.source) as im:
                 if index:
                     im.seek(index)
                 w, h = im.size
                 if w * h > self.max_pixels:
-                    raise DocumentError(self.source, _too_big(w, h, self.max_pixels, index, self.num_pages))
+                    raise DocumentError(self.source, _too_big(w, h, self.max_pixels), index + 1)
                 target = _working_size(w, h)
                 if target != (w, h):
                     im.draft(None, target)  # JPEG: libjpeg decodes at 1/2..1/8 scale, still ≥ target
-                im.load()
+                if im.format == "TIFF":
+                    with _libtiff_messages(messages):
+                        im.load()
+                else:
+                    im.load()
                 orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
                 image = _reduce(im, target)
         except DocumentError:
             raise
         except Image.DecompressionBombError as exc:
-            raise DocumentError(self.source, _bomb(exc, self.max_pixels)) from None
+            raise DocumentError(self.source, _bomb(exc, self.max_pixels), index + 1) from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            where = f"page {index + 1}: " if self.num_pages > 1 else ""
             if isinstance(exc, OSError) and exc.errno is not None:
-                raise DocumentError(self.source, where + _os_reason(exc)) from None
-            raise DocumentError(self.source, f"{where}corrupt or truncated image ({_read_reason(exc)})") from None
+                raise DocumentError(self.source, _os_reason(exc), index + 1) from None
+            libtiff = f"; libtiff: {messages[-1]}" if messages else ""
+            raise DocumentError(
+                self.source, f"corrupt or truncated image ({_read_reason(exc)}{libtiff})", index + 1
+            ) from None
         # Closing the file freed the decoded pixels: finish on the reduced copy alone.
         if image.size != target:
             image = image.resize(target, Image.Resampling.LANCZOS)
@@ -785,12 +849,11 @@ class Document:
         if orientation in _ORIENTATION_FIX:
             image = image.transpose(_ORIENTATION_FIX[orientation])
         size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-        return RenderedPage(image, size)
+        return RenderedPage(image, size, (_libtiff_note(messages),) if messages else ())
 
 
-def _too_big(w: int, h: int, limit: int, index: int = 0, n: int = 1) -> str:
-    where = f"page {index + 1}: " if n > 1 else ""
-    return f"{where}image is {w}×{h} = {w * h:,} pixels, over the limit of {limit:,} (possible decompression bomb)"
+def _too_big(w: int, h: int, limit: int) -> str:
+    return f"image is {w}×{h} = {w * h:,} pixels, over the limit of {limit:,} (possible decompression bomb)"
 
 
 def _bomb(exc: Exception, limit: int) -> str:
@@ -982,7 +1045,7 @@ class PageJob:
 
     After loading, ``image`` is the working image (at most `WORK_PIXELS`, what the model reads and
     overlays are drawn on), ``size`` the page's full pixel size at the requested resolution (results'
-    coordinates are scaled to it).
+    coordinates are scaled to it) and ``notes`` decoder warnings to report (not failures).
     ``selected`` lists the document's selected pages (ascending), so a consumer knows when the
     document is complete; ``skipped`` pages (already done, per iter_pages' ``skip``) are never rendered.
     A job built with an image already in memory has that image's size.
@@ -997,6 +1060,7 @@ class PageJob:
     image: Image.Image | None = field(default=None, repr=False)
     skipped: bool = False
     size: tuple[int, int] | None = None
+    notes: list[str] = field(default_factory=list)
     _released: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -1020,7 +1084,7 @@ class PageJob:
             return ErrorJob(self.source, self.stem, self.page, f"{type(exc).__name__}: {exc}", selected=self.selected)
         finally:
             self._release()
-        self.image, self.size = rendered.image, rendered.size
+        self.image, self.size, self.notes = rendered.image, rendered.size, list(rendered.notes)
         return self
 
     def _release(self) -> None:
@@ -1048,7 +1112,8 @@ def iter_pages(
     """Lazily yield one PageJob per selected page, in order, opening one document at a time.
 
     Images are not rendered here (call ``job.load()`` or wrap in `prefetch`). Failures become
-    ErrorJobs: a document that cannot be opened (page None), pages past its end (``warning=True``).
+    ErrorJobs (page None): a document that cannot be opened, or whose pages the selection misses
+    entirely; pages requested past its end while others exist are a note (``warning=True``).
     ``skip(job)`` → True marks a page as already done: it is yielded with ``skipped=True`` and never
     rendered. Bare paths get stems from `assign_stems` over all given inputs.
     A document is closed when its last page job has been loaded, or when this generator is closed early.
@@ -1072,6 +1137,13 @@ def iter_pages(
                 selected, missing = list(range(1, n + 1)), []
             else:
                 selected, missing = pages.select(n)
+            if not selected:
+                doc.close()
+                yield ErrorJob(
+                    item.path, item.stem, None,
+                    f"no page of the selection {pages} exists ({n} page{'s' * (n != 1)})",
+                )
+                continue
             if missing:
                 what = "page" if len(missing) == 1 and missing[0][0] == missing[0][1] else "pages"
                 yield ErrorJob(

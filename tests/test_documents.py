@@ -34,7 +34,15 @@ from kosmos_cli.documents import (
     parse_pages,
     prefetch,
 )
-from pdf_helpers import FORM_FIELD_RECT, make_form_pdf, make_image_pdf, make_pdf, page_color, png_header_only
+from pdf_helpers import (
+    FORM_FIELD_RECT,
+    make_corrupt_g4_tiff,
+    make_form_pdf,
+    make_image_pdf,
+    make_pdf,
+    page_color,
+    png_header_only,
+)
 
 IMAGE_EXTS = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif"]
 
@@ -650,7 +658,8 @@ def test_16_bit_scaled_not_clipped(tmp_path):
 
 def test_pdf_working_image_is_rendered_small_and_size_is_the_full_page(tmp_path):
     """At --dpi 1200 a letter page is 10200×13200 px: pdfium renders ≤ WORK_PIXELS, `size` is the full page."""
-    path = make_pdf(tmp_path / "letter.pdf", [b"0 0 0 rg 0 0 306 396 re f"], size=(612, 792))  # black lower-left quarter
+    quarter = b"0 0 0 rg 0 0 306 396 re f"  # the lower-left quarter, black
+    path = make_pdf(tmp_path / "letter.pdf", [quarter], size=(612, 792))
     with open_document(path, dpi=1200) as doc:
         page = doc.page(0)
     assert page.size == (10200, 13200)
@@ -865,11 +874,11 @@ def test_iter_pages_order_errors_and_laziness(mixed):
     assert describe(items) == [
         ("a.pdf", 2, "job"), ("a.pdf", 3, "job"),
         ("bad.pdf", None, "err"),
-        ("img.png", None, "warn"),  # pages 2-3 of a one-page image: a note, not a failure
+        ("img.png", None, "err"),  # pages 2-3 of a one-page image: nothing to do is a failure
         ("enc.pdf", None, "err"),
     ]
     assert "encrypted; pass --password" in items[4].error
-    assert items[3].error == "pages 2-3 not in document (1 page)"
+    assert items[3].error == "no page of the selection 2-3 exists (1 page)"
     job = items[0]
     assert job.stem == "a" and job.num_pages == 3 and job.selected == (2, 3) and not job.is_last
     assert items[1].is_last
@@ -930,6 +939,65 @@ def test_page_job_carries_the_full_size_and_the_working_image(tmp_path):
     # a job built around an image already in memory: the image is the page
     im = Image.new("RGB", (30, 20))
     assert PageJob(Path("x.png"), "x", 1, 1, (1,), image=im).size == (30, 20)
+
+
+def test_selection_matching_no_page_is_a_failure(tmp_path):
+    path = make_pdf(tmp_path / "two.pdf", 2)
+    (item,) = iter_pages([path], parse_pages("999"))
+    assert isinstance(item, ErrorJob) and not item.warning and item.page is None
+    assert item.error == "no page of the selection 999 exists (2 pages)"
+    items = list(iter_pages([path], parse_pages("2-5,9")))  # partly past the end: a note, as before
+    assert describe(items) == [("two.pdf", None, "warn"), ("two.pdf", 2, "job")]
+    assert items[0].error == "pages 3-5,9 not in document (2 pages)"
+
+
+def test_page_errors_name_the_page_once(tmp_path):
+    tif = tmp_path / "frames.tif"
+    Image.new("RGB", (10, 10)).save(tif, save_all=True, append_images=[Image.new("RGB", (100, 100))])
+    _, err = [j.load() for j in iter_pages([tif], max_pixels=5000)]
+    assert isinstance(err, ErrorJob) and err.page == 2
+    assert err.error.startswith("image is 100×100") and "page" not in err.error
+    assert str(err) == f"{tif} (page 2): {err.error}"
+    with pytest.raises(DocumentError) as info:  # a DocumentError names its page in str() only
+        open_document(tif, max_pixels=5000).page(1)
+    assert info.value.page == 2 and str(info.value) == f"{tif}: page 2: {info.value.reason}"
+    huge = make_pdf(tmp_path / "huge.pdf", 2, size=(14400, 14400))
+    _, err = [j.load() for j in iter_pages([huge])]
+    assert err.page == 2 and err.error.startswith("40000×40000 = 1,600,000,000 pixels at 200 dpi")
+
+
+def test_libtiff_warnings_become_page_notes(tmp_path, capfd):
+    path = make_corrupt_g4_tiff(tmp_path / "fax.tif")
+    (job,) = iter_pages([path])
+    assert job.load() is job and job.image is not None
+    assert len(job.notes) == 1
+    assert job.notes[0].startswith("libtiff: Fax4Decode: Bad code word at line ")
+    assert "more libtiff warnings" in job.notes[0]
+    assert "Fax4Decode" not in capfd.readouterr().err  # nothing raw on stderr
+    bad = make_corrupt_g4_tiff(tmp_path / "cut.tif", unreadable=True)
+    (job,) = iter_pages([bad])
+    err = job.load()
+    assert isinstance(err, ErrorJob) and "libtiff: TIFFFillStrip: Read error on strip 0" in err.error
+    assert "TIFFFillStrip" not in capfd.readouterr().err
+
+
+def test_stderr_of_other_writers_passes_through_a_tiff_decode(tmp_path, capfd):
+    """Only libtiff's lines are taken while fd 2 is captured; anything else still reaches stderr."""
+    path = make_corrupt_g4_tiff(tmp_path / "fax.tif")
+    real_load = Image.Image.load
+
+    def chatty(im):
+        os.write(2, b"kosmos: note: from the main thread\n\x1b[2Kprogress\r")
+        return real_load(im)
+
+    Image.Image.load = chatty
+    try:
+        page = open_document(path).page(0)
+    finally:
+        Image.Image.load = real_load
+    assert all("kosmos" not in n and "progress" not in n for n in page.notes)
+    err = capfd.readouterr().err
+    assert "kosmos: note: from the main thread\n" in err and "\x1b[2Kprogress\r" in err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1124,6 +1192,22 @@ def kosmos(*args):
     result = CliRunner().invoke(app, ["md", *map(str, args), "--model", "/nonexistent/model"])
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     return result
+
+
+def test_cli_selection_matching_no_page_fails(tmp_path):
+    path = make_pdf(tmp_path / "two.pdf", 2)
+    result = kosmos(path, "--pages", "999")
+    assert result.exit_code == 1
+    assert f"kosmos: {path}: no page of the selection 999 exists (2 pages)\n" in result.stderr
+    assert "note:" not in result.stderr
+
+
+def test_cli_page_errors_name_the_page_once(tmp_path):
+    path = make_pdf(tmp_path / "huge.pdf", 2, size=(14400, 14400))
+    result = kosmos(path)
+    assert result.exit_code == 1
+    assert f"kosmos: {path}: page 2: 40000×40000 = 1,600,000,000 pixels at 200 dpi" in result.stderr
+    assert "page 2: page 2" not in result.stderr and "page 1: page 1" not in result.stderr
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")

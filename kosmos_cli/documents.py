@@ -10,8 +10,11 @@ An input argument is a file, a directory (walked recursively), a glob (``*``, ``
 ``**`` for any depth), or ``-``: paths read from stdin, one a line (blank lines ignored; these are
 literal paths, files or directories, never globs). Directory walks and glob matches keep only
 supported extensions (case-insensitive: .pdf .png .jpg .jpeg .tif .tiff .webp .bmp .gif), skip hidden
-names (starting with ``.``), do not follow symlinked directories, and are sorted naturally
-(``scan2.png`` before ``scan10.png``). A file named explicitly must have a supported extension.
+names (starting with ``.``; a glob part that starts with ``.`` matches them), do not follow symlinked
+directories (a directory named literally, or a glob's fixed leading folders, may be a symlink), and
+are sorted naturally (``scan2.png`` before ``scan10.png``). Only regular files are documents: walks and
+globs skip others (named pipes, sockets, devices) with a note, an `InputError` whose ``warning`` is
+set; a file named explicitly must be a regular file with a supported extension.
 Missing paths, globs that match nothing and unsupported files become `InputError`s, never exceptions.
 Files are deduplicated by their resolved path, first occurrence wins.
 
@@ -33,49 +36,67 @@ every file to the same stem (needed for resume).
 
 Documents and pages
 -------------------
-`open_document` opens lazily: it reads only what is needed for ``num_pages``; `Document.page(i)`
-renders one page (0-based index) as an RGB PIL image. PDFs are rendered by pypdfium2 at ``dpi``
-(scale = dpi/72; annotations drawn, white background). Images are read by Pillow: every TIFF frame is
-a page; GIF, animated WebP and MPO contribute their first frame only (animation frames are not
-pages); the EXIF orientation is applied (any format that carries it, JPEG and TIFF in practice);
-transparency is composited on white; 16-bit and float images are scaled to 8 bits.
-Every failure is one exception type, `DocumentError(path, reason)`: unreadable, empty, corrupt or
-truncated file, unsupported type, encrypted PDF without or with a wrong password, images or pages
-over `MAX_PIXELS` (decompression bombs included; the limit admits large legitimate scans).
+`open_document` opens lazily: it reads only what is needed for ``num_pages``. `Document.page(i)`
+renders one page (0-based index) as a `RenderedPage`: its full pixel ``size`` and a *working image*,
+RGB, that size scaled down (aspect ratio kept, never up) to at most `WORK_PIXELS` pixels, since the
+models read ~1 MP whatever the page size. Results' coordinates are meant for ``size``; the working
+image is what the models (and overlays) see. PDFs are rendered by pypdfium2 at ``dpi`` (the full size
+is the page's extent at dpi/72 pixels per point, rounded up, see `page_pixels`; pdfium renders the
+working size directly; annotations and filled form fields drawn, white background). Images are read
+by Pillow, reduced while still in their own mode (JPEGs decoded at 1/2 to 1/8 scale by libjpeg): every
+TIFF frame is a page; GIF, animated WebP and MPO contribute their first frame only (animation frames
+are not pages); the EXIF orientation is applied (any format that carries it, JPEG and TIFF in
+practice); transparency is composited on white; 16-bit and float images are scaled to 8 bits.
+libtiff's warnings become the page's ``notes`` (its errors, part of the page's error).
+Every failure is one exception type, `DocumentError(path, reason, page=None)`: unreadable, empty,
+corrupt or truncated file, not a regular file, unsupported type, encrypted PDF without or with a
+wrong password (AES-256 passwords are also tried SASLprep'd, as PDF 2.0 says), images or pages over
+`MAX_PIXELS` (decompression bombs included; the limit admits large legitimate scans). A page's reason
+does not name the page (the page job carries it; ``str()`` of the exception does).
 
 Threads
 -------
 PDFium is not thread-safe: no two pdfium calls may run at the same time, even on different
 documents. Every pdfium call in this module (open, page count, render, close) holds the one
-module-level `PDFIUM_LOCK`; other modules that call pypdfium2 must take it too. Image pages reopen
-their file on every call and are safe to render from any thread. `prefetch` renders in background
-threads through a bounded window, so memory stays bounded by ``depth`` pages whatever the page count.
+module-level `PDFIUM_LOCK`; other modules that call pypdfium2 must take it too. A document dropped
+without `close` while another thread holds the lock is closed by the next pdfium call here, so a
+finalizer never waits. Image pages reopen their file on every call and are safe to render from any
+thread (TIFF decodes are serialised while fd 2 is captured for libtiff's messages). `prefetch` renders
+in background threads through a window bounded by a number of pages and by bytes, so memory stays
+bounded whatever the page count and page size.
 """
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import math
 import os
 import queue
 import re
+import stat
+import stringprep
 import sys
+import tempfile
 import threading
+import unicodedata
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "DEFAULT_DPI",
     "MAX_PIXELS",
     "PDFIUM_LOCK",
+    "PREFETCH_BYTES",
     "SUPPORTED_EXTENSIONS",
+    "WORK_PIXELS",
     "Document",
     "DocumentError",
     "ErrorJob",
@@ -83,12 +104,14 @@ __all__ = [
     "InputFile",
     "PageJob",
     "PageSelection",
+    "RenderedPage",
     "assign_stems",
     "collect_inputs",
     "expand_inputs",
     "format_ranges",
     "iter_pages",
     "open_document",
+    "page_pixels",
     "parse_pages",
     "prefetch",
     "relative_stem",
@@ -104,10 +127,21 @@ __all__ = [
 # for overlays.
 DEFAULT_DPI = 200
 
+# The working image's pixel budget: 4× the model's 4096-patch grid (4 × 4096 × 16² = 4.19 MP), i.e. 2×
+# the grid per side, the antialiasing headroom argued for DEFAULT_DPI above. It keeps the default
+# renders at full size (letter at 200 dpi is 3.74 MP, A4 3.87 MP), so default outputs do not change,
+# and bounds a page to ~17 MB as a Pillow RGB image (4 bytes a pixel) however large the scan or the
+# --dpi: a letter page at 1200 dpi (135 MP) would otherwise take 540 MB, and its preprocessing 4 GB.
+WORK_PIXELS = 4 * 4096 * 16 * 16
+
 # Largest page, in pixels, that we decode or render (~900 MB as RGB). Admits 300 dpi scans of A0 posters
 # (9933×14043 = 139 MP) and 200 dpi renders of 85×85 inch pages; refuses decompression bombs and PDFs
 # with absurd page boxes before any memory is allocated.
 MAX_PIXELS = 300_000_000
+
+# Rendered pages that `prefetch` may hold ahead of the consumer, in bytes: 15 working images at the
+# full WORK_PIXELS, far more small ones (the page count `depth` bounds those).
+PREFETCH_BYTES = 256 << 20
 
 SUPPORTED_EXTENSIONS = frozenset({".pdf", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif"})
 _MULTI_FRAME_FORMATS = frozenset({"TIFF"})  # formats whose frames are pages (see module docstring)
@@ -123,12 +157,17 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class DocumentError(Exception):
-    """A document (or one of its pages) cannot be read. ``str()`` is ``"<path>: <reason>"``."""
+    """A document (or one of its pages) cannot be read.
 
-    def __init__(self, path: str | os.PathLike, reason: str):
-        super().__init__(f"{path}: {reason}")
+    ``reason`` never names the page; ``page`` (1-based) is set for a page failure, and ``str()`` is
+    ``"<path>: <reason>"`` or ``"<path>: page <page>: <reason>"``.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str, page: int | None = None):
+        super().__init__(f"{path}: {reason}" if page is None else f"{path}: page {page}: {reason}")
         self.path = str(path)
         self.reason = reason
+        self.page = page
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,10 +177,14 @@ class DocumentError(Exception):
 
 @dataclass(frozen=True)
 class InputError:
-    """An input argument (or stdin line) that yields nothing: missing, unsupported, empty glob, …"""
+    """An input argument (or stdin line) that yields nothing: missing, unsupported, empty glob, …
+
+    ``warning`` marks notes that are not failures (a named pipe skipped in a folder).
+    """
 
     path: str
     reason: str
+    warning: bool = False
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
@@ -183,7 +226,7 @@ def _glob_root(pattern: str) -> Path:
 
 
 def _walk(directory: Path, errors: list[InputError]) -> list[Path]:
-    """Supported files under ``directory``, recursively, hidden names skipped, naturally sorted."""
+    """Supported regular files under ``directory``, recursively, hidden names skipped, naturally sorted."""
     found: list[Path] = []
 
     def onerror(exc: OSError) -> None:
@@ -193,10 +236,83 @@ def _walk(directory: Path, errors: list[InputError]) -> list[Path]:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             p = Path(dirpath, name)
-            if not name.startswith(".") and _supported(p):
+            if not name.startswith(".") and _supported(p) and _regular(p, errors):
                 found.append(p)
     found.sort(key=lambda p: _natural_key(p.relative_to(directory)))
     return found
+
+
+_FILE_KINDS = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+               (stat.S_ISBLK, "block device"))
+
+
+def _not_regular(mode: int) -> str | None:
+    """Why a file of this st_mode is no document ("not a regular file (named pipe)"), or None."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "special file")
+    return f"not a regular file ({kind})"
+
+
+def _regular(path: Path, errors: list[InputError]) -> bool:
+    """False, with a note, for a found file that is not a regular file (opening a FIFO would hang)."""
+    try:
+        why = _not_regular(path.stat().st_mode)
+    except OSError:  # a broken symlink or a race: opening it reports the precise error
+        return True
+    if why:
+        errors.append(InputError(str(path), f"{why}, skipped", warning=True))
+    return why is None
+
+
+def _glob(pattern: str) -> list[Path]:
+    """Paths matching ``pattern`` like ``glob.glob(recursive=True)``, but without following symlinked
+    directories (a loop like ``self -> .`` would make glob run forever), deduplicated, unsorted."""
+    parts = Path(pattern).parts
+    first = next(i for i, part in enumerate(parts) if _has_magic(part))
+    return list(dict.fromkeys(_match(Path(*parts[:first]), parts[first:])))
+
+
+def _match(base: Path, parts: tuple[str, ...]) -> Iterator[Path]:
+    """Paths below ``base`` that match the pattern parts ``parts`` (see `_glob`)."""
+    head, rest = parts[0], parts[1:]
+    if head == "**":
+        if not rest:  # everything below base: the walk of base finds it
+            yield base
+            return
+        yield from _match(base, rest)  # ** matches no folder too
+        for entry in _entries(base):
+            if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
+                yield from _match(base / entry.name, parts)
+    elif not _has_magic(head):  # a literal part, as typed: followed even if it is a symlink
+        path = base / head
+        if not rest:
+            if os.path.lexists(path):
+                yield path
+        elif path.is_dir():
+            yield from _match(path, rest)
+    else:
+        for entry in _entries(base):
+            if entry.name.startswith(".") and not head.startswith("."):
+                continue
+            if not fnmatch.fnmatch(entry.name, head):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                if rest:
+                    yield from _match(base / entry.name, rest)
+                else:
+                    yield base / entry.name
+            elif not rest and not entry.is_dir():  # a file, or a symlink to one (not to a folder)
+                yield base / entry.name
+
+
+def _entries(directory: Path) -> list[os.DirEntry]:
+    """The entries of ``directory``, none if it cannot be read."""
+    try:
+        with os.scandir(directory) as it:
+            return list(it)
+    except OSError:  # unreadable or vanished: matches nothing, as with glob
+        return []
 
 
 def _os_reason(exc: OSError) -> str:
@@ -233,6 +349,7 @@ def collect_inputs(
         try:
             is_dir = p.is_dir()
             exists = is_dir or p.exists()
+            why = _not_regular(p.stat().st_mode) if exists and not is_dir else None
         except OSError as exc:  # e.g. a parent folder without search permission
             errors.append(InputError(arg, _os_reason(exc)))
             return
@@ -244,6 +361,8 @@ def collect_inputs(
             if not files:
                 errors.append(InputError(arg, f"no supported files in directory ({_SUPPORTED_LIST})"))
             found.extend((f, p) for f in files)
+        elif why:
+            errors.append(InputError(arg, why))
         elif not _supported(p):
             errors.append(InputError(arg, f"unsupported file type {p.suffix or '(none)'!r} ({_SUPPORTED_LIST})"))
         else:
@@ -262,14 +381,12 @@ def collect_inputs(
                     add_path(line)
         elif _has_magic(arg) and not os.path.lexists(arg):
             root = _glob_root(arg)
-            matches = sorted(glob.glob(arg, recursive=True), key=lambda m: _natural_key(Path(m)))
+            matches = sorted(_glob(arg), key=_natural_key)
             n_before = len(found)
-            for m in matches:
-                mp = Path(m)
+            for mp in matches:
                 if mp.is_dir():
-                    files = _walk(mp, errors)
-                    found.extend((f, root) for f in files)
-                elif _supported(mp):
+                    found.extend((f, root) for f in _walk(mp, errors))
+                elif _supported(mp) and _regular(mp, errors):
                     found.append((mp, root))
             if len(found) == n_before:
                 why = "no supported files match" if matches else "no files match"
@@ -424,6 +541,42 @@ def parse_pages(spec: str) -> PageSelection:
 # --------------------------------------------------------------------------------------------------
 
 
+def page_pixels(width_pt: float, height_pt: float, dpi: float) -> tuple[int, int]:
+    """A page's full pixel size at ``dpi``: its extent at dpi/72 pixels per point, rounded up.
+
+    Floating-point noise is not a pixel: 792 pt at 300 dpi computes as 3300.0000000000005, and pdfium
+    gives page boxes as float32, so an excess under 1e-7 of the size is dropped (pypdfium2's own
+    ``render`` rounds the noise up and renders 3301 px).
+    """
+
+    def pixels(points: float) -> int:
+        exact = points * dpi / 72
+        return max(1, math.ceil(exact - exact * 1e-7))
+
+    return pixels(width_pt), pixels(height_pt)
+
+
+def _working_size(width: int, height: int, limit: int = WORK_PIXELS) -> tuple[int, int]:
+    """``width``×``height`` scaled down, aspect ratio kept, to at most ``limit`` pixels (never up)."""
+    if width * height <= limit:
+        return width, height
+    scale = math.sqrt(limit / (width * height))
+    w, h = max(1, int(width * scale)), max(1, int(height * scale))
+    if w * h > limit:  # a sliver: one side clamped at one pixel, the other takes the whole budget
+        w, h = (w, limit // w) if w < h else (limit // h, h)
+    return w, h
+
+
+@dataclass(frozen=True)
+class RenderedPage:
+    """One rendered page: the working ``image`` (RGB, at most `WORK_PIXELS`) and the page's full pixel
+    ``size`` (the size results' coordinates refer to); ``notes`` are decoder warnings worth reporting."""
+
+    image: Image.Image
+    size: tuple[int, int]
+    notes: tuple[str, ...] = ()
+
+
 def _pillow_allow(max_pixels: int) -> None:
     """Make sure Pillow's own guard (refusal at 2 × MAX_IMAGE_PIXELS) does not undercut ``max_pixels``."""
     limit = Image.MAX_IMAGE_PIXELS
@@ -431,23 +584,106 @@ def _pillow_allow(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow then warns above max_pixels, refuses above twice that
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode → RGB: alpha composited on white, 16-bit/float scaled to 8 bits."""
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+_DEEP_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+# Pixels converted at a time while reducing a big image (4 MB as RGB), whatever its mode.
+_STRIP_PIXELS = 1 << 20
+_EXIF_ORIENTATION = 0x0112
+_ORIENTATION_FIX = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _depth_scale(im: Image.Image) -> float:
+    """The factor that brings a 16-bit or float image's values (by its own range) into 0..255; 1 otherwise."""
+    if im.mode not in _DEEP_MODES:
+        return 1.0
+    hi = im.getextrema()[1]
+    if im.mode == "F":
+        return 255.0 if hi <= 1.0 else (1.0 if hi <= 255 else 255.0 / hi)
+    return 1.0 if hi <= 255 else (255.0 / 65535 if hi <= 65535 else 255.0 / hi)
+
+
+def _to_8bit(im: Image.Image, scale: float) -> Image.Image:
+    """A new L (grey and bilevel) or RGB image from any Pillow mode: alpha composited on white,
+    16-bit/float values × ``scale``."""
+    if im.mode in _DEEP_MODES:
         im = im.convert("F") if im.mode == "F" else im.convert("I")
-        lo, hi = im.getextrema()
-        if im.mode == "F":
-            scale = 255.0 if hi <= 1.0 else (1.0 if hi <= 255 else 255.0 / hi)
-        else:
-            scale = 1.0 if hi <= 255 else (255.0 / 65535 if hi <= 65535 else 255.0 / hi)
-        im = im.point(lambda v: v * scale).convert("L")
-    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-    if has_alpha:
+        return im.point(lambda v: v * scale).convert("L")
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:
         rgba = im.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         canvas.alpha_composite(rgba)
         return canvas.convert("RGB")
-    return im if im.mode == "RGB" else im.convert("RGB")
+    return im.convert("L" if im.mode in ("1", "L") else "RGB")
+
+
+def _reduce(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """A decoded image as a new 8-bit image, reduced by a whole factor to no less than ``size``.
+
+    A big image is box-reduced strip by strip straight from its own mode, so the only full-size copy
+    is the decoded one: converting a 1-bit page to RGB first would take 4× its memory, a 16-bit one 2×.
+    """
+    scale = _depth_scale(im)
+    factor = max(1, min(im.width // size[0], im.height // size[1]))
+    if factor == 1:
+        return _to_8bit(im, scale)
+    rows = max(1, _STRIP_PIXELS // (im.width * factor)) * factor  # whole output rows per strip
+    out = None
+    for top in range(0, im.height, rows):
+        strip = _to_8bit(im.crop((0, top, im.width, min(im.height, top + rows))), scale).reduce(factor)
+        if out is None:
+            out = Image.new(strip.mode, (-(-im.width // factor), -(-im.height // factor)))
+        out.paste(strip, (0, top // factor))
+    return out
+
+
+# libtiff reports through the C stderr, as "<Module>: <message>" lines (Fax4Decode: Bad code word ...).
+_LIBTIFF_LINE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*: ")
+_FD2_LOCK = threading.Lock()
+
+
+@contextmanager
+def _libtiff_messages(messages: list[str]) -> Iterator[None]:
+    """Collect what libtiff writes to fd 2 during the block into ``messages``.
+
+    fd 2 is process-wide, so captures are serialised and kept to one decode; lines that are not
+    libtiff's (our own ``kosmos:`` lines, a progress bar from another thread) are passed on to stderr
+    when the block ends.
+    """
+    with _FD2_LOCK, tempfile.TemporaryFile() as capture:
+        try:
+            sys.stderr.flush()
+        except (AttributeError, OSError, ValueError):  # no usable sys.stderr: nothing buffered to keep
+            pass
+        try:
+            saved = os.dup(2)
+        except OSError:  # no fd 2 at all: nothing to capture, nor to pass on
+            yield
+            return
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            other = b""
+            for line in capture.read().splitlines(keepends=True):
+                text = line.decode(errors="replace")
+                if _LIBTIFF_LINE.match(text) and not text.startswith("kosmos:"):
+                    messages.append(text.strip().rstrip("."))
+                else:
+                    other += line
+            while other:
+                other = other[os.write(2, other):]
+
+
+def _libtiff_note(messages: list[str]) -> str:
+    more = len(messages) - 1
+    return f"libtiff: {messages[0]}" + (f" (and {more} more libtiff warning{'s' * (more != 1)})" if more else "")
 
 
 def _read_reason(exc: BaseException) -> str:
@@ -456,8 +692,19 @@ def _read_reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+# PDF handles whose Document was dropped while another thread held PDFIUM_LOCK: closed by the next
+# holder of the lock (see Document.__del__).
+_ORPHANS: list = []
+
+
+def _close_orphans() -> None:
+    """Close the handles finalizers left behind; call with PDFIUM_LOCK held."""
+    while _ORPHANS:
+        _ORPHANS.pop().close()
+
+
 class Document:
-    """An opened PDF or image file. ``page(i)`` (0-based) renders one page at a time as RGB.
+    """An opened PDF or image file. ``page(i)`` (0-based) renders one page at a time.
 
     Close it (or use ``with``) to release the PDF handle; closing is idempotent and thread-safe.
     """
@@ -483,10 +730,20 @@ class Document:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self) -> None:  # close under the lock, not from pypdfium2's finalizer on a random thread
+    def __del__(self) -> None:
+        # Close under the lock, not from pypdfium2's own finalizer on a random thread. A finalizer must
+        # neither wait (a render elsewhere may hold the lock for seconds) nor raise (a Ctrl-C landing here
+        # would be printed as "Exception ignored"): if the lock is busy, the next holder closes the handle.
         try:
-            self.close()
-        except Exception:
+            if self._pdf is not None:
+                _ORPHANS.append(self._pdf)
+                self._pdf = None
+                if PDFIUM_LOCK.acquire(blocking=False):
+                    try:
+                        _close_orphans()
+                    finally:
+                        PDFIUM_LOCK.release()
+        except BaseException:  # nothing a finalizer could do with it
             pass
 
     @property
@@ -495,6 +752,7 @@ class Document:
 
     def close(self) -> None:
         with PDFIUM_LOCK:
+            _close_orphans()
             if self._closed:
                 return
             self._closed = True
@@ -502,72 +760,100 @@ class Document:
                 self._pdf.close()
                 self._pdf = None
 
-    def page(self, index: int) -> Image.Image:
-        """Render page ``index`` (0-based) as an RGB image; raises DocumentError."""
+    def page(self, index: int) -> RenderedPage:
+        """Render page ``index`` (0-based): its working image and full size; raises DocumentError."""
         if not 0 <= index < self.num_pages:
             raise IndexError(f"page index {index} out of range for {self.num_pages} pages")
         if self.kind == "pdf":
             return self._render_pdf(index)
         return self._read_image(index)
 
-    def _render_pdf(self, index: int) -> Image.Image:
-        scale = self.dpi / 72.0
+    def _render_pdf(self, index: int) -> RenderedPage:
+        import pypdfium2 as pdfium
+        import pypdfium2.raw as pdfium_c
+
         with PDFIUM_LOCK:
+            _close_orphans()
             if self._closed:
-                raise DocumentError(self.source, "document is closed")
+                raise DocumentError(self.source, "document is closed", index + 1)
             try:
                 page = self._pdf[index]
             except Exception as exc:
-                raise DocumentError(self.source, f"page {index + 1}: cannot load page ({exc})") from None
+                raise DocumentError(self.source, f"cannot load page ({exc})", index + 1) from None
             try:
                 w_pt, h_pt = page.get_size()
-                w, h = math.ceil(w_pt * scale), math.ceil(h_pt * scale)
-                if w * h > self.max_pixels:
+                size = page_pixels(w_pt, h_pt, self.dpi)
+                if size[0] * size[1] > self.max_pixels:
                     raise DocumentError(
                         self.source,
-                        f"page {index + 1}: {w}×{h} = {w * h:,} pixels at {self.dpi:g} dpi exceeds the limit of "
+                        f"{size[0]}×{size[1]} = {size[0] * size[1]:,} pixels at {self.dpi:g} dpi exceeds the limit of "
                         f"{self.max_pixels:,} (page is {w_pt / 72:.0f}×{h_pt / 72:.0f} in); use a lower --dpi",
+                        index + 1,
                     )
+                w, h = _working_size(*size)
                 try:
-                    bitmap = page.render(scale=scale, may_draw_forms=False)
+                    # pdfium fits the page to the bitmap it is given, so the working size is rendered
+                    # directly (never the full size), with the page's own rotation, annotations and forms.
+                    bitmap = pdfium.PdfBitmap.new_native(w, h, pdfium_c.FPDFBitmap_BGR, rev_byteorder=True)
+                    bitmap.fill_rect((255, 255, 255, 255), 0, 0, w, h)
+                    args = (bitmap, page, 0, 0, w, h, 0, pdfium_c.FPDF_ANNOT | pdfium_c.FPDF_REVERSE_BYTE_ORDER)
+                    pdfium_c.FPDF_RenderPageBitmap(*args)
+                    if page.formenv:
+                        pdfium_c.FPDF_FFLDraw(page.formenv, *args)
                 except Exception as exc:
-                    raise DocumentError(self.source, f"page {index + 1}: render failed ({exc})") from None
+                    raise DocumentError(self.source, f"render failed ({exc})", index + 1) from None
                 try:
-                    im = bitmap.to_pil()
-                    # to_pil may share the bitmap's buffer: copy before the bitmap is freed.
-                    im = im.convert("RGB") if im.mode != "RGB" else im.copy()
+                    image = bitmap.to_pil()  # RGB: Pillow copies it (into 4 bytes a pixel)
                 finally:
                     bitmap.close()
             finally:
                 page.close()
-        return im
+        return RenderedPage(image, size)
 
-    def _read_image(self, index: int) -> Image.Image:
+    def _read_image(self, index: int) -> RenderedPage:
         _pillow_allow(self.max_pixels)
+        messages: list[str] = []  # libtiff's, for TIFFs
         try:
             with Image.open(self.source) as im:
                 if index:
                     im.seek(index)
                 w, h = im.size
                 if w * h > self.max_pixels:
-                    raise DocumentError(self.source, _too_big(w, h, self.max_pixels, index, self.num_pages))
-                im.load()
-                frame = ImageOps.exif_transpose(im)
-                return _to_rgb(frame)
+                    raise DocumentError(self.source, _too_big(w, h, self.max_pixels), index + 1)
+                target = _working_size(w, h)
+                if target != (w, h):
+                    im.draft(None, target)  # JPEG: libjpeg decodes at 1/2..1/8 scale, still ≥ target
+                if im.format == "TIFF":
+                    with _libtiff_messages(messages):
+                        im.load()
+                else:
+                    im.load()
+                orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+                image = _reduce(im, target)
         except DocumentError:
             raise
         except Image.DecompressionBombError as exc:
-            raise DocumentError(self.source, _bomb(exc, self.max_pixels)) from None
+            raise DocumentError(self.source, _bomb(exc, self.max_pixels), index + 1) from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            where = f"page {index + 1}: " if self.num_pages > 1 else ""
             if isinstance(exc, OSError) and exc.errno is not None:
-                raise DocumentError(self.source, where + _os_reason(exc)) from None
-            raise DocumentError(self.source, f"{where}corrupt or truncated image ({_read_reason(exc)})") from None
+                raise DocumentError(self.source, _os_reason(exc), index + 1) from None
+            libtiff = f"; libtiff: {messages[-1]}" if messages else ""
+            raise DocumentError(
+                self.source, f"corrupt or truncated image ({_read_reason(exc)}{libtiff})", index + 1
+            ) from None
+        # Closing the file freed the decoded pixels: finish on the reduced copy alone.
+        if image.size != target:
+            image = image.resize(target, Image.Resampling.LANCZOS)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        if orientation in _ORIENTATION_FIX:
+            image = image.transpose(_ORIENTATION_FIX[orientation])
+        size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+        return RenderedPage(image, size, (_libtiff_note(messages),) if messages else ())
 
 
-def _too_big(w: int, h: int, limit: int, index: int = 0, n: int = 1) -> str:
-    where = f"page {index + 1}: " if n > 1 else ""
-    return f"{where}image is {w}×{h} = {w * h:,} pixels, over the limit of {limit:,} (possible decompression bomb)"
+def _too_big(w: int, h: int, limit: int) -> str:
+    return f"image is {w}×{h} = {w * h:,} pixels, over the limit of {limit:,} (possible decompression bomb)"
 
 
 def _bomb(exc: Exception, limit: int) -> str:
@@ -592,10 +878,16 @@ def open_document(
     if dpi is None or not dpi > 0:
         raise ValueError(f"dpi must be positive, got {dpi!r}")
     try:
+        mode = os.stat(source).st_mode
+    except OSError as exc:
+        raise DocumentError(source, _os_reason(exc)) from None
+    if stat.S_ISDIR(mode):
+        raise DocumentError(source, "is a directory")
+    if why := _not_regular(mode):  # opening a named pipe would wait for a writer forever
+        raise DocumentError(source, why)
+    try:
         with open(source, "rb") as f:
             head = f.read(1024)
-    except IsADirectoryError:
-        raise DocumentError(source, "is a directory") from None
     except OSError as exc:
         raise DocumentError(source, _os_reason(exc)) from None
     if not head:
@@ -610,42 +902,29 @@ def open_document(
 
 def _open_pdf(source: Path, dpi: float, password: str | None, max_pixels: int) -> Document:
     import pypdfium2 as pdfium
+    import pypdfium2.raw as pdfium_c
 
-    def load(pw):
-        try:
-            return pdfium.PdfDocument(str(source), password=pw)
-        except pdfium.PdfiumError as exc:
-            # PDFs with only an owner password (print/copy restrictions) open without one; one
-            # --password for a batch must not break them.
-            if pw and getattr(exc, "err_code", None) == 4:
-                try:
-                    return pdfium.PdfDocument(str(source), password=None)
-                except pdfium.PdfiumError:
-                    pass
-            raise
-
+    path = os.fsencode(source) + b"\0"
     with PDFIUM_LOCK:
+        _close_orphans()
+        # FPDF_GetLastError is process-global and only set when a load fails, so it is read only right
+        # after FPDF_LoadDocument returned no document (which always sets it); a page-less PDF loads
+        # and is told by its page count, never by a code left over from an earlier file.
+        raw = code = None
+        for pw in [None] if password is None else _password_tries(password):
+            raw = pdfium_c.FPDF_LoadDocument(path, pw)
+            if raw:
+                break
+            code = pdfium_c.FPDF_GetLastError()
+            if code != pdfium_c.FPDF_ERR_PASSWORD:
+                break
+        if not raw:
+            raise DocumentError(source, _pdf_failure(code, password))
+        pdf = pdfium.PdfDocument(raw)
         try:
-            pdf = load(password)
-        except pdfium.PdfiumError as exc:
-            # FPDF_GetLastError is process-global and not reset by a successful call, so a code can be
-            # stale (e.g. a page-less PDF fails without setting one): confirm "password" in the file.
-            code = getattr(exc, "err_code", None)
-            if code == 4 and not _mentions_encrypt(source):
-                code = None
-            if code == 4:  # FPDF_ERR_PASSWORD
-                if password:
-                    raise DocumentError(source, "PDF is encrypted and the password is wrong (--password)") from None
-                raise DocumentError(source, "PDF is encrypted; pass --password") from None
-            if code == 5:  # FPDF_ERR_SECURITY
-                raise DocumentError(source, "PDF uses an unsupported security handler") from None
-            if code == 0:  # load failed with "success": pdfium refuses documents without pages
-                raise DocumentError(source, "PDF has no pages (or an unreadable page tree)") from None
-            if code == 2:  # FPDF_ERR_FILE
-                raise DocumentError(source, "cannot open file") from None
-            raise DocumentError(source, "not a PDF, or a corrupt, truncated or page-less one") from None
-        except OSError as exc:
-            raise DocumentError(source, _os_reason(exc)) from None
+            pdf.init_forms()  # before any page is loaded, so that filled form fields are drawn
+        except pdfium.PdfiumError:
+            pass  # the form fields' values are not drawn; the page is
         try:
             n = len(pdf)
         except Exception as exc:
@@ -653,22 +932,58 @@ def _open_pdf(source: Path, dpi: float, password: str | None, max_pixels: int) -
             raise DocumentError(source, f"cannot count pages ({exc})") from None
         if n < 1:
             pdf.close()
-            raise DocumentError(source, "PDF has no pages")
+            raise DocumentError(source, "PDF has no pages (or an unreadable page tree)")
     return Document(source, "pdf", n, dpi, max_pixels, pdf=pdf, fmt="PDF")
 
 
-def _mentions_encrypt(source: Path) -> bool:
-    """Whether the file contains an /Encrypt key (scanned in chunks; only used on failure)."""
-    tail = b""
-    try:
-        with open(source, "rb") as f:
-            while chunk := f.read(1 << 20):
-                if b"/Encrypt" in tail + chunk:
-                    return True
-                tail = chunk[-16:]
-    except OSError:
-        return False
-    return False
+def _pdf_failure(code: int, password: str | None) -> str:
+    """The reason for a failed FPDF_LoadDocument, from its error code."""
+    import pypdfium2.raw as pdfium_c
+
+    if code == pdfium_c.FPDF_ERR_PASSWORD:
+        if password:
+            return "PDF is encrypted and the password is wrong (--password)"
+        return "PDF is encrypted; pass --password"
+    if code == pdfium_c.FPDF_ERR_SECURITY:
+        return "PDF uses an unsupported security handler"
+    if code == pdfium_c.FPDF_ERR_FILE:
+        return "cannot open file"
+    return "not a PDF, or a corrupt or truncated one"
+
+
+def _password_tries(password: str) -> list[bytes | None]:
+    """Passwords to try, in order: as given; SASLprep'd when that differs (PDF 2.0 processes AES-256
+    passwords so, then keeps 127 bytes); none, since a PDF with only an owner password opens without
+    one and one --password for a batch must not break it."""
+    given = password.encode("utf-8", "surrogateescape")
+    tries: list[bytes | None] = [given + b"\0"]
+    prepared = _saslprep(password)
+    if prepared is not None and prepared.encode()[:127] != given:
+        tries.append(prepared.encode()[:127] + b"\0")
+    tries.append(None)
+    return tries
+
+
+_PROHIBITED = (
+    stringprep.in_table_c12, stringprep.in_table_c21_c22, stringprep.in_table_c3, stringprep.in_table_c4,
+    stringprep.in_table_c5, stringprep.in_table_c6, stringprep.in_table_c7, stringprep.in_table_c8,
+    stringprep.in_table_c9,
+)
+
+
+def _saslprep(text: str) -> str | None:
+    """``text`` prepared by SASLprep (RFC 4013, as a query: unassigned code points allowed), or None
+    when it holds a prohibited character or breaks the bidi rule, so that no password can match it."""
+    mapped = "".join(" " if stringprep.in_table_c12(c) else c for c in text if not stringprep.in_table_b1(c))
+    prepared = unicodedata.normalize("NFKC", mapped)
+    if any(prohibited(c) for c in prepared for prohibited in _PROHIBITED):
+        return None
+    if any(stringprep.in_table_d1(c) for c in prepared):  # right-to-left text (RFC 3454, section 6)
+        if any(stringprep.in_table_d2(c) for c in prepared):
+            return None
+        if not (stringprep.in_table_d1(prepared[0]) and stringprep.in_table_d1(prepared[-1])):
+            return None
+    return prepared
 
 
 def _open_image(source: Path, dpi: float, max_pixels: int) -> Document:
@@ -728,8 +1043,12 @@ class ErrorJob:
 class PageJob:
     """One page to process. ``image`` is None until `load` (or `prefetch`) renders it.
 
+    After loading, ``image`` is the working image (at most `WORK_PIXELS`, what the model reads and
+    overlays are drawn on), ``size`` the page's full pixel size at the requested resolution (results'
+    coordinates are scaled to it) and ``notes`` decoder warnings to report (not failures).
     ``selected`` lists the document's selected pages (ascending), so a consumer knows when the
     document is complete; ``skipped`` pages (already done, per iter_pages' ``skip``) are never rendered.
+    A job built with an image already in memory has that image's size.
     """
 
     source: Path
@@ -740,7 +1059,13 @@ class PageJob:
     document: Document | None = field(default=None, repr=False)
     image: Image.Image | None = field(default=None, repr=False)
     skipped: bool = False
+    size: tuple[int, int] | None = None
+    notes: list[str] = field(default_factory=list)
     _released: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.image is not None and self.size is None:
+            self.size = self.image.size
 
     @property
     def is_last(self) -> bool:
@@ -752,14 +1077,15 @@ class PageJob:
         if self.image is not None or self.skipped or self.document is None:
             return self
         try:
-            self.image = self.document.page(self.page - 1)
-            return self
+            rendered = self.document.page(self.page - 1)
         except DocumentError as exc:
             return ErrorJob(self.source, self.stem, self.page, exc.reason, selected=self.selected)
         except Exception as exc:  # MemoryError, pdfium surprises: a page failure, not a stream failure
             return ErrorJob(self.source, self.stem, self.page, f"{type(exc).__name__}: {exc}", selected=self.selected)
         finally:
             self._release()
+        self.image, self.size, self.notes = rendered.image, rendered.size, list(rendered.notes)
+        return self
 
     def _release(self) -> None:
         """Drop this job's claim on the document; the last claim closes it."""
@@ -786,7 +1112,8 @@ def iter_pages(
     """Lazily yield one PageJob per selected page, in order, opening one document at a time.
 
     Images are not rendered here (call ``job.load()`` or wrap in `prefetch`). Failures become
-    ErrorJobs: a document that cannot be opened (page None), pages past its end (``warning=True``).
+    ErrorJobs (page None): a document that cannot be opened, or whose pages the selection misses
+    entirely; pages requested past its end while others exist are a note (``warning=True``).
     ``skip(job)`` → True marks a page as already done: it is yielded with ``skipped=True`` and never
     rendered. Bare paths get stems from `assign_stems` over all given inputs.
     A document is closed when its last page job has been loaded, or when this generator is closed early.
@@ -810,6 +1137,13 @@ def iter_pages(
                 selected, missing = list(range(1, n + 1)), []
             else:
                 selected, missing = pages.select(n)
+            if not selected:
+                doc.close()
+                yield ErrorJob(
+                    item.path, item.stem, None,
+                    f"no page of the selection {pages} exists ({n} page{'s' * (n != 1)})",
+                )
+                continue
             if missing:
                 what = "page" if len(missing) == 1 and missing[0][0] == missing[0][1] else "pages"
                 yield ErrorJob(
@@ -850,42 +1184,95 @@ def _load(item):
     return item.load() if isinstance(item, PageJob) else item
 
 
-def prefetch(items: Iterable, depth: int = 4, workers: int = 2) -> Iterator:
+def _held_bytes(item) -> int:
+    """Memory a loaded item holds: its image, at the 4 bytes a pixel Pillow keeps RGB in."""
+    image = getattr(item, "image", None)
+    return image.width * image.height * 4 if isinstance(image, Image.Image) else 0
+
+
+def prefetch(items: Iterable, depth: int = 4, workers: int = 2, *, max_bytes: int = PREFETCH_BYTES) -> Iterator:
     """Render pages ahead in background threads; yields the same items, in order, loaded.
 
-    A feeder thread pulls from ``items`` (opening documents) and submits ``job.load()`` to a pool of
-    ``workers`` threads; at most ``depth`` items are pulled but not yet handed to the consumer, so at
-    most ``depth`` + 1 rendered pages are alive whatever the document size. Page failures arrive as
-    ErrorJob items; an exception raised by ``items`` itself is re-raised to the consumer after the
-    items before it. Closing the returned generator early (``break``, ``.close()``, garbage collection)
-    stops the feeder, cancels pending renders, closes ``items`` and joins every thread.
+    A feeder thread pulls from ``items`` (opening documents) and hands ``job.load()`` to ``workers``
+    render threads. The items pulled but not yet handed to the consumer are at most ``depth``, those
+    being rendered at most ``workers``, and no item is pulled while the rendered ones waiting hold
+    ``max_bytes`` or more (one is always allowed, so a page bigger than the budget still passes): memory
+    stays bounded by both a page count and bytes, whatever the document size. Page failures arrive as
+    ErrorJob items; an exception raised by ``items`` itself is re-raised to the consumer after the items
+    before it. Closing the returned generator early (``break``, ``.close()``, a KeyboardInterrupt in the
+    consumer, garbage collection) returns at once: renders not started are cancelled, the feeder stops
+    and closes ``items``, and a render in flight finishes in its thread. All these threads are daemons,
+    so interpreter exit does not wait for them.
     ``depth=0`` loads synchronously in the consumer's thread (no threads at all).
     """
     if depth < 0 or workers < 1:
         raise ValueError(f"need depth >= 0 and workers >= 1, got depth={depth}, workers={workers}")
     if depth == 0:
         return (_load(item) for item in items)
-    return _prefetch(iter(items), depth, workers)
+    return _prefetch(iter(items), depth, workers, max_bytes)
 
 
-def _prefetch(source: Iterator, depth: int, workers: int) -> Iterator:
-    slots = threading.Semaphore(depth)
+@dataclass
+class _Window:
+    """What `_prefetch` holds ahead of its consumer; guarded by ``changed``."""
+
+    changed: threading.Condition = field(default_factory=threading.Condition)
+    ahead: int = 0  # items pulled, not yet handed to the consumer
+    rendering: int = 0  # of those, not yet loaded
+    bytes: int = 0  # held by the loaded ones
+
+
+def _prefetch(source: Iterator, depth: int, workers: int, max_bytes: int) -> Iterator:
+    window = _Window()
     stop = threading.Event()
-    pending: queue.Queue = queue.Queue()  # futures in source order, then _DONE; ≤ depth by `slots`
+    pending: queue.SimpleQueue = queue.SimpleQueue()  # futures in source order, then _DONE
+    tasks: queue.SimpleQueue = queue.SimpleQueue()  # (future, item) for the render threads; None ends one
     failure: list[BaseException] = []
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kosmos-render")
+
+    def room() -> bool:
+        if stop.is_set() or window.ahead == 0:
+            return True
+        return window.ahead < depth and window.rendering < workers and window.bytes < max_bytes
+
+    def render() -> None:
+        while (task := tasks.get()) is not None:
+            future, item = task
+            if stop.is_set() or not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = _load(item)
+            except BaseException as exc:
+                result, error = None, exc
+            else:
+                error = None
+            with window.changed:
+                window.rendering -= 1
+                window.bytes += _held_bytes(result)
+                window.changed.notify_all()
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+            del task, future, item, result, error  # a page nobody references must be freed now
 
     def feed() -> None:
         try:
             while True:
-                slots.acquire()
+                with window.changed:
+                    window.changed.wait_for(room)
                 if stop.is_set():
                     break
                 try:
                     item = next(source)
                 except StopIteration:
                     break
-                pending.put(pool.submit(_load, item))
+                future: Future = Future()
+                with window.changed:
+                    window.ahead += 1
+                    window.rendering += 1
+                pending.put(future)
+                tasks.put((future, item))
+                del future, item
         except BaseException as exc:  # the source itself failed: hand it to the consumer
             failure.append(exc)
         finally:
@@ -896,31 +1283,43 @@ def _prefetch(source: Iterator, depth: int, workers: int) -> Iterator:
                 except Exception:
                     pass
             pending.put(_DONE)
+            for _ in range(workers):
+                tasks.put(None)
 
-    feeder = threading.Thread(target=feed, name="kosmos-prefetch", daemon=True)
-    feeder.start()
+    threads = [threading.Thread(target=feed, name="kosmos-prefetch", daemon=True)]
+    threads += [threading.Thread(target=render, name=f"kosmos-render-{k}", daemon=True) for k in range(workers)]
+    for thread in threads:
+        thread.start()
+    exhausted = False
     try:
         while True:
-            fut = pending.get()
-            if fut is _DONE:
+            future = pending.get()
+            if future is _DONE:
+                exhausted = True
                 break
-            item = fut.result()
-            slots.release()
+            item = future.result()
+            del future
+            with window.changed:
+                window.ahead -= 1
+                window.bytes -= _held_bytes(item)
+                window.changed.notify_all()
             yield item
             del item
         if failure:
             raise failure[0]
     finally:
+        # Closed early: never wait, a render in flight may take seconds (a huge page) and a Ctrl-C must
+        # stop the run now; renders not started are cancelled and the threads end on their own.
         stop.set()
-        slots.release()  # wake the feeder if it waits for a slot
-        while True:  # cancel renders nobody will consume
+        with window.changed:
+            window.changed.notify_all()
+        while True:
             try:
-                fut = pending.get(timeout=0.05) if feeder.is_alive() else pending.get_nowait()
+                future = pending.get_nowait()
             except queue.Empty:
-                if not feeder.is_alive() and pending.empty():
-                    break
-                continue
-            if fut is not _DONE:
-                fut.cancel()
-        feeder.join()
-        pool.shutdown(wait=True, cancel_futures=True)
+                break
+            if future is not _DONE:
+                future.cancel()
+        if exhausted:  # every render was consumed: the threads are ending, leave none behind
+            for thread in threads:
+                thread.join()

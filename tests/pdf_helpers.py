@@ -2,18 +2,20 @@
 
 `make_pdf` writes a minimal PDF by hand, optionally encrypted with the standard security handler
 (revision 2, 40-bit RC4: MD5 and RC4 are a few lines of Python), which pdfium opens like any other.
-`make_image_pdf` uses pypdfium2 itself to place a coloured square on every page.
+`make_image_pdf` uses pypdfium2 itself to place a coloured square on every page; `make_form_pdf` writes
+a page with one filled text field; `make_corrupt_g4_tiff` a fax TIFF that libtiff complains about.
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 import struct
 import zlib
 from pathlib import Path
 
 import pypdfium2 as pdfium
-from PIL import Image
+from PIL import Image, ImageDraw
 
 _PAD = bytes.fromhex("28BF4E5E4E758A4164004E56FFFA01082E2E00B6D0683E802F0CA9FE6453697A")
 
@@ -39,6 +41,24 @@ def _pad(pw: str) -> bytes:
 
 
 BLACK_BOX = b"0 0 0 rg 20 20 60 60 re f"  # a black 60×60 pt square at (20, 20) from the bottom left
+
+
+def _write_objects(path: Path, objs: dict[int, bytes], trailer: str = "") -> Path:
+    """Serialise numbered objects with an xref table; object 1 is the catalog."""
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = {}
+    for num in sorted(objs):
+        offsets[num] = len(out)
+        out += f"{num} 0 obj\n".encode() + objs[num] + b"\nendobj\n"
+    xref = len(out)
+    count = max(objs) + 1
+    out += f"xref\n0 {count}\n0000000000 65535 f \n".encode()
+    for num in range(1, count):
+        out += f"{offsets[num]:010d} 00000 n \n".encode()
+    out += f"trailer\n<< /Size {count} /Root 1 0 R {trailer} >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(bytes(out))
+    return Path(path)
 
 
 def make_pdf(
@@ -75,23 +95,37 @@ def make_pdf(
         if key is not None:
             data = _rc4(hashlib.md5(key + struct.pack("<i", cn)[:3] + b"\0\0").digest()[:10], data)
         objs[cn] = f"<< /Length {len(data)} >>\nstream\n".encode() + data + b"\nendstream"
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = {}
-    for num in sorted(objs):
-        offsets[num] = len(out)
-        out += f"{num} 0 obj\n".encode() + objs[num] + b"\nendobj\n"
-    xref = len(out)
-    count = max(objs) + 1
-    out += f"xref\n0 {count}\n0000000000 65535 f \n".encode()
-    for num in range(1, count):
-        out += f"{offsets[num]:010d} 00000 n \n".encode()
-    trailer = f"trailer\n<< /Size {count} /Root 1 0 R /ID [<{file_id.hex()}> <{file_id.hex()}>]"
+    trailer = f"/ID [<{file_id.hex()}> <{file_id.hex()}>]"
     if key is not None:
         trailer += f" /Encrypt {enc_num} 0 R"
-    out += (trailer + f" >>\nstartxref\n{xref}\n%%EOF\n").encode()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(bytes(out))
-    return Path(path)
+    return _write_objects(path, objs, trailer)
+
+
+# The widget of `make_form_pdf`, in points from the bottom left of its 200×100 pt page.
+FORM_FIELD_RECT = (20, 30, 180, 60)
+
+
+def make_form_pdf(path: Path, value: str = "FILLED") -> Path:
+    """A 200×100 pt page whose only content is a filled text field (AcroForm widget at `FORM_FIELD_RECT`).
+
+    The value is drawn only by the widget's appearance stream (Helvetica 14 pt, black), as form-filling
+    applications save it; the page's own content is empty.
+    """
+    x0, y0, x1, y1 = FORM_FIELD_RECT
+    appearance = f"/Tx BMC q BT /Helv 14 Tf 0 g 4 8 Td ({value}) Tj ET Q EMC".encode()
+    objs = {
+        1: b"<< /Type /Catalog /Pages 2 0 R /AcroForm << /Fields [4 0 R] /DA (/Helv 0 Tf 0 g) "
+           b"/DR << /Font << /Helv 6 0 R >> >> >> >>",
+        2: b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        3: b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 100] /Annots [4 0 R] >>",
+        4: f"<< /Type /Annot /Subtype /Widget /FT /Tx /T (name) /V ({value}) /Rect [{x0} {y0} {x1} {y1}] "
+           f"/P 3 0 R /F 4 /DA (/Helv 14 Tf 0 g) /AP << /N 5 0 R >> >>".encode(),
+        5: f"<< /Type /XObject /Subtype /Form /BBox [0 0 {x1 - x0} {y1 - y0}] "
+           f"/Resources << /Font << /Helv 6 0 R >> >> /Length {len(appearance)} >>\nstream\n".encode()
+           + appearance + b"\nendstream",
+        6: b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>",
+    }
+    return _write_objects(path, objs)
 
 
 def page_color(k: int) -> tuple[int, int, int]:
@@ -127,4 +161,29 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
     data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
     Path(path).write_bytes(data)
+    return Path(path)
+
+
+def make_corrupt_g4_tiff(path: Path, *, unreadable: bool = False) -> Path:
+    """A CCITT Group 4 TIFF (400×300, lines of text) with 40 garbage bytes in its strip: libtiff decodes
+    it, writing warnings ("Fax4Decode: Bad code word ...") to the C stderr. ``unreadable`` also makes
+    the strip's byte count run past the end of the file, so that the decode fails."""
+    im = Image.new("1", (400, 300), 1)
+    draw = ImageDraw.Draw(im)
+    for y in range(10, 290, 12):
+        draw.text((10, y), "The quick brown fox jumps over the lazy dog 0123456789", fill=0)
+    im.save(path, compression="group4")
+    with Image.open(path) as tif:
+        offset, count = tif.tag_v2[273][0], tif.tag_v2[279][0]  # StripOffsets, StripByteCounts
+    data = bytearray(Path(path).read_bytes())
+    rng = random.Random(0)
+    for i in range(offset + count // 4, offset + count // 4 + 40):
+        data[i] = rng.randrange(256)
+    if unreadable:  # Pillow writes little-endian TIFFs with LONG byte counts
+        ifd = struct.unpack_from("<I", data, 4)[0]
+        for k in range(struct.unpack_from("<H", data, ifd)[0]):
+            entry = ifd + 2 + 12 * k
+            if struct.unpack_from("<H", data, entry)[0] == 279:
+                struct.pack_into("<I", data, entry + 8, count * 50)
+    Path(path).write_bytes(bytes(data))
     return Path(path)

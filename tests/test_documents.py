@@ -7,8 +7,12 @@ import io
 import math
 import os
 import random
+import signal
+import sys
 import threading
 import time
+from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
 
 import pypdfium2 as pdfium
@@ -20,6 +24,7 @@ from kosmos_cli.documents import (
     DEFAULT_DPI,
     DocumentError,
     ErrorJob,
+    InputError,
     InputFile,
     PageJob,
     collect_inputs,
@@ -29,7 +34,15 @@ from kosmos_cli.documents import (
     parse_pages,
     prefetch,
 )
-from pdf_helpers import make_image_pdf, make_pdf, page_color, png_header_only
+from pdf_helpers import (
+    FORM_FIELD_RECT,
+    make_corrupt_g4_tiff,
+    make_form_pdf,
+    make_image_pdf,
+    make_pdf,
+    page_color,
+    png_header_only,
+)
 
 IMAGE_EXTS = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif"]
 
@@ -46,6 +59,42 @@ def near(a, b, tol=12):
 
 def kosmos_threads():
     return [t for t in threading.enumerate() if t.name.startswith("kosmos")]
+
+
+def wait_for_kosmos_threads(seconds=5.0):
+    """Background threads finish on their own after an early close; wait for them."""
+    deadline = time.monotonic() + seconds
+    while kosmos_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return kosmos_threads()
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail with TimeoutError instead of hanging (SIGALRM interrupts blocking calls like open())."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextmanager
+def unblocking(pipe: Path, seconds: float = 5):
+    """After ``seconds``, free whoever waits to open the named pipe for reading (in any thread, where
+    SIGALRM cannot reach), so that a test of code that opens it fails instead of hanging."""
+    timer = threading.Timer(seconds, lambda: os.close(os.open(pipe, os.O_RDWR)))  # O_RDWR never waits
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,6 +237,55 @@ def test_symlinked_duplicates_deduplicated(tree):
     assert [p.as_posix() for p in paths] == ["scans/p10.png"]
 
 
+def test_globs_do_not_follow_symlink_loops(tree):
+    os.symlink(".", "scans/self")
+    os.symlink("..", "scans/sub/up")
+    with deadline(20):
+        files, errors = collect_inputs(["scans/**/*.png", "scans/**/*.JPG", "scans/**"])
+    assert errors == []
+    assert [f.path.as_posix() for f in files] == [
+        "scans/p10.png", "scans/sub/deep/x.JPG", "scans/a/doc.pdf", "scans/b/doc.pdf", "scans/p2.PNG",
+    ]
+    assert [f.stem for f in files] == ["p10", "sub/deep/x", "a/doc", "b/doc", "p2"]
+    # the same semantics as before otherwise: hidden names skipped unless the pattern asks for them
+    assert [p.as_posix() for p in expand_inputs(["scans/.*.png"])[0]] == ["scans/.hidden.png"]
+    assert [p.as_posix() for p in expand_inputs(["scans/*/d*/*"])[0]] == ["scans/sub/deep/x.JPG"]
+
+
+def test_globs_skip_symlinked_directories_but_follow_symlinked_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    touch_image(Path("elsewhere/far.png"))
+    touch_image(Path("scans/near.png"))
+    os.symlink(Path("elsewhere").resolve(), "scans/linked")
+    os.symlink(Path("scans/near.png").resolve(), "scans/twin.png")
+    paths, _ = expand_inputs(["scans/**/*.png"])
+    assert [p.as_posix() for p in paths] == ["scans/near.png"]  # twin.png: the same file, deduplicated
+    paths, errors = expand_inputs(["scans/l*"])
+    assert paths == [] and errors[0].reason == "no files match"
+    # a folder given literally is the user's choice, symlink or not
+    assert [p.as_posix() for p in expand_inputs(["scans/linked"])[0]] == ["scans/linked/far.png"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_fifo_in_a_folder_or_glob_is_skipped_with_a_note(tree):
+    os.mkfifo("scans/pipe.pdf")
+    os.mkfifo("scans/pipe.txt")  # unsupported names are ignored as always
+    with deadline(10), unblocking(Path("scans/pipe.pdf")):
+        files, errors = collect_inputs(["scans", "scans/**/*.pdf"])
+        assert "scans/pipe.pdf" not in [f.path.as_posix() for f in files]
+        assert [(e.path, e.reason, e.warning) for e in errors] == [
+            ("scans/pipe.pdf", "not a regular file (named pipe), skipped", True),
+            ("scans/pipe.pdf", "not a regular file (named pipe), skipped", True),
+        ]
+        assert not InputError("x", "y").warning  # failures stay failures by default
+        files, errors = collect_inputs(["scans/pipe.pdf"])  # named explicitly: a failure
+        assert files == [] and [(e.reason, e.warning) for e in errors] == [("not a regular file (named pipe)", False)]
+        with pytest.raises(DocumentError, match=r"not a regular file \(named pipe\)"):
+            open_document("scans/pipe.pdf")
+        (item,) = iter_pages([Path("scans/pipe.pdf")])
+        assert isinstance(item, ErrorJob) and "not a regular file" in item.error
+
+
 # --------------------------------------------------------------------------------------------------
 # Documents: PDFs
 # --------------------------------------------------------------------------------------------------
@@ -198,7 +296,7 @@ def test_pdf_pages_render_lazily_at_dpi(tmp_path):
     with open_document(path, dpi=100) as doc:
         assert doc.num_pages == 3 and doc.kind == "pdf" and doc.source == path
         for k in range(3):
-            im = doc.page(k)
+            im = doc.page(k).image
             assert im.mode == "RGB"
             assert im.size == (math.ceil(144 * 100 / 72), math.ceil(72 * 100 / 72))
             # square at 18..54 pt from the bottom left: centre (36, 36) pt → (50, 50) px from the top left
@@ -213,7 +311,7 @@ def test_pdf_pages_render_lazily_at_dpi(tmp_path):
 def test_default_dpi_letter_size(tmp_path):
     path = make_pdf(tmp_path / "letter.pdf", 1, size=(612, 792))
     assert DEFAULT_DPI in (150, 200)
-    im = open_document(path).page(0)
+    im = open_document(path).page(0).image
     assert im.size == (math.ceil(612 * DEFAULT_DPI / 72), math.ceil(792 * DEFAULT_DPI / 72))
 
 
@@ -224,7 +322,7 @@ def test_encrypted_pdf(tmp_path):
     with pytest.raises(DocumentError, match="encrypted and the password is wrong"):
         open_document(path, password="nope")
     with open_document(path, dpi=72, password="s3cret") as doc:
-        im = doc.page(1)
+        im = doc.page(1).image
         assert doc.num_pages == 2 and im.size == (200, 100)
         assert im.getpixel((50, 50)) == (0, 0, 0)  # the decrypted content stream was drawn
     # owner password opens it too
@@ -233,7 +331,7 @@ def test_encrypted_pdf(tmp_path):
 
 def test_owner_only_encryption_ignores_batch_password(tmp_path):
     path = make_pdf(tmp_path / "restricted.pdf", 1, user_password="")
-    assert open_document(path, dpi=72).page(0).getpixel((50, 50)) == (0, 0, 0)
+    assert open_document(path, dpi=72).page(0).image.getpixel((50, 50)) == (0, 0, 0)
     assert open_document(path, dpi=72, password="for-another-file").num_pages == 1
     plain = make_pdf(tmp_path / "plain.pdf", 1)
     assert open_document(plain, dpi=72, password="whatever").num_pages == 1
@@ -278,7 +376,7 @@ def test_gigantic_pdf_page_is_refused_before_rendering(tmp_path):
     doc = open_document(path)  # opening is fine
     with pytest.raises(DocumentError, match=r"40000×40000 = 1,600,000,000 pixels.*lower --dpi"):
         doc.page(0)
-    assert open_document(path, dpi=2).page(0).size == (400, 400)
+    assert open_document(path, dpi=2).page(0).image.size == (400, 400)
     with pytest.raises(DocumentError, match="exceeds the limit"):
         open_document(make_pdf(tmp_path / "small.pdf", 1), dpi=72, max_pixels=1000).page(0)
 
@@ -295,6 +393,101 @@ def test_stale_pdfium_error_code_is_not_reported_as_encryption(tmp_path):
     assert "encrypted" not in str(info.value)
 
 
+PAPER_POINTS = {  # as PDFs store them (ISO sizes rounded to 0.001 pt)
+    "letter": ("612", "792"),
+    "legal": ("612", "1008"),
+    "tabloid": ("792", "1224"),
+    "A3": ("841.89", "1190.551"),
+    "A4": ("595.276", "841.89"),
+    "A5": ("419.528", "595.276"),
+}
+COMMON_DPI = [72, 96, 150, 200, 300, 600, 1200]
+
+
+@pytest.mark.parametrize("paper", PAPER_POINTS)
+def test_page_pixels_of_common_paper_sizes(tmp_path, paper):
+    """Pixels = the page's exact extent at the dpi, rounded up: 792 pt at 300 dpi is 3300 px, not 3301."""
+    w_pt, h_pt = PAPER_POINTS[paper]
+    path = make_pdf(tmp_path / f"{paper}.pdf", [b""], size=(w_pt, h_pt))
+    for dpi in COMMON_DPI:
+        exact = tuple(math.ceil(Fraction(v) * dpi / 72) for v in (w_pt, h_pt))
+        assert D.page_pixels(float(w_pt), float(h_pt), dpi) == exact, (paper, dpi)
+        with open_document(path, dpi=dpi) as doc:
+            page = doc.page(0)
+        assert page.size == exact, (paper, dpi)
+        if exact[0] * exact[1] <= D.WORK_PIXELS:  # rendered at full size: the bitmap is that size
+            assert page.image.size == exact, (paper, dpi)
+    assert D.page_pixels(612, 792, 300) == (2550, 3300)
+
+
+def test_filled_form_fields_are_drawn(tmp_path):
+    path = make_form_pdf(tmp_path / "form.pdf")
+    with open_document(path, dpi=72) as doc:
+        im = doc.page(0).image.convert("L")
+    x0, y0, x1, y1 = FORM_FIELD_RECT
+    field = im.crop((x0, im.height - y1, x1, im.height - y0))
+    assert field.getextrema()[0] < 64  # the value's glyphs are dark
+    outside = im.crop((0, 0, im.width, im.height - y1))
+    assert outside.getextrema() == (255, 255)
+
+
+def test_pdf_error_messages_do_not_depend_on_the_file_before(tmp_path):
+    """pdfium's last-error code is process-global: each file's message must come from that file alone."""
+    broken = tmp_path / "broken.pdf"
+    broken.write_bytes(b"%PDF-1.4\nnot really\n")
+    pageless = tmp_path / "none.pdf"
+    pdf = pdfium.PdfDocument.new()
+    pdf.save(str(pageless))
+    pdf.close()
+    encrypted = make_pdf(tmp_path / "enc.pdf", 1, user_password="x")
+    good = make_pdf(tmp_path / "good.pdf", 1)
+
+    def message(path):
+        try:
+            open_document(path).close()
+        except DocumentError as exc:
+            return exc.reason
+        return None
+
+    for target in (broken, pageless):
+        after = {before.name: (message(before), message(target))[1] for before in (encrypted, good, broken, pageless)}
+        assert len(set(after.values())) == 1, after
+    assert "encrypted" not in message(pageless) and "no pages" in message(pageless)
+    assert "corrupt" in message(broken)
+
+
+def test_saslprep():
+    sasl = D._saslprep
+    assert sasl("I\u00adX") == "IX"  # soft hyphen: mapped to nothing (RFC 4013 examples)
+    assert sasl("user") == "user" and sasl("USER") == "USER"
+    assert sasl("\u00aa") == "a" and sasl("\u2168") == "IX"  # NFKC
+    assert sasl("pass\u00a0word") == "pass word"  # non-ASCII space → space
+    assert sasl("\ufb01le") == "file" and sasl("\uff46\uff49\uff4c\uff45") == "file"
+    assert sasl("\u0007") is None  # prohibited: control character
+    assert sasl("\u0627\u0031") is None  # bidi: RandAL first but not last
+    assert sasl("\u0627\u0031\u0628") == "\u0627\u0031\u0628"
+
+
+@pytest.mark.parametrize("typed", ["\ufb01le", "\uff46\uff49\uff4c\uff45", "fi\u00adle"])
+def test_aes256_password_is_saslprepped(tmp_path, typed):
+    """PDF 2.0: an R6 password is SASLprep'd, so what a user types opens what a conforming writer stored."""
+    pikepdf = pytest.importorskip("pikepdf")
+    path = tmp_path / "r6.pdf"
+    with pikepdf.new() as pdf:
+        pdf.add_blank_page(page_size=(200, 100))
+        pdf.save(path, encryption=pikepdf.Encryption(user="file", owner="owner-pw", R=6))
+    with open_document(path, password=typed) as doc:
+        assert doc.num_pages == 1
+    with pytest.raises(DocumentError, match="password is wrong"):
+        open_document(path, password="fi1e")
+    # a writer that stored the password unprocessed still gets what the user typed, first
+    raw = tmp_path / "raw.pdf"
+    with pikepdf.new() as pdf:
+        pdf.add_blank_page(page_size=(200, 100))
+        pdf.save(raw, encryption=pikepdf.Encryption(user=typed, owner="owner-pw", R=6))
+    assert open_document(raw, password=typed).num_pages == 1
+
+
 def test_pdf_sniffed_by_content(tmp_path):
     path = tmp_path / "actually_a_pdf.png"
     path.write_bytes(make_pdf(tmp_path / "x.pdf", 2).read_bytes())
@@ -304,14 +497,14 @@ def test_pdf_sniffed_by_content(tmp_path):
 def test_concurrent_pdf_renders_are_serialised_and_correct(tmp_path):
     paths = [make_image_pdf(tmp_path / f"d{i}.pdf", 4) for i in range(2)]
     docs = [open_document(p, dpi=72) for p in paths]
-    expected = {(i, k): docs[i].page(k).tobytes() for i in range(2) for k in range(4)}
+    expected = {(i, k): docs[i].page(k).image.tobytes() for i in range(2) for k in range(4)}
     errors = []
 
     def work(seed):
         rng = random.Random(seed)
         for _ in range(25):
             i, k = rng.randrange(2), rng.randrange(4)
-            if docs[i].page(k).tobytes() != expected[(i, k)]:
+            if docs[i].page(k).image.tobytes() != expected[(i, k)]:
                 errors.append((i, k))
 
     threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
@@ -322,6 +515,52 @@ def test_concurrent_pdf_renders_are_serialised_and_correct(tmp_path):
     assert errors == []
     for d in docs:
         d.close()
+
+
+@pytest.fixture
+def unraisable(monkeypatch):
+    """Exceptions Python would print as "Exception ignored in ..." (from finalizers)."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: seen.append(info.exc_type))
+    return seen
+
+
+def test_dropping_a_document_never_blocks_on_the_pdfium_lock(tmp_path, unraisable):
+    doc = open_document(make_pdf(tmp_path / "a.pdf", 1))
+    handle = doc._pdf
+    locked, release = threading.Event(), threading.Event()
+
+    def render_elsewhere():  # stands for a long render in a worker thread
+        with D.PDFIUM_LOCK:
+            locked.set()
+            release.wait(2)
+
+    worker = threading.Thread(target=render_elsewhere)
+    worker.start()
+    locked.wait()
+    started = time.monotonic()
+    del doc
+    gc.collect()
+    assert time.monotonic() - started < 0.5
+    release.set()
+    worker.join()
+    assert handle.raw is not None  # not closed behind the lock's back...
+    open_document(make_pdf(tmp_path / "b.pdf", 1)).close()
+    assert handle.raw is None  # ...but by the next pdfium call
+    assert unraisable == []
+
+
+def test_ctrl_c_in_a_document_finalizer_is_not_printed(tmp_path, unraisable):
+    """A second Ctrl-C during cleanup must not print "Exception ignored in Document.__del__"."""
+
+    class Interrupted:
+        def close(self):
+            raise KeyboardInterrupt
+
+    doc = D.Document(tmp_path / "x.pdf", "pdf", 1, 72, D.MAX_PIXELS, pdf=Interrupted())
+    del doc
+    gc.collect()
+    assert unraisable == []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,7 +574,7 @@ def test_every_image_type(tmp_path, ext):
     Image.new("RGB", (64, 48), (200, 40, 40)).save(path)
     with open_document(path, dpi=300) as doc:  # dpi does not resize images
         assert doc.kind == "image" and doc.num_pages == 1
-        im = doc.page(0)
+        im = doc.page(0).image
     assert im.mode == "RGB" and im.size == (64, 48)
     assert near(im.getpixel((10, 10)), (200, 40, 40), tol=30)
 
@@ -343,7 +582,7 @@ def test_every_image_type(tmp_path, ext):
 def test_uppercase_extension(tmp_path):
     path = tmp_path / "SCAN.JPEG"
     Image.new("RGB", (8, 8), "white").save(path, format="JPEG")
-    assert open_document(path).page(0).size == (8, 8)
+    assert open_document(path).page(0).image.size == (8, 8)
 
 
 def test_multi_frame_tiff_every_frame_is_a_page(tmp_path):
@@ -353,7 +592,7 @@ def test_multi_frame_tiff_every_frame_is_a_page(tmp_path):
     doc = open_document(path)
     assert doc.num_pages == 3
     for k in range(3):
-        im = doc.page(k)
+        im = doc.page(k).image
         assert im.size == (30 + 10 * k, 20) and im.getpixel((5, 5)) == page_color(k)
 
 
@@ -363,7 +602,7 @@ def test_gif_first_frame_only(tmp_path):
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
     doc = open_document(path)
     assert doc.num_pages == 1
-    assert near(doc.page(0).getpixel((5, 5)), (255, 0, 0))
+    assert near(doc.page(0).image.getpixel((5, 5)), (255, 0, 0))
 
 
 @pytest.mark.parametrize("ext", [".jpg", ".tif"])
@@ -374,7 +613,7 @@ def test_exif_orientation_applied(tmp_path, ext):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise to display
     im.save(path, exif=exif)
-    out = open_document(path).page(0)
+    out = open_document(path).page(0).image
     assert out.size == (20, 60)
     assert near(out.getpixel((10, 3)), (0, 0, 0), tol=40)  # the left stripe is now at the top
     assert near(out.getpixel((10, 50)), (255, 255, 255), tol=40)
@@ -387,7 +626,7 @@ def test_alpha_composited_on_white(tmp_path, mode, ext):
     im = im.convert(mode)
     path = tmp_path / f"alpha{ext}"
     im.save(path, **({"lossless": True} if ext == ".webp" else {}))
-    out = open_document(path).page(0)
+    out = open_document(path).page(0).image
     assert out.mode == "RGB"
     assert out.getpixel((8, 5)) == (255, 255, 255)
     assert out.getpixel((2, 5)) == (0, 0, 0)
@@ -399,22 +638,117 @@ def test_palette_transparency_and_other_modes(tmp_path):
     p.paste(1, (0, 0, 5, 10))
     path = tmp_path / "p.png"
     p.save(path, transparency=0)
-    out = open_document(path).page(0)
+    out = open_document(path).page(0).image
     assert out.getpixel((8, 5)) == (255, 255, 255) and out.getpixel((2, 5)) == (255, 0, 0)
     cmyk = tmp_path / "cmyk.jpg"
     Image.new("CMYK", (10, 10), (0, 0, 0, 0)).save(cmyk)
-    assert near(open_document(cmyk).page(0).getpixel((5, 5)), (255, 255, 255))
+    assert near(open_document(cmyk).page(0).image.getpixel((5, 5)), (255, 255, 255))
     one = tmp_path / "one.bmp"
     Image.new("1", (10, 10), 0).save(one)
-    assert open_document(one).page(0).getpixel((5, 5)) == (0, 0, 0)
+    assert open_document(one).page(0).image.getpixel((5, 5)) == (0, 0, 0)
 
 
 def test_16_bit_scaled_not_clipped(tmp_path):
     im = Image.new("I;16", (4, 4), 32768)
     path = tmp_path / "deep.png"
     im.save(path)
-    v = open_document(path).page(0).getpixel((1, 1))
+    v = open_document(path).page(0).image.getpixel((1, 1))
     assert 120 <= v[0] <= 135 and v[0] == v[1] == v[2]
+
+
+def test_pdf_working_image_is_rendered_small_and_size_is_the_full_page(tmp_path):
+    """At --dpi 1200 a letter page is 10200×13200 px: pdfium renders ≤ WORK_PIXELS, `size` is the full page."""
+    quarter = b"0 0 0 rg 0 0 306 396 re f"  # the lower-left quarter, black
+    path = make_pdf(tmp_path / "letter.pdf", [quarter], size=(612, 792))
+    with open_document(path, dpi=1200) as doc:
+        page = doc.page(0)
+    assert page.size == (10200, 13200)
+    w, h = page.image.size
+    assert page.image.mode == "RGB" and w * h <= D.WORK_PIXELS and w * h > 0.99 * D.WORK_PIXELS
+    assert abs(w / h - 10200 / 13200) < 1 / h
+    assert page.image.getpixel((w // 4, h * 3 // 4)) == (0, 0, 0)
+    assert page.image.getpixel((w * 3 // 4, h // 4)) == (255, 255, 255)
+    assert page.image.getpixel((w // 2 - 3, h // 2 + 3)) == (0, 0, 0)  # the quarter ends at the middle
+    assert page.image.getpixel((w // 2 + 3, h // 2 - 3)) == (255, 255, 255)
+
+
+def test_default_letter_page_keeps_its_full_size(tmp_path):
+    path = make_pdf(tmp_path / "letter.pdf", 1, size=(612, 792))
+    page = open_document(path).page(0)
+    assert page.image.size == page.size == (1700, 2200)
+
+
+def black_square_image(path, size, mode="1", box=(0.25, 0.5, 0.5, 0.75), **save):
+    """A white ``size`` image in ``mode`` with a black square at the fractional ``box`` (x0, y0, x1, y1)."""
+    im = Image.new("L", size, 255)
+    w, h = size
+    im.paste(0, (int(box[0] * w), int(box[1] * h), int(box[2] * w), int(box[3] * h)))
+    im.convert(mode).save(path, **save)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, mode, save",
+    [
+        ("fax.png", "1", {}),
+        ("scan.tif", "1", {"compression": "group4"}),
+        ("photo.jpg", "RGB", {"quality": 90}),
+        ("gray.png", "L", {}),
+        ("palette.gif", "P", {}),
+        ("alpha.webp", "RGBA", {"lossless": True}),
+        ("cmyk.jpg", "CMYK", {}),
+    ],
+)
+def test_big_images_are_read_as_a_bounded_working_image(tmp_path, name, mode, save):
+    size = (4100, 3100)  # 12.7 MP: a working image of about a third of that per side
+    path = black_square_image(tmp_path / name, size, mode, **save)
+    page = open_document(path).page(0)
+    assert page.size == size
+    w, h = page.image.size
+    assert page.image.mode == "RGB" and w * h <= D.WORK_PIXELS and abs(w / h - size[0] / size[1]) < 1 / h
+    assert near(page.image.getpixel((int(0.375 * w), int(0.625 * h))), (0, 0, 0), tol=40)
+    assert near(page.image.getpixel((int(0.75 * w), int(0.25 * h))), (255, 255, 255), tol=40)
+
+
+def test_big_16_bit_image_is_scaled_not_clipped(tmp_path):
+    im = Image.new("I;16", (3000, 2000), 32768)
+    im.paste(65535, (0, 0, 1500, 2000))
+    path = tmp_path / "deep.png"
+    im.save(path)
+    page = open_document(path).page(0)
+    w, h = page.image.size
+    assert page.size == (3000, 2000) and w * h <= D.WORK_PIXELS
+    assert page.image.getpixel((w // 4, h // 2)) == (255, 255, 255)
+    assert 120 <= page.image.getpixel((w * 3 // 4, h // 2))[0] <= 135
+
+
+def test_big_image_exif_orientation_applies_to_size_and_image(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    black_square_image(path, (4000, 1200), "RGB", box=(0, 0, 0.1, 1), exif=exif)  # black stripe on the left
+    page = open_document(path).page(0)
+    assert page.size == (1200, 4000)
+    w, h = page.image.size
+    assert w < h and w * h <= D.WORK_PIXELS
+    assert near(page.image.getpixel((w // 2, 3)), (0, 0, 0), tol=40)  # the left stripe is now at the top
+    assert near(page.image.getpixel((w // 2, h // 2)), (255, 255, 255), tol=40)
+
+
+def test_jpeg_is_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
+    path = black_square_image(tmp_path / "big.jpg", (8000, 6000), "RGB")
+    decoded = []
+    real_load = Image.Image.load
+
+    def spy(im):
+        out = real_load(im)
+        decoded.append(im.size)
+        return out
+
+    monkeypatch.setattr(Image.Image, "load", spy)
+    page = open_document(path).page(0)
+    assert page.size == (8000, 6000)
+    assert max(w * h for w, h in decoded) <= 4 * D.WORK_PIXELS  # libjpeg scaled the DCT: never 48 MP
 
 
 @pytest.mark.parametrize(
@@ -540,11 +874,11 @@ def test_iter_pages_order_errors_and_laziness(mixed):
     assert describe(items) == [
         ("a.pdf", 2, "job"), ("a.pdf", 3, "job"),
         ("bad.pdf", None, "err"),
-        ("img.png", None, "warn"),  # pages 2-3 of a one-page image: a note, not a failure
+        ("img.png", None, "err"),  # pages 2-3 of a one-page image: nothing to do is a failure
         ("enc.pdf", None, "err"),
     ]
     assert "encrypted; pass --password" in items[4].error
-    assert items[3].error == "pages 2-3 not in document (1 page)"
+    assert items[3].error == "no page of the selection 2-3 exists (1 page)"
     job = items[0]
     assert job.stem == "a" and job.num_pages == 3 and job.selected == (2, 3) and not job.is_last
     assert items[1].is_last
@@ -594,6 +928,76 @@ def test_page_render_failure_becomes_error_job(tmp_path):
     (job,) = list(iter_pages([path]))
     err = job.load()
     assert isinstance(err, ErrorJob) and err.page == 1 and "truncated" in err.error and not err.warning
+
+
+def test_page_job_carries_the_full_size_and_the_working_image(tmp_path):
+    path = make_pdf(tmp_path / "big.pdf", 2, size=(612, 792))
+    jobs = list(iter_pages([path], dpi=600))
+    assert all(j.size is None and j.image is None for j in jobs)
+    job = jobs[0].load()
+    assert job.size == (5100, 6600) and job.image.width * job.image.height <= D.WORK_PIXELS
+    # a job built around an image already in memory: the image is the page
+    im = Image.new("RGB", (30, 20))
+    assert PageJob(Path("x.png"), "x", 1, 1, (1,), image=im).size == (30, 20)
+
+
+def test_selection_matching_no_page_is_a_failure(tmp_path):
+    path = make_pdf(tmp_path / "two.pdf", 2)
+    (item,) = iter_pages([path], parse_pages("999"))
+    assert isinstance(item, ErrorJob) and not item.warning and item.page is None
+    assert item.error == "no page of the selection 999 exists (2 pages)"
+    items = list(iter_pages([path], parse_pages("2-5,9")))  # partly past the end: a note, as before
+    assert describe(items) == [("two.pdf", None, "warn"), ("two.pdf", 2, "job")]
+    assert items[0].error == "pages 3-5,9 not in document (2 pages)"
+
+
+def test_page_errors_name_the_page_once(tmp_path):
+    tif = tmp_path / "frames.tif"
+    Image.new("RGB", (10, 10)).save(tif, save_all=True, append_images=[Image.new("RGB", (100, 100))])
+    _, err = [j.load() for j in iter_pages([tif], max_pixels=5000)]
+    assert isinstance(err, ErrorJob) and err.page == 2
+    assert err.error.startswith("image is 100×100") and "page" not in err.error
+    assert str(err) == f"{tif} (page 2): {err.error}"
+    with pytest.raises(DocumentError) as info:  # a DocumentError names its page in str() only
+        open_document(tif, max_pixels=5000).page(1)
+    assert info.value.page == 2 and str(info.value) == f"{tif}: page 2: {info.value.reason}"
+    huge = make_pdf(tmp_path / "huge.pdf", 2, size=(14400, 14400))
+    _, err = [j.load() for j in iter_pages([huge])]
+    assert err.page == 2 and err.error.startswith("40000×40000 = 1,600,000,000 pixels at 200 dpi")
+
+
+def test_libtiff_warnings_become_page_notes(tmp_path, capfd):
+    path = make_corrupt_g4_tiff(tmp_path / "fax.tif")
+    (job,) = iter_pages([path])
+    assert job.load() is job and job.image is not None
+    assert len(job.notes) == 1
+    assert job.notes[0].startswith("libtiff: Fax4Decode: Bad code word at line ")
+    assert "more libtiff warnings" in job.notes[0]
+    assert "Fax4Decode" not in capfd.readouterr().err  # nothing raw on stderr
+    bad = make_corrupt_g4_tiff(tmp_path / "cut.tif", unreadable=True)
+    (job,) = iter_pages([bad])
+    err = job.load()
+    assert isinstance(err, ErrorJob) and "libtiff: TIFFFillStrip: Read error on strip 0" in err.error
+    assert "TIFFFillStrip" not in capfd.readouterr().err
+
+
+def test_stderr_of_other_writers_passes_through_a_tiff_decode(tmp_path, capfd):
+    """Only libtiff's lines are taken while fd 2 is captured; anything else still reaches stderr."""
+    path = make_corrupt_g4_tiff(tmp_path / "fax.tif")
+    real_load = Image.Image.load
+
+    def chatty(im):
+        os.write(2, b"kosmos: note: from the main thread\n\x1b[2Kprogress\r")
+        return real_load(im)
+
+    Image.Image.load = chatty
+    try:
+        page = open_document(path).page(0)
+    finally:
+        Image.Image.load = real_load
+    assert all("kosmos" not in n and "progress" not in n for n in page.notes)
+    err = capfd.readouterr().err
+    assert "kosmos: note: from the main thread\n" in err and "\x1b[2Kprogress\r" in err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -655,7 +1059,7 @@ def test_prefetch_memory_is_bounded():
     assert FakeJob.peak <= depth + 1
 
 
-def test_prefetch_early_stop_joins_threads_and_closes_source():
+def test_prefetch_early_stop_ends_threads_and_closes_source():
     before = set(threading.enumerate())
     pulled, closed = [], []
     gen = prefetch(fake_jobs(10_000, pulled, closed), depth=4, workers=2)
@@ -663,9 +1067,10 @@ def test_prefetch_early_stop_joins_threads_and_closes_source():
         if i == 2:
             break
     gen.close()
+    assert not wait_for_kosmos_threads()  # close returns at once; the threads end right after
     assert closed == [True]
     assert len(pulled) <= 3 + 4 + 1
-    assert set(threading.enumerate()) <= before and not kosmos_threads()
+    assert set(threading.enumerate()) <= before
 
 
 def test_prefetch_abandoned_generator_is_cleaned_up():
@@ -718,4 +1123,98 @@ def test_prefetch_early_stop_on_real_pdf_closes_document(tmp_path):
     gen = prefetch(iter_pages([path], dpi=36), depth=2)
     job = next(gen)
     gen.close()
-    assert job.document.closed and not kosmos_threads()
+    assert not wait_for_kosmos_threads() and job.document.closed
+
+
+def test_prefetch_look_ahead_is_bounded_by_bytes():
+    """Big pages: at most ``max_bytes`` of rendered pages are held ahead (one is always allowed)."""
+    live, peak, lock = [0], [0], threading.Lock()
+
+    class BigJob(PageJob):
+        def load(self):
+            self.image = Image.new("RGB", (512, 512))  # 1 MiB as Pillow holds RGB
+            with lock:
+                live[0] += 1
+                peak[0] = max(peak[0], live[0])
+            return self
+
+    jobs = (BigJob(Path("b"), "b", k, 60, tuple(range(1, 61))) for k in range(1, 61))
+    for item in prefetch(jobs, depth=50, workers=2, max_bytes=3 << 20):
+        time.sleep(0.002)
+        with lock:
+            live[0] -= 1
+    assert peak[0] <= 3 + 2 + 1  # the budget, the renders in flight, the consumer's page
+    big = (BigJob(Path("b"), "b", k, 3, (1, 2, 3)) for k in range(1, 4))
+    assert [i.page for i in prefetch(big, depth=4, max_bytes=1)] == [1, 2, 3]  # never stuck
+
+
+def test_prefetch_close_does_not_wait_for_a_render_in_flight():
+    started, done = threading.Event(), threading.Event()
+
+    class SlowJob(PageJob):
+        def load(self):
+            if self.page == 2:
+                started.set()
+                time.sleep(2)  # a huge page
+                done.set()
+            self.image = True
+            return self
+
+    closed = []
+
+    def jobs():
+        try:
+            for k in range(1, 10):
+                yield SlowJob(Path("s"), "s", k, 9, tuple(range(1, 10)))
+        finally:
+            closed.append(True)
+
+    gen = prefetch(jobs(), depth=4, workers=2)
+    assert next(gen).page == 1
+    assert started.wait(5)
+    began = time.monotonic()
+    gen.close()
+    assert time.monotonic() - began < 0.5 and not done.is_set()
+    assert all(t.daemon for t in kosmos_threads())  # interpreter exit does not wait for them
+    assert not wait_for_kosmos_threads() and closed == [True]
+
+
+# --------------------------------------------------------------------------------------------------
+# Through the CLI (no page reaches the model, so none is loaded)
+# --------------------------------------------------------------------------------------------------
+
+
+def kosmos(*args):
+    from typer.testing import CliRunner
+
+    from kosmos_cli.cli import app
+
+    result = CliRunner().invoke(app, ["md", *map(str, args), "--model", "/nonexistent/model"])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def test_cli_selection_matching_no_page_fails(tmp_path):
+    path = make_pdf(tmp_path / "two.pdf", 2)
+    result = kosmos(path, "--pages", "999")
+    assert result.exit_code == 1
+    assert f"kosmos: {path}: no page of the selection 999 exists (2 pages)\n" in result.stderr
+    assert "note:" not in result.stderr
+
+
+def test_cli_page_errors_name_the_page_once(tmp_path):
+    path = make_pdf(tmp_path / "huge.pdf", 2, size=(14400, 14400))
+    result = kosmos(path)
+    assert result.exit_code == 1
+    assert f"kosmos: {path}: page 2: 40000×40000 = 1,600,000,000 pixels at 200 dpi" in result.stderr
+    assert "page 2: page 2" not in result.stderr and "page 1: page 1" not in result.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_cli_named_pipe_is_refused_not_waited_for(tmp_path):
+    pipe = tmp_path / "pipe.pdf"
+    os.mkfifo(pipe)
+    with deadline(20), unblocking(pipe):
+        result = kosmos(pipe)
+    assert result.exit_code == 1
+    assert f"kosmos: {pipe}: not a regular file (named pipe)\n" in result.stderr

@@ -384,6 +384,8 @@ class _Emitter:
             self.tally.skipped += 1
         elif result is not None:
             self._result(item, result)
+        for note in item.notes if isinstance(item, PageJob) else ():
+            self._note(f"{display_path(item.source)}: page {item.page}: {note}")
         if self.out is not None:
             self._store(item, result)
         if isinstance(item, PageJob):

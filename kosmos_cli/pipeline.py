@@ -148,7 +148,7 @@ def _prepared(engine: Engine, items: Iterable[PageJob | ErrorJob], lookahead: in
 
 def _result(engine: Engine, task: Task, page: PageJob, out: Output, prompt: str) -> PageResult:
     raw = prompt + out.text if task.caption_task else out.text
-    page_size = page.image.size
+    page_size = page.size or page.image.size  # the full page: the image may be a smaller working copy
     return PageResult(
         source=page.source, page=page.page, task=task.name, model=engine.name,
         width=page_size[0], height=page_size[1], raw=raw, truncated=out.truncated,

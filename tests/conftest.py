@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tests.checkpoints import make_kosmos2_5_checkpoint
@@ -51,6 +53,37 @@ def k2(tmp_path_factory) -> str:
     from kosmos2_checkpoint import make_kosmos2_checkpoint
 
     return str(make_kosmos2_checkpoint(tmp_path_factory.mktemp("cli_kosmos2")))
+
+
+# --------------------------------------------------------------------------------------------------
+# Model answers
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fixed_answers(monkeypatch):
+    """Replace the model's raw text by a fixed answer before parsing (OCR lines, grounded entities).
+
+    The answer's coordinates are computed from the model-space size the pipeline passes in, so the
+    scaling to page pixels and the clipping are the real ones; one OCR box runs past the image edge."""
+    from kosmos_cli import pipeline
+    from kosmos_cli.tasks import grounding, ocr
+
+    def ocr_fields(raw, model_size, page_size):
+        w, h = model_size
+        answer = (f"<bbox><x_0><y_0><x_{w // 2}><y_{h // 4}></bbox>Total 50,000\n"
+                  f"<bbox><x_{w // 4}><y_{h // 2}><x_{w + 40}><y_{h + 40}></bbox>past the edge\n")
+        return ocr.page_fields(answer, model_size, page_size)
+
+    def ground_fields(raw, model_size, page_size):
+        answer = ("<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044>"
+                  "<patch_index_0863></object> warming himself by<phrase> a fire</phrase><object>"
+                  "<patch_index_0005><patch_index_0911></object>.")
+        return grounding.page_fields(answer, model_size, page_size)
+
+    monkeypatch.setitem(pipeline.TASKS, "ocr", dataclasses.replace(pipeline.TASKS["ocr"], page_fields=ocr_fields))
+    monkeypatch.setitem(pipeline.TASKS, "ground",
+                        dataclasses.replace(pipeline.TASKS["ground"], page_fields=ground_fields))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -85,32 +85,6 @@ def check_record(rec: dict, task: str) -> None:
             assert 0 <= box[1] <= rec["height"] and 0 <= box[3] <= rec["height"]
 
 
-@pytest.fixture
-def fixed_answers(monkeypatch):
-    """Replace the model's raw text by a fixed answer before parsing (OCR lines, grounded entities).
-
-    The answer's coordinates are computed from the model-space size the pipeline passes in, so the
-    scaling to page pixels and the clipping are the real ones; one OCR box runs past the image edge."""
-    from kosmos_cli import pipeline
-    from kosmos_cli.tasks import grounding, ocr
-
-    def ocr_fields(raw, model_size, page_size):
-        w, h = model_size
-        answer = (f"<bbox><x_0><y_0><x_{w // 2}><y_{h // 4}></bbox>Total 50,000\n"
-                  f"<bbox><x_{w // 4}><y_{h // 2}><x_{w + 40}><y_{h + 40}></bbox>past the edge\n")
-        return ocr.page_fields(answer, model_size, page_size)
-
-    def ground_fields(raw, model_size, page_size):
-        answer = ("<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044>"
-                  "<patch_index_0863></object> warming himself by<phrase> a fire</phrase><object>"
-                  "<patch_index_0005><patch_index_0911></object>.")
-        return grounding.page_fields(answer, model_size, page_size)
-
-    monkeypatch.setitem(pipeline.TASKS, "ocr", dataclasses.replace(pipeline.TASKS["ocr"], page_fields=ocr_fields))
-    monkeypatch.setitem(pipeline.TASKS, "ground",
-                        dataclasses.replace(pipeline.TASKS["ground"], page_fields=ground_fields))
-
-
 def pdf_size_at(points: tuple[float, float], dpi: float = documents.DEFAULT_DPI) -> tuple[int, int]:
     import math
 

@@ -241,7 +241,6 @@ def test_an_empty_page_selection_is_a_usage_error(k25, png, no_work, pages):
     assert "--pages" in result.stderr and result.stdout == "" and no_work == []
 
 
-@pytest.mark.xfail(strict=True, reason="needs the documents change")
 def test_a_selection_matching_no_page_fails_the_document(k25, tmp_path):
     pdf = make_image_pdf(tmp_path / "two.pdf", 2)
     result = kosmos("md", pdf, "--pages", "999", "--model", k25, *FAST)
@@ -498,3 +497,29 @@ def test_a_corrupt_page_state_is_reported_and_the_page_redone(k25, tmp_path):
     assert "1 page in" in result.stderr and "1 already done" in result.stderr
     assert (out / "doc.md").read_text() == expected
     assert json.loads(_state(out, "md", "doc", 2).read_text())["page"] == 2
+
+
+def test_decoder_warnings_are_notes_naming_the_page(k25, tmp_path):
+    from pdf_helpers import make_corrupt_g4_tiff
+
+    tiff = make_corrupt_g4_tiff(tmp_path / "fax.tif")
+    result = kosmos("md", tiff, "--model", k25, *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert f"kosmos: note: {tiff}: page 1: libtiff: Fax4Decode: Bad code word" in result.stderr
+    assert kosmos("md", tiff, "--model", k25, "-q", *FAST).stderr == ""
+
+
+def test_coordinates_refer_to_the_full_page_of_a_big_scan(k25, tmp_path, fixed_answers):
+    """A scan larger than the working image: the model reads a smaller copy, the record keeps the
+    scan's own size and its polygons are in the scan's pixels; the overlay is drawn on the copy."""
+    big = _png(tmp_path / "big.png", size=(4000, 3000))
+    assert 4000 * 3000 > documents.WORK_PIXELS
+    (record,) = jsonl(kosmos("ocr", big, "--model", k25, "-f", "jsonl", *FAST).stdout)
+    assert (record["width"], record["height"]) == (4000, 3000)
+    x0, y0, x1, _, _, y1, _, _ = record["lines"][0]["polygon"]
+    assert (x0, y0) == (0, 0) and abs(x1 - 2000) <= 40 and abs(y1 - 750) <= 40  # half the width, a quarter of the height
+    out = tmp_path / "out"
+    assert kosmos("ocr", big, "--model", k25, "-o", out, "--overlay", *FAST).exit_code == 0
+    with Image.open(out / "big.overlay-0001.png") as overlay:
+        assert overlay.width * overlay.height <= documents.WORK_PIXELS
+        assert abs(overlay.width / overlay.height - 4000 / 3000) < 0.01

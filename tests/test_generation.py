@@ -297,6 +297,8 @@ def test_the_cuda_compile_silences_the_graph_count_warning(monkeypatch):
     """Many recorded graphs are the plan on CUDA, so torch's warning past 8 would only alarm users;
     a CPU compile leaves the setting alone (compiling is lazy: nothing runs here)."""
     triton = torch._inductor.config.triton
+    if not hasattr(triton, "cudagraph_dynamic_shape_warn_limit"):  # hidden in torch 2.11: setting it breaks compiling
+        pytest.skip(f"torch {torch.__version__} has no graph count warning to silence")
     monkeypatch.setattr(triton, "cudagraph_dynamic_shape_warn_limit", 8)
     generation.CompiledDecodeStep(torch.device("cpu"), 96)
     assert triton.cudagraph_dynamic_shape_warn_limit == 8

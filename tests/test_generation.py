@@ -329,6 +329,7 @@ def test_the_decode_step_traces_as_one_graph(engine, flex):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
 
 
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")  # by the cache switch below, as meant
 @pytest.mark.parametrize(("static", "flex"), [(True, False), (False, False), pytest.param(True, True, marks=needs_flex)])
 def test_the_compiled_step_writes_only_static_inputs(engine, static, flex, monkeypatch):
     """CUDA graphs are skipped for a compiled function that mutates an input without a fixed address

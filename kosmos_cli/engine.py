@@ -274,8 +274,9 @@ class Engine:
         free, _ = torch.cuda.mem_get_info(self.device)
         text = self.config.text
         kv_per_token = text.layers * 2 * text.embed_dim * torch.finfo(self.dtype).bits // 8
-        per_slot = kv_per_token * (self.prompt_length(prompt) + max_new_tokens) + text.vocab_size * 8
-        reserve = self.admission_bytes(self.prompt_length(prompt))
+        prompt_tokens = self.prompt_length(prompt)
+        per_slot = kv_per_token * (prompt_tokens + max_new_tokens) + text.vocab_size * 8
+        reserve = self.admission_bytes(prompt_tokens)
         return max(1, min(limit, int((free - reserve) * 0.9) // per_slot))
 
     def admission_bytes(self, prompt_tokens: int) -> int:

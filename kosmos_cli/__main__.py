@@ -15,12 +15,15 @@ def main() -> None:
         from .cli import app
 
         app()
-        return
     except KeyboardInterrupt:  # while importing, before the command handles it
         sys.stderr.write("kosmos: interrupted\n")
     except SystemExit as done:
         if done.code != 130:
+            interrupt.finished()
             raise
+    else:
+        interrupt.finished()
+        return
     # Interrupted: the run has wound down and its files are complete. Leave without the interpreter's
     # shutdown (joining worker threads, finalizers, atexit), where torch's native threads can abort
     # the process ("terminate called without an active exception").

@@ -21,6 +21,13 @@ def _on_ctrl_c(signum, frame) -> None:
         raise KeyboardInterrupt
 
 
+def finished() -> None:
+    """The run's outcome is decided and its files are written: ignore Ctrl-C while the interpreter shuts
+    down. Part-way through shutdown Python puts back the default action, which kills the process (exit
+    code -2, as if the run had failed); an ignored signal stays ignored to the end."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def check() -> None:
     """Raise again a Ctrl-C that library code swallowed (torch's optional NumPy import catches anything)."""
     if _pressed.is_set():

@@ -523,3 +523,17 @@ def test_coordinates_refer_to_the_full_page_of_a_big_scan(k25, tmp_path, fixed_a
     with Image.open(out / "big.overlay-0001.png") as overlay:
         assert overlay.width * overlay.height <= documents.WORK_PIXELS
         assert abs(overlay.width / overlay.height - 4000 / 3000) < 0.01
+
+
+def test_a_ctrl_c_while_the_interpreter_shuts_down_changes_nothing(k25, png):
+    """The run has ended and its files are written; a press during shutdown must not turn exit 0 into a
+    death by SIGINT (Python restores the default action part-way through its shutdown)."""
+    code = ("import atexit, os, signal, sys\n"
+            "atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))\n"
+            "from kosmos_cli.__main__ import main\n"
+            f"sys.argv = ['kosmos', 'md', {str(png)!r}, '--model', {k25!r}, '--max-new-tokens', '2', '-q']\n"
+            "main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and proc.stdout

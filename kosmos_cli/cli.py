@@ -17,9 +17,14 @@ from typing import Annotated, Iterator, Optional
 import click
 import typer
 
-from . import documents, interrupt, writers
+from . import documents, interrupt
 from .documents import ErrorJob, PageJob
-from .writers import display_path
+from .paths import display_path
+from .results import PageResult
+from .tasks import TASKS
+from .writers.directory import OutputDir
+from .writers.formats import page_comment
+from .writers.overlay import draw_overlay
 
 
 app = typer.Typer(
@@ -178,7 +183,6 @@ class Tally:
 def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str | None = None, question: str | None = None) -> int:
     """Run one command; returns the exit code."""
     from .models.layers import ATTENTION_CHOICES
-    from .pipeline import TASKS
 
     task = TASKS[task_name]
     if opts.attention not in ATTENTION_CHOICES:
@@ -204,9 +208,9 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
 
     files, input_errors = documents.collect_inputs(inputs, exclude=[opts.output] if opts.output else ())
     tally = Tally()
-    out = None if opts.output is None else writers.OutputDir(opts.output, task.name, model=model_name,
+    out = None if opts.output is None else OutputDir(opts.output, task, model=model_name,
                                                              overwrite=opts.overwrite, warn=_Emitter.note_for(opts))
-    emit = _Emitter(out, opts, tally, task.name, model_name, several=len(files) > 1)
+    emit = _Emitter(out, opts, tally, task, model_name, several=len(files) > 1)
     for error in input_errors:
         emit.input_error(error)
     if not files:
@@ -283,7 +287,7 @@ def _check_output(folder: Path) -> None:
 
 
 def _os_reason(err: OSError) -> str:
-    """The reason of an OSError, as our messages word it (writers.OutputError carries its own)."""
+    """The reason of an OSError, as our messages word it (OutputError carries its own)."""
     if isinstance(err, PermissionError):
         return "permission denied"
     reason = getattr(err, "reason", None) or err.strerror or str(err)
@@ -403,7 +407,7 @@ class _Emitter:
         self._record(item.source, item.page or 0, item.error)
         if item.page is None:
             return None
-        return writers.PageResult.failed(item.source, item.page, self.task, self.model, item.error)
+        return PageResult.failed(item.source, item.page, self.task.name, self.model, item.error)
 
     def _result(self, item: PageJob, result) -> None:
         self.tally.pages += 1
@@ -412,11 +416,12 @@ class _Emitter:
             _report(f"{display_path(item.source)}: page {item.page}: {result.error}")
             self.tally.failed += 1
         if self.out is None:
-            sys.stdout.write(writers.format_jsonl(result) + "\n" if self.opts.format == "jsonl"
-                             else _text_block(item, result, self.several))
+            sys.stdout.write(result.to_json() + "\n" if self.opts.format == "jsonl"
+                             else _text_block(self.task, item, result, self.several))
             sys.stdout.flush()
 
     def _store(self, item, result) -> None:
+
         """Store a page under -o, and its document once the last selected page is in. A failed write
         (disk full, a name the file system refuses) fails this document only."""
         if item.stem in self.unwritable:
@@ -425,7 +430,7 @@ class _Emitter:
             if result is not None:
                 self.out.write_page(item.stem, result)
                 if self.opts.overlay and not result.error:
-                    self.out.write_overlay(item.stem, item.page, writers.draw_overlay(item.image, result))
+                    self.out.write_overlay(item.stem, item.page, draw_overlay(item.image, result))
             if item.is_last:
                 self.out.assemble(item.stem, item.selected)
         except OSError as err:
@@ -437,8 +442,8 @@ class _Emitter:
 
     def _record(self, source, page: int, error: str) -> None:
         if self.out is None and self.opts.format == "jsonl":
-            failed = writers.PageResult.failed(source, page, self.task, self.model, error)
-            sys.stdout.write(writers.format_jsonl(failed) + "\n")
+            failed = PageResult.failed(source, page, self.task.name, self.model, error)
+            sys.stdout.write(failed.to_json() + "\n")
             sys.stdout.flush()
 
     def _note(self, message: str) -> None:
@@ -450,10 +455,10 @@ class _Emitter:
         return (lambda message: None) if opts.quiet else (lambda message: _report(message, note=True))
 
 
-def _text_block(item: PageJob, result, several: bool) -> str:
-    body = writers.format_text(result)
+def _text_block(task, item: PageJob, result, several: bool) -> str:
+    body = task.text(result)
     marked = several or len(item.selected) > 1 or item.page != 1
-    header = writers.page_comment(item.page, source=display_path(item.source)) + "\n" if marked else ""
+    header = page_comment(item.page, source=display_path(item.source)) + "\n" if marked else ""
     return header + body.rstrip("\n") + "\n"
 
 

@@ -9,39 +9,16 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
 
 from .documents import ErrorJob, PageJob
 from .engine import Engine, Job, Output, Prepared
-from .tasks import grounding, markdown, ocr
 from .models.generation import LoopCheck
+from .results import PageResult
+from .tasks import Task
 from .tasks.repetition import WINDOW, find_loop, may_loop
-from .writers import PageResult
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str  # the JSONL "task" field and the command name
-    model_kind: str  # the engine kind it needs
-    default_model: str
-    prompt: str
-    max_new_tokens: int
-    page_fields: Callable[[str, tuple[int, int], tuple[int, int]], dict]
-    caption_task: bool = False  # the prompt is the start of the caption (Kosmos-2 grounding)
-
-
-# Default token budgets: a dense Kosmos-2.5 page runs past 2,000 tokens (OCR spends 6 box tokens per
-# line), so 3,072 fits full pages; the loop guard ends degenerate pages long before that.
-# Grounded captions are short; 128 is the Kosmos-2 demo's budget.
-TASKS = {
-    "ocr": Task("ocr", "kosmos-2.5", "microsoft/kosmos-2.5", ocr.PROMPT, 3072, ocr.page_fields),
-    "md": Task("md", "kosmos-2.5", "microsoft/kosmos-2.5", markdown.PROMPT, 3072, markdown.page_fields),
-    "ground": Task("ground", "kosmos-2", "microsoft/kosmos-2-patch14-224", grounding.PROMPT, 128,
-                   grounding.page_fields, caption_task=True),
-}
 
 
 def _keep_before_loop(ids: list[int]) -> int | None:
@@ -152,5 +129,5 @@ def _result(engine: Engine, task: Task, page: PageJob, out: Output, prompt: str)
     return PageResult(
         source=page.source, page=page.page, task=task.name, model=engine.name,
         width=page_size[0], height=page_size[1], raw=raw, truncated=out.truncated,
-        **task.page_fields(raw, out.model_size, page_size),
+        **task.parse(raw, out.model_size, page_size),
     )

@@ -66,7 +66,7 @@ def fixed_answers(monkeypatch):
 
     The answer's coordinates are computed from the model-space size the pipeline passes in, so the
     scaling to page pixels and the clipping are the real ones; one OCR box runs past the image edge."""
-    from kosmos_cli import pipeline
+    from kosmos_cli.tasks import TASKS
     from kosmos_cli.tasks import grounding, ocr
 
     def ocr_fields(raw, model_size, page_size):
@@ -81,9 +81,8 @@ def fixed_answers(monkeypatch):
                   "<patch_index_0005><patch_index_0911></object>.")
         return grounding.page_fields(answer, model_size, page_size)
 
-    monkeypatch.setitem(pipeline.TASKS, "ocr", dataclasses.replace(pipeline.TASKS["ocr"], page_fields=ocr_fields))
-    monkeypatch.setitem(pipeline.TASKS, "ground",
-                        dataclasses.replace(pipeline.TASKS["ground"], page_fields=ground_fields))
+    monkeypatch.setitem(TASKS, "ocr", dataclasses.replace(TASKS["ocr"], parse=ocr_fields))
+    monkeypatch.setitem(TASKS, "ground", dataclasses.replace(TASKS["ground"], parse=ground_fields))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from kosmos_cli import documents, writers
+from kosmos_cli import documents
+from kosmos_cli.writers import atomic
+from kosmos_cli.writers.formats import PAGE_SEPARATOR
 from kosmos_cli.cli import app
 from pdf_helpers import make_image_pdf, make_pdf, png_header_only
 
@@ -244,8 +246,8 @@ def test_output_dir_mirrors_subfolders(k25, tmp_path, fixed_answers):
     for page in doc["pages"]:
         check_record(page, "ocr")
     txt = (out / "a" / "doc.txt").read_text()
-    assert txt.count(writers.PAGE_SEPARATOR) == 1
-    for page_text in txt.split(writers.PAGE_SEPARATOR):
+    assert txt.count(PAGE_SEPARATOR) == 1
+    for page_text in txt.split(PAGE_SEPARATOR):
         assert len(page_text.splitlines()) == 2 and all(OCR_LINE.match(ln) for ln in page_text.splitlines())
 
     # Two doc.pdf named explicitly (same stem) still don't collide.
@@ -335,7 +337,7 @@ def test_resume_skips_finished_pages(k25, tmp_path):
 def test_interrupted_write_leaves_no_partial_files_and_resumes(k25, tmp_path, monkeypatch):
     pdf = make_image_pdf(tmp_path / "doc.pdf", 3)
     out = tmp_path / "out"
-    real_open = writers.atomic_open
+    real_open = atomic.atomic_open
     calls = []
 
     def interrupted_write(path, data):
@@ -346,7 +348,7 @@ def test_interrupted_write_leaves_no_partial_files_and_resumes(k25, tmp_path, mo
                 raise KeyboardInterrupt
             f.write(data[len(data) // 2:])
 
-    monkeypatch.setattr(writers, "atomic_write_bytes", interrupted_write)
+    monkeypatch.setattr(atomic, "atomic_write_bytes", interrupted_write)
     result = kosmos("md", pdf, "-o", out, "--model", k25, *FAST)
     assert result.exit_code == 130
     assert "interrupted" in result.stderr
@@ -364,8 +366,7 @@ def test_interrupted_write_leaves_no_partial_files_and_resumes(k25, tmp_path, mo
 
 
 def test_interrupted_model_run(k25, tmp_path, monkeypatch):
-    from kosmos_cli import pipeline
-    from kosmos_cli.tasks import markdown
+    from kosmos_cli.tasks import TASKS, markdown
 
     seen = []
 
@@ -375,8 +376,7 @@ def test_interrupted_model_run(k25, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return markdown.page_fields(raw, model_size, page_size)
 
-    monkeypatch.setitem(pipeline.TASKS, "md",
-                        dataclasses.replace(pipeline.TASKS["md"], page_fields=interrupt_on_second_page))
+    monkeypatch.setitem(TASKS, "md", dataclasses.replace(TASKS["md"], parse=interrupt_on_second_page))
     pdf = make_image_pdf(tmp_path / "doc.pdf", 3)
     out = tmp_path / "out"
     result = kosmos("md", pdf, "-o", out, "--overlay", "--model", k25, *FAST)
@@ -511,12 +511,12 @@ def test_unreadable_path(k25, png, tmp_path, monkeypatch):
 
 
 def test_unexpected_error_is_one_line_unless_debug(k25, png, monkeypatch):
-    from kosmos_cli import pipeline
+    from kosmos_cli.tasks import TASKS
 
     def broken(raw, model_size, page_size):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setitem(pipeline.TASKS, "md", dataclasses.replace(pipeline.TASKS["md"], page_fields=broken))
+    monkeypatch.setitem(TASKS, "md", dataclasses.replace(TASKS["md"], parse=broken))
     result = kosmos("md", png, "--model", k25, *FAST)
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines() == [

@@ -17,7 +17,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from kosmos_cli import documents, writers
+from kosmos_cli import documents
+from kosmos_cli.paths import display_path
+from kosmos_cli.writers.directory import OutputDir
 from kosmos_cli.cli import app
 from pdf_helpers import make_image_pdf
 from test_cli import FAST, KOSMOS, PAGE_COMMENT, ROOT, _no_temp_files, _state, jsonl, kosmos, needs_script
@@ -71,7 +73,7 @@ def test_the_source_comment_is_valid_utf8_for_any_file_name(k25, tmp_path):
     odd = _png(tmp_path / os.fsdecode(b"caf\xe9.png"))
     result = kosmos("md", odd, _png(tmp_path / "b.png"), "--model", k25, *FAST)
     assert result.exit_code == 0, result.stderr
-    assert _comments(result.stdout)[0] == (writers.display_path(odd), 1)
+    assert _comments(result.stdout)[0] == (display_path(odd), 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,14 +127,14 @@ def test_missing_output_folders_are_created(k25, png, tmp_path):
 def test_a_write_failure_fails_only_its_document(k25, tmp_path, monkeypatch):
     docs = [_png(tmp_path / "in" / f"{name}.png") for name in "abc"]
     out = tmp_path / "out"
-    real = writers.OutputDir.write_page
+    real = OutputDir.write_page
 
     def full_disk_for_b(self, stem, result):
         if stem == "b":
             raise OSError(28, "No space left on device", str(self.page_file(stem, result.page)))
         return real(self, stem, result)
 
-    monkeypatch.setattr(writers.OutputDir, "write_page", full_disk_for_b)
+    monkeypatch.setattr(OutputDir, "write_page", full_disk_for_b)
     result = kosmos("md", *docs, "-o", out, "--model", k25, *FAST)
     assert result.exit_code == 1, result.stderr
     errors = [ln for ln in result.stderr.splitlines() if "cannot write" in ln]
@@ -330,14 +332,14 @@ def test_a_page_error_names_source_and_page_once(k25, tmp_path, page_two_fails):
     result = kosmos("md", pdf, "--model", k25, *FAST)
     assert result.exit_code == 1
     errors = [ln for ln in result.stderr.splitlines() if "cannot render" in ln]
-    assert errors == [f"kosmos: {writers.display_path(pdf)}: page 2: cannot render this page"]
+    assert errors == [f"kosmos: {display_path(pdf)}: page 2: cannot render this page"]
 
 
 def test_an_input_error_names_a_displayable_path(k25, tmp_path):
     missing = tmp_path / os.fsdecode(b"caf\xe9.png")
     result = kosmos("md", missing, "--model", k25, *FAST)
     assert result.exit_code == 1
-    assert result.stderr == f"kosmos: {writers.display_path(missing)}: no such file or directory\n"
+    assert result.stderr == f"kosmos: {display_path(missing)}: no such file or directory\n"
     assert "caf\\xe9.png" in result.stderr
 
 

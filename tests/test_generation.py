@@ -8,6 +8,7 @@ import torch
 import kosmos_cli
 from kosmos_cli.engine import Job
 from kosmos_cli import pipeline
+from kosmos_cli.tasks import TASKS
 from kosmos_cli.documents import ErrorJob, PageJob
 from kosmos_cli.models import generation
 from kosmos_cli.models.generation import ban_repeated_ngrams
@@ -153,7 +154,7 @@ def _jobs(images):
 
 
 def test_pipeline_keeps_input_order_with_errors_in_between(engine):
-    task = pipeline.TASKS["ocr"]
+    task = TASKS["ocr"]
     items = _jobs(IMAGES[:5])
     got = list(pipeline.transcribe(engine, task, iter(items), batch_size=2, max_new_tokens=12))
     assert [item for item, _ in got] == items
@@ -176,7 +177,7 @@ def test_pipeline_recovers_from_out_of_memory(engine, monkeypatch):
 
     monkeypatch.setattr(engine, "stream", flaky_stream)
     items = _jobs(IMAGES[:4])
-    got = list(pipeline.transcribe(engine, pipeline.TASKS["md"], iter(items), batch_size=4, max_new_tokens=5))
+    got = list(pipeline.transcribe(engine, TASKS["md"], iter(items), batch_size=4, max_new_tokens=5))
     assert seen == [4, 2, 1]
     assert [item for item, _ in got] == items
     assert all(r is not None and r.error is None for item, r in got if isinstance(item, PageJob))
@@ -190,7 +191,7 @@ def test_pipeline_fails_only_the_page_that_never_fits(engine, monkeypatch):
 
     monkeypatch.setattr(engine, "stream", always_oom)
     items = [item for item in _jobs(IMAGES[:2]) if isinstance(item, PageJob)]
-    got = list(pipeline.transcribe(engine, pipeline.TASKS["md"], iter(items), batch_size=1, max_new_tokens=5))
+    got = list(pipeline.transcribe(engine, TASKS["md"], iter(items), batch_size=1, max_new_tokens=5))
     assert [r.error for _, r in got] == [pipeline.OUT_OF_MEMORY] * 2
 
 

@@ -11,6 +11,7 @@ import torch
 import kosmos_cli
 from kosmos_cli.engine import Job
 from kosmos_cli import pipeline
+from kosmos_cli.tasks import TASKS
 from kosmos_cli.documents import ErrorJob, PageJob
 from kosmos_cli.models import generation
 from kosmos_cli.models.loading import ModelLoadError
@@ -42,7 +43,7 @@ def outcome(got):
 @pytest.fixture(scope="module")
 def clean(engine):
     """The run that never runs out of memory."""
-    got = list(pipeline.transcribe(engine, pipeline.TASKS["md"], iter(pages()), batch_size=8, max_new_tokens=BUDGET))
+    got = list(pipeline.transcribe(engine, TASKS["md"], iter(pages()), batch_size=8, max_new_tokens=BUDGET))
     assert all(r is None or r.error is None for _, r in got)
     return outcome(got)
 
@@ -94,7 +95,7 @@ def test_out_of_memory_loses_nothing(engine, clean, monkeypatch, where, times, s
         return real_stream(jobs, **kwargs)
 
     monkeypatch.setattr(engine, "stream", counting_stream)
-    got = list(pipeline.transcribe(engine, pipeline.TASKS["md"], iter(pages()), batch_size=8, max_new_tokens=BUDGET))
+    got = list(pipeline.transcribe(engine, TASKS["md"], iter(pages()), batch_size=8, max_new_tokens=BUDGET))
     assert fault.raised == times
     assert slots == [8, 4, 2, 1][: times + 1]  # halved after each out-of-memory, 8 slots leave room for 3
     assert outcome(got) == clean  # every item once, in order, with the results of the clean run
@@ -103,7 +104,7 @@ def test_out_of_memory_loses_nothing(engine, clean, monkeypatch, where, times, s
 def test_the_page_that_runs_out_of_memory_alone_fails_and_the_rest_is_kept(engine, clean, monkeypatch):
     """Two slots: the first out-of-memory halves them, the second (one slot, one page) fails that page."""
     inject(monkeypatch, engine, "decode", first=3, times=2)  # the second hits a page retried alone
-    got = outcome(pipeline.transcribe(engine, pipeline.TASKS["md"], iter(pages()), batch_size=2, max_new_tokens=BUDGET))
+    got = outcome(pipeline.transcribe(engine, TASKS["md"], iter(pages()), batch_size=2, max_new_tokens=BUDGET))
     failed = [i for i, (_, result) in enumerate(got) if result is not None and result[2] is not None]
     assert len(failed) == 1 and got[failed[0]][1][2] == pipeline.OUT_OF_MEMORY
     assert [g for i, g in enumerate(got) if i not in failed] == [c for i, c in enumerate(clean) if i not in failed]
@@ -124,7 +125,7 @@ def test_out_of_memory_twice_keeps_the_pages_waiting_for_a_retry(engine, clean, 
         yield from real_stream(jobs, slots=slots, **kwargs)
 
     monkeypatch.setattr(engine, "stream", stream)
-    got = list(pipeline.transcribe(engine, pipeline.TASKS["md"], iter(pages()), batch_size=4, max_new_tokens=BUDGET))
+    got = list(pipeline.transcribe(engine, TASKS["md"], iter(pages()), batch_size=4, max_new_tokens=BUDGET))
     assert streams == [4, 2, 1]
     assert outcome(got) == clean
 
@@ -143,7 +144,7 @@ def test_out_of_memory_releases_the_kept_cache(engine, monkeypatch):
 
     monkeypatch.setattr(engine, "_cache", cache)
     inject(monkeypatch, engine, "decode", first=2, times=1)
-    list(pipeline.transcribe(engine, pipeline.TASKS["md"], iter(pages(IMAGES[:4])), batch_size=4, max_new_tokens=BUDGET))
+    list(pipeline.transcribe(engine, TASKS["md"], iter(pages(IMAGES[:4])), batch_size=4, max_new_tokens=BUDGET))
     assert sizes == [4, 2] and engine.kept_cache.slots == 2
     engine.kept_cache = None
 

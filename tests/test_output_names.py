@@ -10,8 +10,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kosmos_cli import writers as W
-from kosmos_cli.writers import OutputDir, OutputError, PageResult, display_path
+from kosmos_cli.paths import display_path
+from kosmos_cli.results import PageResult
+from kosmos_cli.tasks import find_task
+from kosmos_cli.writers import atomic
+from kosmos_cli.writers.atomic import OutputError, atomic_open, atomic_write_text
+from kosmos_cli.writers.directory import OutputDir
+from kosmos_cli.writers.formats import page_comment
 
 MODEL = "microsoft/kosmos-2.5"
 NAME_MAX = 255
@@ -48,7 +53,7 @@ def all_components_fit(root: Path) -> None:
 
 def write_document(out: OutputDir, stem: str, pages=(1, 2)) -> list[Path]:
     for page in pages:
-        out.write_page(stem, PageResult(Path("in") / "x.pdf", page, out.task, MODEL, 10, 10, text=f"page {page}",
+        out.write_page(stem, PageResult(Path("in") / "x.pdf", page, out.task.name, MODEL, 10, 10, text=f"page {page}",
                                         lines=[{"text": "t", "polygon": [0, 0, 5, 0, 5, 5, 0, 5]}]))
         out.write_overlay(stem, page, Image.new("RGB", (4, 4), "white"))
     return out.assemble(stem, pages)
@@ -110,7 +115,7 @@ def test_overlay_of_a_page_past_9999_fits(tmp_path):
 
 def test_temp_file_name_does_not_depend_on_the_target(tmp_path):
     target = tmp_path / ("é" * 127)
-    with W.atomic_open(target) as f:
+    with atomic_open(target) as f:
         f.write(b"x")
         (tmp,) = [p.name for p in tmp_path.iterdir()]
         assert tmp.startswith(".") and tmp.endswith(".tmp") and nbytes(tmp) < 40
@@ -139,7 +144,7 @@ def test_a_file_in_place_of_a_folder_names_the_target(tmp_path):
     all_components_fit(tmp_path)
 
 
-@pytest.mark.parametrize("where", ["mkstemp", "write", "fsync", "replace"])
+@pytest.mark.parametrize("where", ["create", "write", "fsync", "replace"])
 def test_a_failed_write_names_the_target_and_leaves_nothing(tmp_path, monkeypatch, where):
     target = tmp_path / os.fsdecode(b"r\xe9sum\xc3\xa9.md")
     target.write_text("old")
@@ -149,12 +154,13 @@ def test_a_failed_write_names_the_target_and_leaves_nothing(tmp_path, monkeypatc
 
     if where == "write":
         with pytest.raises(OutputError) as info:
-            with W.atomic_open(target):
+            with atomic_open(target):
                 fail()
     else:
-        monkeypatch.setattr({"mkstemp": W.tempfile, "fsync": W.os, "replace": W.os}[where], where, fail)
+        target_of = {"create": (atomic, "_create_temp"), "fsync": (atomic.os, "fsync"), "replace": (atomic.os, "replace")}
+        monkeypatch.setattr(*target_of[where], fail)
         with pytest.raises(OutputError) as info:
-            W.atomic_write_text(target, "new")
+            atomic_write_text(target, "new")
     monkeypatch.undo()
     assert info.value.path == target and info.value.errno == 28
     assert str(info.value) == "cannot write " + display_path(target) + ": No space left on device"
@@ -169,7 +175,7 @@ def test_a_read_only_folder_names_the_target(tmp_path):
     folder.chmod(0o500)
     try:
         with pytest.raises(OutputError) as info:
-            W.atomic_write_text(folder / "a.md", "x")
+            atomic_write_text(folder / "a.md", "x")
         assert info.value.path == folder / "a.md" and "Permission denied" in str(info.value)
     finally:
         folder.chmod(0o700)
@@ -202,10 +208,10 @@ def test_every_text_of_a_result_is_valid_utf8(tmp_path):
     r.lines = [{"text": "x\udcff", "polygon": [0] * 8}]
     d = json.loads(r.to_json().encode("utf-8"))
     assert CAFE not in d["error"] and "caf" in d["error"]
-    comment = W.page_comment(2, error=f"bad {CAFE}", source=Path(CAFE))
+    comment = page_comment(2, error=f"bad {CAFE}", source=Path(CAFE))
     comment.encode("utf-8")
     assert comment.startswith("<!-- caf\\xe9.png, page 2: error: bad caf")
-    assert W.format_text(r).encode("utf-8") and W.format_jsonl(r).encode("utf-8")
+    assert find_task(r.task).text(r).encode("utf-8") and r.to_json().encode("utf-8")
 
 
 @pytest.mark.parametrize("task", ["md", "ocr"])

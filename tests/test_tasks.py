@@ -10,8 +10,8 @@ import pytest
 from kosmos_cli.tasks.markdown import PROMPT as MD_PROMPT
 from kosmos_cli.tasks.markdown import clean_markdown
 from kosmos_cli.tasks.ocr import PROMPT as OCR_PROMPT
-from kosmos_cli.tasks.ocr import Line, format_lines, ocr_text, parse_ocr
-from kosmos_cli.tasks.repetition import Loop, find_loop, is_looping
+from kosmos_cli.tasks.ocr import Line, format_line, ocr_text, parse_ocr
+from kosmos_cli.tasks.repetition import Loop, find_loop
 
 RECEIPT = (
     "<bbox><x_53><y_573><x_69><y_606></bbox>1\n"
@@ -102,13 +102,12 @@ def test_parse_multiline_text_joined_and_spaces_in_box():
 
 def test_plain_format():
     lines = parse_ocr(RECEIPT, (1000, 1000), (1000, 1000))
-    assert format_lines(lines).splitlines() == [
+    assert [format_line(line) for line in lines] == [
         "53,573,69,573,69,606,53,606,1",
         "79,573,464,573,464,611,79,611,[REG] BLACK SAKURA",
         "690,569,810,569,810,606,690,606,45,455",
     ]
     assert ocr_text(lines) == "1\n[REG] BLACK SAKURA\n45,455"
-    assert format_lines([]) == ""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,7 +166,7 @@ def test_loops_are_detected(period):
     assert loop is not None and loop.period == period
     assert loop.start == 300 and loop.length == len(ids) - 300
     assert loop.keep == 300 + period and loop.repeats == pytest.approx(reps)
-    assert is_looping(ids)
+    assert find_loop(ids) is not None
 
 
 def test_detects_ocr_line_repeated_with_same_box():
@@ -179,7 +178,7 @@ def test_detects_ocr_line_repeated_with_same_box():
 
 def test_loop_must_be_at_the_tail():
     ids = random_ids(50) + [5, 6, 7] * 200 + random_ids(20, seed=3)
-    assert not is_looping(ids)
+    assert find_loop(ids) is None
 
 
 def test_no_false_positive_on_column_of_zeros():
@@ -187,31 +186,31 @@ def test_no_false_positive_on_column_of_zeros():
     ids = []
     for k in range(300):
         ids += ocr_line(700, 10 + 12 * k, 720, 20 + 12 * k, [15])
-    assert not is_looping(ids)
+    assert find_loop(ids) is None
     # even lines with identical y but different x (a row of zeros across a table)
     ids = []
     for k in range(300):
         ids += ocr_line(10 + 3 * k, 500, 12 + 3 * k, 510, [15])
-    assert not is_looping(ids)
+    assert find_loop(ids) is None
 
 
 def test_no_false_positive_on_legit_markdown_repetition():
     row = [91, 220, 91, 220, 91, 220, 91, NL]  # "| | | |\n": an empty table row, 8 tokens
-    assert not is_looping(random_ids(100) + row * 25)  # 25 empty rows = 200 tokens
+    assert find_loop(random_ids(100) + row * 25) is None  # 25 empty rows = 200 tokens
     dots = [1131] * 120  # a long dot leader
-    assert not is_looping(random_ids(100) + dots)
+    assert find_loop(random_ids(100) + dots) is None
     paragraph = random_ids(150, seed=9)
-    assert not is_looping(random_ids(10) + paragraph * 3)  # a long block three times
-    assert not is_looping(random_ids(5000))
-    assert not is_looping([])
-    assert not is_looping([1] * 100)  # too short to judge
+    assert find_loop(random_ids(10) + paragraph * 3) is None  # a long block three times
+    assert find_loop(random_ids(5000)) is None
+    assert find_loop([]) is None
+    assert find_loop([1] * 100) is None  # too short to judge
 
 
 def test_parameters():
     ids = random_ids(20) + [1, 2, 3] * 10  # 30 tokens of period 3
-    assert not is_looping(ids)
-    assert is_looping(ids, min_tokens=24, min_repeats=4)
-    assert not is_looping(ids, min_tokens=24, max_period=2)
+    assert find_loop(ids) is None
+    assert find_loop(ids, min_tokens=24, min_repeats=4) is not None
+    assert find_loop(ids, min_tokens=24, max_period=2) is None
     with pytest.raises(ValueError):
         find_loop(ids, min_repeats=1)
     assert find_loop(ids, min_tokens=24) == Loop(period=3, start=20, length=30)
@@ -220,14 +219,14 @@ def test_parameters():
 def test_cheap_on_long_sequences():
     ids = random_ids(20_000)
     short = random_ids(900)
-    is_looping(ids)
+    find_loop(ids)
     t0 = time.perf_counter()
     for _ in range(50):
-        is_looping(ids)
+        find_loop(ids)
     t_long = (time.perf_counter() - t0) / 50
     t0 = time.perf_counter()
     for _ in range(50):
-        is_looping(short)
+        find_loop(short)
     t_short = (time.perf_counter() - t0) / 50
     assert t_long < 5e-3  # O(tail): the sequence length does not matter
     assert t_long < 3 * t_short + 1e-3

@@ -10,20 +10,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kosmos_cli import writers as W
 from kosmos_cli.documents import PageJob, iter_pages, prefetch
+from kosmos_cli.paths import display_path
+from kosmos_cli.results import PageResult
+from kosmos_cli.tasks import find_task
 from kosmos_cli.tasks.ocr import Line, parse_ocr
-from kosmos_cli.writers import (
-    OutputDir,
-    PageResult,
-    atomic_save_png,
-    atomic_write_bytes,
-    atomic_write_text,
-    draw_overlay,
-    format_jsonl,
-    format_ocr,
-    format_text,
-)
+from kosmos_cli.writers.atomic import OutputError, atomic_open, atomic_save_png, atomic_write_bytes, atomic_write_text
+from kosmos_cli.writers.directory import OutputDir
+from kosmos_cli.writers.formats import PAGE_SEPARATOR, page_comment
+from kosmos_cli.writers.overlay import draw_overlay
 from pdf_helpers import make_image_pdf
 
 SCHEMA_KEYS = ["source", "page", "task", "model", "width", "height", "text", "lines", "entities", "raw", "truncated", "error"]
@@ -61,7 +56,6 @@ def test_page_result_matches_the_jsonl_schema():
     assert d["truncated"] is False and d["error"] is None and d["width"] == 1700
     back = PageResult.from_json(line)
     assert back.to_dict() == d
-    assert format_jsonl(r) == line and format_jsonl(d) == json.dumps(d, ensure_ascii=False)
 
 
 def test_page_result_unicode_path_and_failure():
@@ -71,10 +65,10 @@ def test_page_result_unicode_path_and_failure():
     assert "ü" in r.to_json()  # not \u-escaped
 
 
-def test_task_kind():
-    assert [W.task_kind(t) for t in ["md", "markdown", "ocr", "ground", "grounding"]] == ["md", "md", "ocr", "ground", "ground"]
+def test_task_names_and_aliases():
+    assert [find_task(t).name for t in ["md", "markdown", "ocr", "ground", "grounding"]] == ["md", "md", "ocr", "ground", "ground"]
     with pytest.raises(ValueError):
-        W.task_kind("translate")
+        find_task("translate")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,7 +83,9 @@ def test_atomic_writes_create_parents_and_replace(tmp_path):
     atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"new"
     mode = stat.S_IMODE(target.stat().st_mode)
-    assert mode == 0o666 & ~W._UMASK  # not mkstemp's 0600
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask  # not mkstemp's 0600
     png = tmp_path / "img" / "x.png"
     atomic_save_png(png, Image.new("RGB", (5, 4), "red"))
     with Image.open(png) as im:
@@ -109,14 +105,14 @@ def test_existing_mode_kept(tmp_path):
 def test_crash_mid_write_leaves_no_file_and_no_temp(tmp_path, exc):
     target = tmp_path / "doc.md"
     with pytest.raises(exc):
-        with W.atomic_open(target) as f:
+        with atomic_open(target) as f:
             f.write(b"half of the")
             raise exc()
     assert not target.exists() and list(tmp_path.iterdir()) == []
     # an existing file survives a failed replacement untouched
     target.write_text("old")
     with pytest.raises(exc):
-        with W.atomic_open(target) as f:
+        with atomic_open(target) as f:
             f.write(b"new but partial")
             raise exc()
     assert target.read_text() == "old" and leftovers(tmp_path) == []
@@ -142,7 +138,7 @@ def test_crash_at_rename(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(W.OutputError):
+    with pytest.raises(OutputError):
         atomic_write_text(target, "{}")
     assert list(tmp_path.iterdir()) == []
 
@@ -232,7 +228,7 @@ def test_a_failed_page_gets_a_placeholder_and_is_retried(tmp_path, bad):
     assert [s for s in sections if s.startswith("<!--")] == [
         f"<!-- page {p}: error: render failed -->" if p == bad else f"<!-- page {p} -->" for p in (1, 2, 3)]
     txt, js = ocr.assemble("d", [1, 2, 3])
-    pages = txt.read_text().split(W.PAGE_SEPARATOR)
+    pages = txt.read_text().split(PAGE_SEPARATOR)
     assert len(pages) == 3 and pages[bad - 1] == ""
     assert all(f"line {p}" in pages[p - 1] for p in (1, 2, 3) if p != bad)
     assert [p["error"] for p in json.loads(js.read_text())["pages"]] == [
@@ -310,7 +306,7 @@ def test_a_corrupt_page_state_is_reported_and_redone(tmp_path, content):
     assert out.assemble("d", [1, 2]) == []  # treated as missing: no document
     assert out.failed_pages("d", [1, 2]) == []
     assert len(warnings) == 1  # once per file, however often it is read
-    assert W.display_path(state) in warnings[0] and "page 1 will be redone" in warnings[0]
+    assert display_path(state) in warnings[0] and "page 1 will be redone" in warnings[0]
     out.write_page("d", ocr_result(1))  # the re-run replaces it
     assert out.is_done("d", 1) and len(out.assemble("d", [1, 2])) == 2
     assert len(warnings) == 1
@@ -438,11 +434,8 @@ def test_write_overlay(tmp_path):
 
 def test_stdout_formats():
     r = ocr_result(text="Total 50,000")
-    assert format_ocr(r) == "24,872,827,872,827,921,24,921,Total 50,000"
-    assert format_text(r) == format_ocr(r)
-    assert format_text(md_result(1, "# Title")) == "# Title"
-    assert format_text(PageResult("s.png", 1, "grounding", "m", 1, 1, text="An image of a cat.")) == "An image of a cat."
-    assert W.page_comment(3) == "<!-- page 3 -->"
-    assert W.page_comment(3, source="a.pdf") == "<!-- a.pdf, page 3 -->"
-    results = list(W.iter_jsonl([r.to_json(), "", md_result(2, "x").to_json()]))
-    assert [x.page for x in results] == [1, 2]
+    assert find_task("ocr").text(r) == "24,872,827,872,827,921,24,921,Total 50,000"
+    assert find_task("md").text(md_result(1, "# Title")) == "# Title"
+    assert find_task("grounding").text(PageResult("s.png", 1, "grounding", "m", 1, 1, text="An image of a cat.")) == "An image of a cat."
+    assert page_comment(3) == "<!-- page 3 -->"
+    assert page_comment(3, source="a.pdf") == "<!-- a.pdf, page 3 -->"

@@ -50,7 +50,9 @@ import math
 import re
 from dataclasses import dataclass, field
 
-__all__ = ["Entity", "parse_grounding", "boxes_to_pixels", "patch_indices_to_box", "GRID_SIZE"]
+from .base import Task, result_text
+
+__all__ = ["Entity", "parse_grounding", "boxes_to_pixels", "patch_indices_to_box", "GRID_SIZE", "TASK"]
 
 GRID_SIZE = 32  # patches per side of the location grid (1024 location tokens)
 
@@ -188,3 +190,8 @@ def page_fields(raw: str, model_size: tuple[int, int], page_size: tuple[int, int
             for e in entities
         ],
     }
+
+
+# Grounded captions are short; 128 tokens is the Kosmos-2 demo's budget.
+TASK = Task("ground", "kosmos-2", "microsoft/kosmos-2-patch14-224", PROMPT, 128, page_fields, result_text,
+            documents=(".txt", ".json"), caption_task=True, aliases=("grounding",))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from .base import Task, result_text
+
 PROMPT = "<md>"
 
 _LEADING = re.compile(r"\A(?:\s|<s>|<md>)*")
@@ -30,3 +32,8 @@ def clean_markdown(raw: str) -> str:
 def page_fields(raw: str, model_size: tuple[int, int], page_size: tuple[int, int]) -> dict:
     """The page result's fields for raw ``<md>`` output."""
     return {"text": clean_markdown(raw)}
+
+
+# The budget of `ocr`, which fits a full page.
+TASK = Task("md", "kosmos-2.5", "microsoft/kosmos-2.5", PROMPT, 3072, page_fields, result_text,
+            documents=(".md",), aliases=("markdown",))

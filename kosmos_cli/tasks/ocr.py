@@ -20,6 +20,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ..results import PageResult
+from .base import Task
+
 PROMPT = "<ocr>"
 
 # Tokens that may survive decoding and are never page text.
@@ -82,17 +85,24 @@ def ocr_text(lines: Iterable[Line]) -> str:
     return "\n".join(line.text for line in lines)
 
 
-def format_line(line: Line) -> str:
+def format_line(line: Line | dict) -> str:
     """``x0,y0,x1,y0,x1,y1,x0,y1,text`` (the documented plain OCR format; text may contain commas)."""
-    return ",".join(str(v) for v in line.polygon) + "," + line.text
-
-
-def format_lines(lines: Iterable[Line]) -> str:
-    """All lines in the plain OCR format, newline-separated, no trailing newline."""
-    return "\n".join(format_line(line) for line in lines)
+    text, polygon = (line.text, line.polygon) if isinstance(line, Line) else (line["text"], line["polygon"])
+    return ",".join(str(int(v)) for v in polygon) + "," + text
 
 
 def page_fields(raw: str, model_size: tuple[int, int], page_size: tuple[int, int]) -> dict:
     """The page result's fields for raw ``<ocr>`` output: text and lines with page-pixel polygons."""
     lines = parse_ocr(raw, image_size=model_size, page_size=page_size)
     return {"text": ocr_text(lines), "lines": [line.to_dict() for line in lines]}
+
+
+def page_text(result: PageResult) -> str:
+    """The page's lines in the plain OCR format, one per line, no trailing newline."""
+    return "\n".join(format_line(line) for line in result.to_dict()["lines"])
+
+
+# A dense Kosmos-2.5 page runs past 2,000 tokens (6 box tokens per line): 3,072 fits full pages, and
+# the loop guard ends degenerate pages long before that.
+TASK = Task("ocr", "kosmos-2.5", "microsoft/kosmos-2.5", PROMPT, 3072, page_fields, page_text,
+            documents=(".txt", ".json"))

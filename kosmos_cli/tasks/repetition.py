@@ -93,18 +93,6 @@ def find_loop(
     return None
 
 
-def is_looping(
-    token_ids: Sequence[int],
-    *,
-    max_period: int = MAX_PERIOD,
-    min_repeats: int = MIN_REPEATS,
-    min_tokens: int = MIN_TOKENS,
-) -> bool:
-    """True when the tail of ``token_ids`` repeats exactly (period <= max_period, >= min_repeats
-    times, >= min_tokens tokens). O(tail) per call; safe to call every few decode steps."""
-    return find_loop(token_ids, max_period=max_period, min_repeats=min_repeats, min_tokens=min_tokens) is not None
-
-
 def may_loop(tails: torch.Tensor, *, max_period: int = MAX_PERIOD, min_tokens: int = MIN_TOKENS) -> torch.Tensor:
     """tails (A, W) token ids, each row's last W new ids (W >= min_tokens; rows with fewer new ids
     hold other ids before them) -> (A,) bool, on the tails' device with no host sync: False where

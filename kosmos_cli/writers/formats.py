@@ -1,0 +1,75 @@
+"""Document formats: a document's page results → the text of one of its files under -o.
+
+A format is a function ``(task, results) -> str`` registered in `FORMATS` by file suffix; a task lists
+the suffixes it writes (`Task.documents`). ``results`` are the selected pages in page order; a page
+whose ``error`` is set keeps its place with a placeholder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+
+from ..results import PageResult, source_text, valid_utf8
+from ..tasks import Task
+
+__all__ = ["FORMATS", "PAGE_SEPARATOR", "page_comment"]
+
+PAGE_SEPARATOR = "\f\n"  # between pages in .txt files, as pdftotext does
+
+
+def page_comment(page: int, error: str | None = None, source: str | os.PathLike | None = None) -> str:
+    """``<!-- page 3 -->`` (with the source or an error when given), safe inside markdown and valid
+    UTF-8; ``source`` as for `PageResult` (a path object is displayed, a str is display text)."""
+    parts = []
+    if source is not None:
+        parts.append(source_text(source))
+    parts.append(f"page {page}")
+    body = ", ".join(parts)
+    if error:
+        body += f": error: {valid_utf8(str(error))}"
+    return "<!-- " + body.replace("--", "- -") + " -->"
+
+
+def markdown_document(task: Task, results: Sequence[PageResult]) -> str:
+    """The pages' text, each after a ``<!-- page N -->`` comment (none for a lone page 1); a failed
+    page is its comment with the error."""
+    single = [r.page for r in results] == [1]
+    parts = []
+    for r in results:
+        if r.error is not None:
+            parts.append(page_comment(r.page, r.error))
+        elif single:
+            parts.append(task.text(r))
+        else:
+            parts.append(page_comment(r.page) + "\n\n" + task.text(r))
+    return "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
+
+
+def text_document(task: Task, results: Sequence[PageResult]) -> str:
+    """The pages' plain text separated by form feeds; a failed page is an empty section."""
+    return PAGE_SEPARATOR.join(_terminated(task.text(r) if r.error is None else "") for r in results)
+
+
+def json_document(task: Task, results: Sequence[PageResult]) -> str:
+    """``{"source", "task", "model", "pages": [page objects]}``, indented."""
+    first = results[0]
+    doc = {
+        "source": first.to_dict()["source"],
+        "task": first.task,
+        "model": first.model,
+        "pages": [r.to_dict() for r in results],
+    }
+    return json.dumps(doc, ensure_ascii=False, indent=1) + "\n"
+
+
+def _terminated(text: str) -> str:
+    return text if not text or text.endswith("\n") else text + "\n"
+
+
+FORMATS: dict[str, Callable[[Task, Sequence[PageResult]], str]] = {
+    ".md": markdown_document,
+    ".txt": text_document,
+    ".json": json_document,
+}

@@ -19,6 +19,7 @@ import typer
 
 from . import documents, interrupt, writers
 from .documents import ErrorJob, PageJob
+from .paths import os_reason
 from .writers import display_path
 
 
@@ -279,15 +280,7 @@ def _check_output(folder: Path) -> None:
     except (FileExistsError, NotADirectoryError):  # a file (or /dev/null) where the folder should be
         _fail_usage(f"-o {display_path(folder)}: not a directory")
     except OSError as err:
-        _fail_usage(f"-o {display_path(folder)}: {_os_reason(err)}")
-
-
-def _os_reason(err: OSError) -> str:
-    """The reason of an OSError, as our messages word it (writers.OutputError carries its own)."""
-    if isinstance(err, PermissionError):
-        return "permission denied"
-    reason = getattr(err, "reason", None) or err.strerror or str(err)
-    return reason[:1].lower() + reason[1:]
+        _fail_usage(f"-o {display_path(folder)}: {os_reason(err)}")
 
 
 class _Fatal(Exception):
@@ -433,7 +426,7 @@ class _Emitter:
             self.tally.failed_inputs.add(str(item.source))
             target = getattr(err, "path", None) or err.filename
             what = f"cannot write {display_path(target)}" if target else "cannot write its output"
-            _report(f"{display_path(item.source)}: {what}: {_os_reason(err)}")
+            _report(f"{display_path(item.source)}: {what}: {os_reason(err)}")
 
     def _record(self, source, page: int, error: str) -> None:
         if self.out is None and self.opts.format == "jsonl":

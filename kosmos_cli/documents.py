@@ -90,6 +90,8 @@ from typing import TextIO
 
 from PIL import Image, UnidentifiedImageError
 
+from .paths import not_regular, os_reason
+
 __all__ = [
     "DEFAULT_DPI",
     "MAX_PIXELS",
@@ -230,7 +232,7 @@ def _walk(directory: Path, errors: list[InputError]) -> list[Path]:
     found: list[Path] = []
 
     def onerror(exc: OSError) -> None:
-        errors.append(InputError(str(exc.filename or directory), _os_reason(exc)))
+        errors.append(InputError(str(exc.filename or directory), os_reason(exc)))
 
     for dirpath, dirnames, filenames in os.walk(directory, onerror=onerror):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -242,22 +244,10 @@ def _walk(directory: Path, errors: list[InputError]) -> list[Path]:
     return found
 
 
-_FILE_KINDS = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-               (stat.S_ISBLK, "block device"))
-
-
-def _not_regular(mode: int) -> str | None:
-    """Why a file of this st_mode is no document ("not a regular file (named pipe)"), or None."""
-    if stat.S_ISREG(mode):
-        return None
-    kind = next((name for test, name in _FILE_KINDS if test(mode)), "special file")
-    return f"not a regular file ({kind})"
-
-
 def _regular(path: Path, errors: list[InputError]) -> bool:
     """False, with a note, for a found file that is not a regular file (opening a FIFO would hang)."""
     try:
-        why = _not_regular(path.stat().st_mode)
+        why = not_regular(path.stat().st_mode)
     except OSError:  # a broken symlink or a race: opening it reports the precise error
         return True
     if why:
@@ -315,14 +305,6 @@ def _entries(directory: Path) -> list[os.DirEntry]:
         return []
 
 
-def _os_reason(exc: OSError) -> str:
-    if isinstance(exc, PermissionError):
-        return "permission denied"
-    if isinstance(exc, FileNotFoundError):
-        return "no such file or directory"
-    return exc.strerror or str(exc)
-
-
 _SUPPORTED_LIST = ", ".join(sorted(SUPPORTED_EXTENSIONS))
 
 
@@ -349,9 +331,9 @@ def collect_inputs(
         try:
             is_dir = p.is_dir()
             exists = is_dir or p.exists()
-            why = _not_regular(p.stat().st_mode) if exists and not is_dir else None
+            why = not_regular(p.stat().st_mode) if exists and not is_dir else None
         except OSError as exc:  # e.g. a parent folder without search permission
-            errors.append(InputError(arg, _os_reason(exc)))
+            errors.append(InputError(arg, os_reason(exc)))
             return
         if not exists:
             kind = "broken symlink" if p.is_symlink() else "no such file or directory"
@@ -688,7 +670,7 @@ def _libtiff_note(messages: list[str]) -> str:
 
 def _read_reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
-        return _os_reason(exc)
+        return os_reason(exc)
     return str(exc) or type(exc).__name__
 
 
@@ -836,7 +818,7 @@ class Document:
             raise DocumentError(self.source, _bomb(exc, self.max_pixels), index + 1) from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             if isinstance(exc, OSError) and exc.errno is not None:
-                raise DocumentError(self.source, _os_reason(exc), index + 1) from None
+                raise DocumentError(self.source, os_reason(exc), index + 1) from None
             libtiff = f"; libtiff: {messages[-1]}" if messages else ""
             raise DocumentError(
                 self.source, f"corrupt or truncated image ({_read_reason(exc)}{libtiff})", index + 1
@@ -880,16 +862,16 @@ def open_document(
     try:
         mode = os.stat(source).st_mode
     except OSError as exc:
-        raise DocumentError(source, _os_reason(exc)) from None
+        raise DocumentError(source, os_reason(exc)) from None
     if stat.S_ISDIR(mode):
         raise DocumentError(source, "is a directory")
-    if why := _not_regular(mode):  # opening a named pipe would wait for a writer forever
+    if why := not_regular(mode):  # opening a named pipe would wait for a writer forever
         raise DocumentError(source, why)
     try:
         with open(source, "rb") as f:
             head = f.read(1024)
     except OSError as exc:
-        raise DocumentError(source, _os_reason(exc)) from None
+        raise DocumentError(source, os_reason(exc)) from None
     if not head:
         raise DocumentError(source, "empty file")
     ext = source.suffix.lower()
@@ -1003,7 +985,7 @@ def _open_image(source: Path, dpi: float, max_pixels: int) -> Document:
         raise DocumentError(source, "not a supported image, or a corrupt one") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
-            raise DocumentError(source, _os_reason(exc)) from None
+            raise DocumentError(source, os_reason(exc)) from None
         raise DocumentError(source, f"corrupt or truncated image ({_read_reason(exc)})") from None
     return Document(source, "image", n, dpi, max_pixels, fmt=fmt)
 

@@ -34,6 +34,7 @@ from kosmos_cli.documents import (
     parse_pages,
     prefetch,
 )
+from kosmos_cli.paths import os_reason
 from pdf_helpers import (
     FORM_FIELD_RECT,
     make_corrupt_g4_tiff,
@@ -284,6 +285,20 @@ def test_fifo_in_a_folder_or_glob_is_skipped_with_a_note(tree):
             open_document("scans/pipe.pdf")
         (item,) = iter_pages([Path("scans/pipe.pdf")])
         assert isinstance(item, ErrorJob) and "not a regular file" in item.error
+
+
+def test_os_reason_words():
+    """One wording of OS errors for inputs, documents and the command's own messages."""
+    assert os_reason(PermissionError(13, "Permission denied")) == "permission denied"
+    assert os_reason(FileNotFoundError(2, "No such file or directory")) == "no such file or directory"
+    assert os_reason(OSError(28, "No space left on device")) == "no space left on device"
+    assert os_reason(IsADirectoryError(21, "Is a directory")) == "is a directory"
+    assert os_reason(OSError("Something odd")) == "something odd"
+
+    class Carries(OSError):  # writers.OutputError: its reason wins over strerror
+        reason = "Disk quota exceeded"
+
+    assert os_reason(Carries(122, "EDQUOT")) == "disk quota exceeded"
 
 
 # --------------------------------------------------------------------------------------------------

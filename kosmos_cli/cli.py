@@ -19,6 +19,7 @@ import typer
 
 from . import documents, interrupt, writers
 from .documents import ErrorJob, PageJob
+from .inputs import collect_inputs, parse_pages
 from .paths import os_reason
 from .writers import display_path
 
@@ -189,7 +190,7 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
     if (opts.overlay or opts.overwrite) and opts.output is None:
         _fail_usage("--overlay and --overwrite need -o/--output DIR")
     try:
-        selection = documents.parse_pages(opts.pages) if opts.pages is not None else None
+        selection = parse_pages(opts.pages) if opts.pages is not None else None
     except ValueError as err:
         _fail_usage(f"--pages: {err}")
     batch_size = _batch_size(opts.batch_size)
@@ -203,7 +204,7 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
         prompt = chat_prompt(question)
     model_name = opts.model or ("microsoft/kosmos-2.5-chat" if question is not None else task.default_model)
 
-    files, input_errors = documents.collect_inputs(inputs, exclude=[opts.output] if opts.output else ())
+    files, input_errors = collect_inputs(inputs, exclude=[opts.output] if opts.output else ())
     tally = Tally()
     out = None if opts.output is None else writers.OutputDir(opts.output, task.name, model=model_name,
                                                              overwrite=opts.overwrite, warn=_Emitter.note_for(opts))

@@ -1,4 +1,4 @@
-"""kosmos_cli.documents: inputs, page selection, documents, page jobs, prefetch."""
+"""kosmos_cli.documents: documents, page jobs, prefetch."""
 
 from __future__ import annotations
 
@@ -7,11 +7,9 @@ import io
 import math
 import os
 import random
-import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
@@ -24,21 +22,17 @@ from kosmos_cli.documents import (
     DEFAULT_DPI,
     DocumentError,
     ErrorJob,
-    InputError,
-    InputFile,
     PageJob,
-    collect_inputs,
-    expand_inputs,
     iter_pages,
     open_document,
-    parse_pages,
     prefetch,
 )
-from kosmos_cli.paths import os_reason
+from kosmos_cli.inputs import InputFile, parse_pages
 from pdf_helpers import (
     FORM_FIELD_RECT,
     make_corrupt_g4_tiff,
     make_form_pdf,
+    make_image,
     make_image_pdf,
     make_pdf,
     page_color,
@@ -46,12 +40,6 @@ from pdf_helpers import (
 )
 
 IMAGE_EXTS = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif"]
-
-
-def touch_image(path: Path, color=(200, 30, 30), size=(40, 30)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-    return path
 
 
 def near(a, b, tol=12):
@@ -68,237 +56,6 @@ def wait_for_kosmos_threads(seconds=5.0):
     while kosmos_threads() and time.monotonic() < deadline:
         time.sleep(0.01)
     return kosmos_threads()
-
-
-@contextmanager
-def deadline(seconds: int):
-    """Fail with TimeoutError instead of hanging (SIGALRM interrupts blocking calls like open())."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-@contextmanager
-def unblocking(pipe: Path, seconds: float = 5):
-    """After ``seconds``, free whoever waits to open the named pipe for reading (in any thread, where
-    SIGALRM cannot reach), so that a test of code that opens it fails instead of hanging."""
-    timer = threading.Timer(seconds, lambda: os.close(os.open(pipe, os.O_RDWR)))  # O_RDWR never waits
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-
-
-# --------------------------------------------------------------------------------------------------
-# Page selection
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "spec, n, pages, missing",
-    [
-        ("1-3,7", 10, [1, 2, 3, 7], []),
-        ("5-", 8, [5, 6, 7, 8], []),
-        ("-3", 10, [1, 2, 3], []),
-        (" 2 , 2-3 ,1 ", 5, [1, 2, 3], []),
-        ("4", 4, [4], []),
-        ("2-10", 3, [2, 3], [(4, 10)]),
-        ("7", 3, [], [(7, 7)]),
-        ("5-", 3, [], [(5, None)]),
-        ("1-3,7", 5, [1, 2, 3], [(7, 7)]),
-        ("1-1000000000", 2, [1, 2], [(3, 1000000000)]),  # no giant lists
-    ],
-)
-def test_parse_and_select(spec, n, pages, missing):
-    sel = parse_pages(spec)
-    assert sel.select(n) == (pages, missing)
-
-
-@pytest.mark.parametrize("spec", ["", " ", "0", "3-1", "a", "1-2-3", "-", "1,,2", "1.5", "0-2", "-0", "1;2", "--3"])
-def test_parse_pages_rejects(spec):
-    with pytest.raises(ValueError, match="page selection"):
-        parse_pages(spec)
-
-
-def test_format_ranges_roundtrip():
-    assert D.format_ranges([(1, 3), (7, 7), (9, None)]) == "1-3,7,9-"
-    assert str(parse_pages("1-3,7")) == "1-3,7"
-
-
-# --------------------------------------------------------------------------------------------------
-# Inputs
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def tree(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    root = Path("scans")
-    touch_image(root / "p10.png")
-    touch_image(root / "p2.PNG")
-    touch_image(root / "sub" / "deep" / "x.JPG")
-    make_pdf(root / "a" / "doc.pdf")
-    make_pdf(root / "b" / "doc.pdf")
-    (root / "notes.txt").write_text("hi")
-    touch_image(root / ".hidden.png")
-    touch_image(root / ".cache" / "y.png")
-    return root
-
-
-def test_directory_recursive_sorted_filtered(tree):
-    files, errors = collect_inputs(["scans"])
-    assert errors == []
-    assert [f.path.as_posix() for f in files] == [
-        "scans/a/doc.pdf", "scans/b/doc.pdf", "scans/p2.PNG", "scans/p10.png", "scans/sub/deep/x.JPG",
-    ]
-    # stems mirror the subfolders below the directory argument
-    assert [f.stem for f in files] == ["a/doc", "b/doc", "p2", "p10", "sub/deep/x"]
-
-
-def test_globs(tree):
-    paths, errors = expand_inputs(["scans/*.png"])  # case-sensitive glob, like the shell
-    assert [p.as_posix() for p in paths] == ["scans/p10.png"] and errors == []
-    files, errors = collect_inputs(["scans/**/*.pdf"])
-    assert [f.path.as_posix() for f in files] == ["scans/a/doc.pdf", "scans/b/doc.pdf"]
-    assert [f.stem for f in files] == ["a/doc", "b/doc"]  # relative to the glob's fixed part
-    files, _ = collect_inputs(["scans/s*"])  # a glob matching a directory walks it
-    assert [f.path.as_posix() for f in files] == ["scans/sub/deep/x.JPG"]
-    assert [f.stem for f in files] == ["sub/deep/x"]
-
-
-def test_missing_and_bad_inputs_are_errors_not_exceptions(tree):
-    empty = Path("empty_dir")
-    empty.mkdir()
-    files, errors = collect_inputs(["nope.pdf", "scans/*.docx", "scans/notes.txt", "empty_dir", "scans/p10.png"])
-    assert [f.path.as_posix() for f in files] == ["scans/p10.png"]
-    reasons = {e.path: e.reason for e in errors}
-    assert reasons["nope.pdf"] == "no such file or directory"
-    assert reasons["scans/*.docx"] == "no files match"
-    assert "unsupported file type '.txt'" in reasons["scans/notes.txt"]
-    assert "no supported files" in reasons["empty_dir"]
-    assert str(errors[0]) == "nope.pdf: no such file or directory"
-    _, errors = collect_inputs(["scans/*.txt"])
-    assert errors[0].reason == "no supported files match"
-
-
-def test_stdin_dedup_and_order(tree):
-    stdin = io.StringIO("scans/p2.PNG\n\n   \nscans/sub\r\n./scans/p2.PNG\nmissing.png\n")
-    files, errors = collect_inputs(["scans/p10.png", "-", "scans/p10.png", "-"], stdin=stdin)
-    assert [f.path.as_posix() for f in files] == ["scans/p10.png", "scans/p2.PNG", "scans/sub/deep/x.JPG"]
-    assert [(e.path, e.reason) for e in errors] == [("missing.png", "no such file or directory")]
-
-
-def test_default_stdin_is_sys_stdin(tree, monkeypatch):
-    monkeypatch.setattr("sys.stdin", io.StringIO("scans/p10.png\n"))
-    paths, errors = expand_inputs(["-"])
-    assert [p.as_posix() for p in paths] == ["scans/p10.png"] and not errors
-
-
-def test_stems_never_collide(tree):
-    touch_image(Path("scans/a/doc.png"))
-    files, _ = collect_inputs(["scans/a/doc.pdf", "scans/b/doc.pdf", "scans/a/doc.png", "scans/p10.png"])
-    stems = [f.stem for f in files]
-    assert stems == ["a/doc.pdf", "b/doc.pdf", "a/doc.png", "p10"]
-    # the same two files as arguments: disambiguated by their folders
-    files, _ = collect_inputs(["scans/a/doc.pdf", "scans/b/doc.pdf"])
-    assert [f.stem for f in files] == ["a/doc", "b/doc"]
-    # same name, different extensions, same folder
-    files, _ = collect_inputs(["scans/a/doc.pdf", "scans/a/doc.png"])
-    assert [f.stem for f in files] == ["doc.pdf", "doc.png"]
-    # stable: same arguments, same stems
-    assert [f.stem for f in collect_inputs(["scans"])[0]] == [f.stem for f in collect_inputs(["scans"])[0]]
-
-
-def test_assign_stems_last_resort_and_relative_stem():
-    assert D.relative_stem("x/y/z.pdf", "x") == "y/z"
-    assert D.relative_stem("x/y/z.pdf", "elsewhere") == "z"
-    # case-insensitive twins on a case-sensitive file system
-    stems = D.assign_stems([(Path("d/A.pdf"), Path("d")), (Path("d/a.pdf"), Path("d"))])
-    assert len({s.casefold() for s in stems}) == 2
-
-
-def test_exclude_output_dir(tree):
-    touch_image(Path("scans/out/page.overlay-0001.png"))
-    files, _ = collect_inputs(["scans"], exclude=["scans/out"])
-    assert not any("out" in f.path.parts for f in files)
-
-
-def test_symlinked_duplicates_deduplicated(tree):
-    os.symlink(Path("scans/p10.png").resolve(), "link.png")
-    paths, _ = expand_inputs(["scans/p10.png", "link.png"])
-    assert [p.as_posix() for p in paths] == ["scans/p10.png"]
-
-
-def test_globs_do_not_follow_symlink_loops(tree):
-    os.symlink(".", "scans/self")
-    os.symlink("..", "scans/sub/up")
-    with deadline(20):
-        files, errors = collect_inputs(["scans/**/*.png", "scans/**/*.JPG", "scans/**"])
-    assert errors == []
-    assert [f.path.as_posix() for f in files] == [
-        "scans/p10.png", "scans/sub/deep/x.JPG", "scans/a/doc.pdf", "scans/b/doc.pdf", "scans/p2.PNG",
-    ]
-    assert [f.stem for f in files] == ["p10", "sub/deep/x", "a/doc", "b/doc", "p2"]
-    # the same semantics as before otherwise: hidden names skipped unless the pattern asks for them
-    assert [p.as_posix() for p in expand_inputs(["scans/.*.png"])[0]] == ["scans/.hidden.png"]
-    assert [p.as_posix() for p in expand_inputs(["scans/*/d*/*"])[0]] == ["scans/sub/deep/x.JPG"]
-
-
-def test_globs_skip_symlinked_directories_but_follow_symlinked_files(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    touch_image(Path("elsewhere/far.png"))
-    touch_image(Path("scans/near.png"))
-    os.symlink(Path("elsewhere").resolve(), "scans/linked")
-    os.symlink(Path("scans/near.png").resolve(), "scans/twin.png")
-    paths, _ = expand_inputs(["scans/**/*.png"])
-    assert [p.as_posix() for p in paths] == ["scans/near.png"]  # twin.png: the same file, deduplicated
-    paths, errors = expand_inputs(["scans/l*"])
-    assert paths == [] and errors[0].reason == "no files match"
-    # a folder given literally is the user's choice, symlink or not
-    assert [p.as_posix() for p in expand_inputs(["scans/linked"])[0]] == ["scans/linked/far.png"]
-
-
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
-def test_fifo_in_a_folder_or_glob_is_skipped_with_a_note(tree):
-    os.mkfifo("scans/pipe.pdf")
-    os.mkfifo("scans/pipe.txt")  # unsupported names are ignored as always
-    with deadline(10), unblocking(Path("scans/pipe.pdf")):
-        files, errors = collect_inputs(["scans", "scans/**/*.pdf"])
-        assert "scans/pipe.pdf" not in [f.path.as_posix() for f in files]
-        assert [(e.path, e.reason, e.warning) for e in errors] == [
-            ("scans/pipe.pdf", "not a regular file (named pipe), skipped", True),
-            ("scans/pipe.pdf", "not a regular file (named pipe), skipped", True),
-        ]
-        assert not InputError("x", "y").warning  # failures stay failures by default
-        files, errors = collect_inputs(["scans/pipe.pdf"])  # named explicitly: a failure
-        assert files == [] and [(e.reason, e.warning) for e in errors] == [("not a regular file (named pipe)", False)]
-        with pytest.raises(DocumentError, match=r"not a regular file \(named pipe\)"):
-            open_document("scans/pipe.pdf")
-        (item,) = iter_pages([Path("scans/pipe.pdf")])
-        assert isinstance(item, ErrorJob) and "not a regular file" in item.error
-
-
-def test_os_reason_words():
-    """One wording of OS errors for inputs, documents and the command's own messages."""
-    assert os_reason(PermissionError(13, "Permission denied")) == "permission denied"
-    assert os_reason(FileNotFoundError(2, "No such file or directory")) == "no such file or directory"
-    assert os_reason(OSError(28, "No space left on device")) == "no space left on device"
-    assert os_reason(IsADirectoryError(21, "Is a directory")) == "is a directory"
-    assert os_reason(OSError("Something odd")) == "something odd"
-
-    class Carries(OSError):  # writers.OutputError: its reason wins over strerror
-        reason = "Disk quota exceeded"
-
-    assert os_reason(Carries(122, "EDQUOT")) == "disk quota exceeded"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -803,7 +560,7 @@ def test_decompression_bomb(tmp_path, monkeypatch):
     big = png_header_only(tmp_path / "big_scan.png", 20000, 12000)  # 240 MP
     assert open_document(big).num_pages == 1
     # a per-call cap
-    small = touch_image(tmp_path / "small.png", size=(100, 100))
+    small = make_image(tmp_path / "small.png", size=(100, 100))
     with pytest.raises(DocumentError, match="10,000 pixels, over the limit of 1,000"):
         open_document(small, max_pixels=1000)
     # the same check guards every TIFF frame at render time
@@ -856,7 +613,7 @@ def mixed(tmp_path):
     a = make_image_pdf(tmp_path / "a.pdf", 3)
     bad = tmp_path / "bad.pdf"
     bad.write_bytes(b"%PDF-1.4 garbage")
-    img = touch_image(tmp_path / "img.png")
+    img = make_image(tmp_path / "img.png")
     enc = make_pdf(tmp_path / "enc.pdf", 2, user_password="pw")
     return [a, bad, img, enc]
 
@@ -1225,13 +982,3 @@ def test_cli_page_errors_name_the_page_once(tmp_path):
     assert result.exit_code == 1
     assert f"kosmos: {path}: page 2: 40000×40000 = 1,600,000,000 pixels at 200 dpi" in result.stderr
     assert "page 2: page 2" not in result.stderr and "page 1: page 1" not in result.stderr
-
-
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
-def test_cli_named_pipe_is_refused_not_waited_for(tmp_path):
-    pipe = tmp_path / "pipe.pdf"
-    os.mkfifo(pipe)
-    with deadline(20), unblocking(pipe):
-        result = kosmos(pipe)
-    assert result.exit_code == 1
-    assert f"kosmos: {pipe}: not a regular file (named pipe)\n" in result.stderr

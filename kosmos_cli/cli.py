@@ -18,8 +18,8 @@ import click
 import typer
 
 from . import documents, interrupt, writers
-from .documents import ErrorJob, PageJob
 from .inputs import collect_inputs, parse_pages
+from .pages import ErrorJob, PageJob, iter_pages, prefetch
 from .paths import os_reason
 from .writers import display_path
 
@@ -216,7 +216,7 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
             return 1
         _fail_usage("no supported input files found (PDF, PNG, JPEG, TIFF, WebP, BMP, GIF)")
     skip = (lambda job: out.is_done(job.stem, job.page)) if out is not None else None
-    jobs = documents.iter_pages(files, selection, opts.dpi, opts.password, skip=skip)
+    jobs = iter_pages(files, selection, opts.dpi, opts.password, skip=skip)
 
     show_progress = not opts.quiet and sys.stderr.isatty()
     progress = _Progress(show_progress, _count_pages(files, selection, opts) if show_progress else None, tally)
@@ -328,7 +328,7 @@ def _process(task, jobs, model_name, opts, batch_size, prompt, progress) -> Iter
     engine_holder: list = []
 
     def lazy_engine_items():
-        for item in documents.prefetch(jobs, depth=max(4, 2 * (batch_size or 8))):
+        for item in prefetch(jobs, depth=max(4, 2 * (batch_size or 8))):
             interrupt.check()
             if not engine_holder and isinstance(item, PageJob) and not item.skipped:
                 engine_holder.append(_load_engine(task, model_name, opts))

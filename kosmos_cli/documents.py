@@ -1,12 +1,8 @@
-"""Documents → pages: PDFs and images opened lazily, page jobs, and the look-ahead that renders them.
+"""Documents: PDFs and images opened lazily, their pages rendered as bounded working images.
 
-    iter_pages(files, parse_pages("1-3,7"), dpi=200)  ->  PageJob | ErrorJob, lazily, in order
-    prefetch(jobs, depth=4)  ->  the same items, rendered ahead in background threads
+    with open_document("scan.pdf", dpi=200) as doc:   # or a PNG, JPEG, TIFF, WebP, BMP, GIF
+        page = doc.page(0)  ->  RenderedPage(image, size, notes)
 
-The files, their output stems and the page selection come from `kosmos_cli.inputs`.
-
-Documents and pages
--------------------
 `open_document` opens lazily: it reads only what is needed for ``num_pages``. `Document.page(i)`
 renders one page (0-based index) as a `RenderedPage`: its full pixel ``size`` and a *working image*,
 RGB, that size scaled down (aspect ratio kept, never up) to at most `WORK_PIXELS` pixels, since the
@@ -25,6 +21,10 @@ wrong password (AES-256 passwords are also tried SASLprep'd, as PDF 2.0 says), i
 `MAX_PIXELS` (decompression bombs included; the limit admits large legitimate scans). A page's reason
 does not name the page (the page job carries it; ``str()`` of the exception does).
 
+A document counts the renders still owed on it: `claim(n)` adds n, `release()` takes one back, and
+the release that brings the count to zero closes it (`kosmos_cli.pages` claims one per page job).
+`close` may also be called at any time; it is idempotent and thread-safe.
+
 Threads
 -------
 PDFium is not thread-safe: no two pdfium calls may run at the same time, even on different
@@ -32,16 +32,13 @@ documents. Every pdfium call in this module (open, page count, render, close) ho
 module-level `PDFIUM_LOCK`; other modules that call pypdfium2 must take it too. A document dropped
 without `close` while another thread holds the lock is closed by the next pdfium call here, so a
 finalizer never waits. Image pages reopen their file on every call and are safe to render from any
-thread (TIFF decodes are serialised while fd 2 is captured for libtiff's messages). `prefetch` renders
-in background threads through a window bounded by a number of pages and by bytes, so memory stays
-bounded whatever the page count and page size.
+thread (TIFF decodes are serialised while fd 2 is captured for libtiff's messages).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import queue
 import re
 import stat
 import stringprep
@@ -50,33 +47,26 @@ import tempfile
 import threading
 import unicodedata
 import warnings
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .inputs import SUPPORTED_EXTENSIONS, InputFile, PageSelection, assign_stems, format_ranges, unsupported_type
+from .inputs import SUPPORTED_EXTENSIONS, unsupported_type
 from .paths import not_regular, os_reason
 
 __all__ = [
     "DEFAULT_DPI",
     "MAX_PIXELS",
     "PDFIUM_LOCK",
-    "PREFETCH_BYTES",
     "WORK_PIXELS",
     "Document",
     "DocumentError",
-    "ErrorJob",
-    "PageJob",
     "RenderedPage",
-    "iter_pages",
     "open_document",
     "page_pixels",
-    "prefetch",
 ]
 
 # Kosmos-2.5 resizes every page to a grid of at most 4096 16×16 patches, i.e. ~1 MP whatever the input
@@ -100,10 +90,6 @@ WORK_PIXELS = 4 * 4096 * 16 * 16
 # (9933×14043 = 139 MP) and 200 dpi renders of 85×85 inch pages; refuses decompression bombs and PDFs
 # with absurd page boxes before any memory is allocated.
 MAX_PIXELS = 300_000_000
-
-# Rendered pages that `prefetch` may hold ahead of the consumer, in bytes: 15 working images at the
-# full WORK_PIXELS, far more small ones (the page count `depth` bounds those).
-PREFETCH_BYTES = 256 << 20
 
 _MULTI_FRAME_FORMATS = frozenset({"TIFF"})  # formats whose frames are pages (see module docstring)
 
@@ -302,6 +288,7 @@ class Document:
     """An opened PDF or image file. ``page(i)`` (0-based) renders one page at a time.
 
     Close it (or use ``with``) to release the PDF handle; closing is idempotent and thread-safe.
+    Or `claim` the renders owed on it and `release` each: the last release closes it.
     """
 
     def __init__(self, source: Path, kind: str, num_pages: int, dpi: float, max_pixels: int, pdf=None, fmt: str = ""):
@@ -313,8 +300,8 @@ class Document:
         self.format = fmt
         self._pdf = pdf
         self._closed = False
-        self._pending = 0  # renders promised by iter_pages; the last one closes the document
-        self._count_lock = threading.Lock()
+        self._claims = 0  # renders owed (see claim); guarded by _claims_lock
+        self._claims_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Document({str(self.source)!r}, kind={self.kind!r}, num_pages={self.num_pages})"
@@ -354,6 +341,19 @@ class Document:
             if self._pdf is not None:
                 self._pdf.close()
                 self._pdf = None
+
+    def claim(self, n: int = 1) -> None:
+        """Owe ``n`` more renders; each is given back by one `release`."""
+        with self._claims_lock:
+            self._claims += n
+
+    def release(self) -> None:
+        """Give back one claimed render; the release that leaves none owed closes the document."""
+        with self._claims_lock:
+            self._claims -= 1
+            last = self._claims <= 0
+        if last:
+            self.close()
 
     def page(self, index: int) -> RenderedPage:
         """Render page ``index`` (0-based): its working image and full size; raises DocumentError."""
@@ -601,320 +601,3 @@ def _open_image(source: Path, dpi: float, max_pixels: int) -> Document:
             raise DocumentError(source, os_reason(exc)) from None
         raise DocumentError(source, f"corrupt or truncated image ({_read_reason(exc)})") from None
     return Document(source, "image", n, dpi, max_pixels, fmt=fmt)
-
-
-# --------------------------------------------------------------------------------------------------
-# Page jobs
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class ErrorJob:
-    """A document or page that produced no image. ``page`` is None for a whole-document failure.
-
-    ``warning`` marks notes that are not failures (pages requested past a document's end).
-    ``selected`` is the document's page selection for a page failure (as on `PageJob`), so the
-    document can still be assembled around the failed page.
-    """
-
-    source: Path
-    stem: str
-    page: int | None
-    error: str
-    warning: bool = False
-    selected: tuple[int, ...] = ()
-
-    @property
-    def is_last(self) -> bool:
-        """True for a failure of the document's last selected page."""
-        return self.page is not None and bool(self.selected) and self.page == self.selected[-1]
-
-    def __str__(self) -> str:
-        where = f" (page {self.page})" if self.page is not None else ""
-        return f"{self.source}{where}: {self.error}"
-
-
-@dataclass(eq=False)
-class PageJob:
-    """One page to process. ``image`` is None until `load` (or `prefetch`) renders it.
-
-    After loading, ``image`` is the working image (at most `WORK_PIXELS`, what the model reads and
-    overlays are drawn on), ``size`` the page's full pixel size at the requested resolution (results'
-    coordinates are scaled to it) and ``notes`` decoder warnings to report (not failures).
-    ``selected`` lists the document's selected pages (ascending), so a consumer knows when the
-    document is complete; ``skipped`` pages (already done, per iter_pages' ``skip``) are never rendered.
-    A job built with an image already in memory has that image's size.
-    """
-
-    source: Path
-    stem: str
-    page: int  # 1-based
-    num_pages: int
-    selected: tuple[int, ...]
-    document: Document | None = field(default=None, repr=False)
-    image: Image.Image | None = field(default=None, repr=False)
-    skipped: bool = False
-    size: tuple[int, int] | None = None
-    notes: list[str] = field(default_factory=list)
-    _released: bool = field(default=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.image is not None and self.size is None:
-            self.size = self.image.size
-
-    @property
-    def is_last(self) -> bool:
-        """True for the document's last selected page."""
-        return self.page == self.selected[-1]
-
-    def load(self) -> PageJob | ErrorJob:
-        """Render the image (once); returns self, or an ErrorJob if the page cannot be rendered."""
-        if self.image is not None or self.skipped or self.document is None:
-            return self
-        try:
-            rendered = self.document.page(self.page - 1)
-        except DocumentError as exc:
-            return ErrorJob(self.source, self.stem, self.page, exc.reason, selected=self.selected)
-        except Exception as exc:  # MemoryError, pdfium surprises: a page failure, not a stream failure
-            return ErrorJob(self.source, self.stem, self.page, f"{type(exc).__name__}: {exc}", selected=self.selected)
-        finally:
-            self._release()
-        self.image, self.size, self.notes = rendered.image, rendered.size, list(rendered.notes)
-        return self
-
-    def _release(self) -> None:
-        """Drop this job's claim on the document; the last claim closes it."""
-        if self._released or self.document is None:
-            return
-        self._released = True
-        doc = self.document
-        with doc._count_lock:
-            doc._pending -= 1
-            last = doc._pending <= 0
-        if last:
-            doc.close()
-
-
-def iter_pages(
-    inputs: Iterable[InputFile | str | os.PathLike],
-    pages: PageSelection | None = None,
-    dpi: float = DEFAULT_DPI,
-    password: str | None = None,
-    *,
-    skip: Callable[[PageJob], bool] | None = None,
-    max_pixels: int = MAX_PIXELS,
-) -> Iterator[PageJob | ErrorJob]:
-    """Lazily yield one PageJob per selected page, in order, opening one document at a time.
-
-    Images are not rendered here (call ``job.load()`` or wrap in `prefetch`). Failures become
-    ErrorJobs (page None): a document that cannot be opened, or whose pages the selection misses
-    entirely; pages requested past its end while others exist are a note (``warning=True``).
-    ``skip(job)`` → True marks a page as already done: it is yielded with ``skipped=True`` and never
-    rendered. Bare paths get stems from `assign_stems` over all given inputs.
-    A document is closed when its last page job has been loaded, or when this generator is closed early.
-    """
-    items = list(inputs)
-    bare = [i for i, x in enumerate(items) if not isinstance(x, InputFile)]
-    if bare:
-        stems = assign_stems([Path(items[i]) for i in bare])
-        for i, s in zip(bare, stems):
-            items[i] = InputFile(Path(items[i]), s)
-    open_docs: list[Document] = []
-    try:
-        for item in items:
-            try:
-                doc = open_document(item.path, dpi, password, max_pixels=max_pixels)
-            except DocumentError as exc:
-                yield ErrorJob(item.path, item.stem, None, exc.reason)
-                continue
-            n = doc.num_pages
-            if pages is None:
-                selected, missing = list(range(1, n + 1)), []
-            else:
-                selected, missing = pages.select(n)
-            if not selected:
-                doc.close()
-                yield ErrorJob(
-                    item.path, item.stem, None,
-                    f"no page of the selection {pages} exists ({n} page{'s' * (n != 1)})",
-                )
-                continue
-            if missing:
-                what = "page" if len(missing) == 1 and missing[0][0] == missing[0][1] else "pages"
-                yield ErrorJob(
-                    item.path, item.stem, None,
-                    f"{what} {format_ranges(missing)} not in document ({n} page{'s' * (n != 1)})",
-                    warning=True,
-                )
-            # A deque we pop from, so that no reference to a yielded (and later rendered) job stays here.
-            jobs = deque(PageJob(item.path, item.stem, p, n, tuple(selected), doc) for p in selected)
-            for job in jobs:
-                if skip is not None and skip(job):
-                    job.skipped = True
-                    job._released = True
-            doc._pending = sum(not j.skipped for j in jobs)
-            if doc._pending == 0:
-                doc.close()
-            else:
-                open_docs[:] = [d for d in open_docs if not d.closed]
-                open_docs.append(doc)
-            del doc
-            while jobs:
-                yield jobs.popleft()
-    except GeneratorExit:
-        # Stopped early: nobody will load the remaining pages.
-        for d in open_docs:
-            d.close()
-        raise
-
-
-# --------------------------------------------------------------------------------------------------
-# Prefetch
-# --------------------------------------------------------------------------------------------------
-
-_DONE = object()
-
-
-def _load(item):
-    return item.load() if isinstance(item, PageJob) else item
-
-
-def _held_bytes(item) -> int:
-    """Memory a loaded item holds: its image, at the 4 bytes a pixel Pillow keeps RGB in."""
-    image = getattr(item, "image", None)
-    return image.width * image.height * 4 if isinstance(image, Image.Image) else 0
-
-
-def prefetch(items: Iterable, depth: int = 4, workers: int = 2, *, max_bytes: int = PREFETCH_BYTES) -> Iterator:
-    """Render pages ahead in background threads; yields the same items, in order, loaded.
-
-    A feeder thread pulls from ``items`` (opening documents) and hands ``job.load()`` to ``workers``
-    render threads. The items pulled but not yet handed to the consumer are at most ``depth``, those
-    being rendered at most ``workers``, and no item is pulled while the rendered ones waiting hold
-    ``max_bytes`` or more (one is always allowed, so a page bigger than the budget still passes): memory
-    stays bounded by both a page count and bytes, whatever the document size. Page failures arrive as
-    ErrorJob items; an exception raised by ``items`` itself is re-raised to the consumer after the items
-    before it. Closing the returned generator early (``break``, ``.close()``, a KeyboardInterrupt in the
-    consumer, garbage collection) returns at once: renders not started are cancelled, the feeder stops
-    and closes ``items``, and a render in flight finishes in its thread. All these threads are daemons,
-    so interpreter exit does not wait for them.
-    ``depth=0`` loads synchronously in the consumer's thread (no threads at all).
-    """
-    if depth < 0 or workers < 1:
-        raise ValueError(f"need depth >= 0 and workers >= 1, got depth={depth}, workers={workers}")
-    if depth == 0:
-        return (_load(item) for item in items)
-    return _prefetch(iter(items), depth, workers, max_bytes)
-
-
-@dataclass
-class _Window:
-    """What `_prefetch` holds ahead of its consumer; guarded by ``changed``."""
-
-    changed: threading.Condition = field(default_factory=threading.Condition)
-    ahead: int = 0  # items pulled, not yet handed to the consumer
-    rendering: int = 0  # of those, not yet loaded
-    bytes: int = 0  # held by the loaded ones
-
-
-def _prefetch(source: Iterator, depth: int, workers: int, max_bytes: int) -> Iterator:
-    window = _Window()
-    stop = threading.Event()
-    pending: queue.SimpleQueue = queue.SimpleQueue()  # futures in source order, then _DONE
-    tasks: queue.SimpleQueue = queue.SimpleQueue()  # (future, item) for the render threads; None ends one
-    failure: list[BaseException] = []
-
-    def room() -> bool:
-        if stop.is_set() or window.ahead == 0:
-            return True
-        return window.ahead < depth and window.rendering < workers and window.bytes < max_bytes
-
-    def render() -> None:
-        while (task := tasks.get()) is not None:
-            future, item = task
-            if stop.is_set() or not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = _load(item)
-            except BaseException as exc:
-                result, error = None, exc
-            else:
-                error = None
-            with window.changed:
-                window.rendering -= 1
-                window.bytes += _held_bytes(result)
-                window.changed.notify_all()
-            if error is None:
-                future.set_result(result)
-            else:
-                future.set_exception(error)
-            del task, future, item, result, error  # a page nobody references must be freed now
-
-    def feed() -> None:
-        try:
-            while True:
-                with window.changed:
-                    window.changed.wait_for(room)
-                if stop.is_set():
-                    break
-                try:
-                    item = next(source)
-                except StopIteration:
-                    break
-                future: Future = Future()
-                with window.changed:
-                    window.ahead += 1
-                    window.rendering += 1
-                pending.put(future)
-                tasks.put((future, item))
-                del future, item
-        except BaseException as exc:  # the source itself failed: hand it to the consumer
-            failure.append(exc)
-        finally:
-            close = getattr(source, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    pass
-            pending.put(_DONE)
-            for _ in range(workers):
-                tasks.put(None)
-
-    threads = [threading.Thread(target=feed, name="kosmos-prefetch", daemon=True)]
-    threads += [threading.Thread(target=render, name=f"kosmos-render-{k}", daemon=True) for k in range(workers)]
-    for thread in threads:
-        thread.start()
-    exhausted = False
-    try:
-        while True:
-            future = pending.get()
-            if future is _DONE:
-                exhausted = True
-                break
-            item = future.result()
-            del future
-            with window.changed:
-                window.ahead -= 1
-                window.bytes -= _held_bytes(item)
-                window.changed.notify_all()
-            yield item
-            del item
-        if failure:
-            raise failure[0]
-    finally:
-        # Closed early: never wait, a render in flight may take seconds (a huge page) and a Ctrl-C must
-        # stop the run now; renders not started are cancelled and the threads end on their own.
-        stop.set()
-        with window.changed:
-            window.changed.notify_all()
-        while True:
-            try:
-                future = pending.get_nowait()
-            except queue.Empty:
-                break
-            if future is not _DONE:
-                future.cancel()
-        if exhausted:  # every render was consumed: the threads are ending, leave none behind
-            for thread in threads:
-                thread.join()

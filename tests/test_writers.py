@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from kosmos_cli import writers as W
-from kosmos_cli.documents import PageJob, iter_pages, prefetch
+from kosmos_cli.pages import PageJob, iter_pages, prefetch
 from kosmos_cli.tasks.ocr import Line, parse_ocr
 from kosmos_cli.writers import (
     OutputDir,

@@ -10,6 +10,18 @@ by libjpeg): every TIFF frame is a page; GIF, animated WebP and MPO contribute t
 (animation frames are not pages); the EXIF orientation is applied (any format that carries it, JPEG
 and TIFF in practice); transparency is composited on white; 16-bit and float images are scaled to 8
 bits. libtiff's warnings become the page's ``notes`` (its errors, part of the page's error).
+
+Pillow's size guard
+-------------------
+Pillow's decompression-bomb guard is one process-wide setting, ``PIL.Image.MAX_IMAGE_PIXELS``, read
+by every open, TIFF load and crop, with no per-call limit: Pillow warns above it and refuses above
+twice it (89/179 MP by default). We refuse images over our own per-call limit (``max_pixels``) with a
+clear reason before decoding, but a 240 MP poster scan under that limit must still be readable, and
+the only way to let Pillow read it is that setting. So `frame_count` raises it to the limit asked
+for: only ever raised (never lowered, never set when a caller set it to None), under a lock, when a
+document is opened, never while a page renders. No warning filter is set: Pillow's warning for an
+image between the limit and twice it, which we refuse, reaches the caller (the `kosmos` command,
+which owns its process, filters it, since our error already says so).
 """
 
 from __future__ import annotations
@@ -20,7 +32,6 @@ import re
 import sys
 import tempfile
 import threading
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,12 +53,7 @@ _ORIENTATION_FIX = {
     5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-
-# Pillow's process-wide bomb guard warns above MAX_IMAGE_PIXELS and refuses above twice that (89/179 MP
-# by default). We enforce our own per-call limit (`max_pixels`) with a clear reason, so Pillow's
-# thresholds are raised to our limit when needed (see _pillow_allow) and its warning, which would only
-# duplicate our error on stderr, is silenced.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+_GUARD_LOCK = threading.Lock()
 
 
 class Unreadable(Exception):
@@ -58,11 +64,13 @@ class Unreadable(Exception):
         self.reason = reason
 
 
-def _pillow_allow(max_pixels: int) -> None:
-    """Make sure Pillow's own guard (refusal at 2 × MAX_IMAGE_PIXELS) does not undercut ``max_pixels``."""
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and limit < max_pixels:
-        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow then warns above max_pixels, refuses above twice that
+def _allow_pixels(limit: int) -> None:
+    """Raise Pillow's process-wide guard so that it admits images of ``limit`` pixels (see the module
+    docstring); Pillow then warns above ``limit`` and refuses above twice it."""
+    with _GUARD_LOCK:
+        current = Image.MAX_IMAGE_PIXELS
+        if current is not None and current < limit:
+            Image.MAX_IMAGE_PIXELS = limit
 
 
 def working_size(width: int, height: int, limit: int) -> tuple[int, int]:
@@ -78,7 +86,7 @@ def working_size(width: int, height: int, limit: int) -> tuple[int, int]:
 
 def frame_count(path: Path, max_pixels: int) -> tuple[int, str]:
     """The number of frames of the image file that are pages, and its Pillow format; reads the header only."""
-    _pillow_allow(max_pixels)
+    _allow_pixels(max_pixels)
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -101,7 +109,6 @@ def read_frame(
 ) -> tuple[Image.Image, tuple[int, int], tuple[str, ...]]:
     """Frame ``index`` (0-based) as ``(image, size, notes)``: the RGB working image of at most
     ``work_pixels`` (see the module docstring), the frame's full size as displayed, libtiff's warnings."""
-    _pillow_allow(max_pixels)
     messages: list[str] = []  # libtiff's, for TIFFs
     try:
         with Image.open(path) as im:

@@ -1,4 +1,4 @@
-"""kosmos_cli.documents: PDFs and images opened, pages rendered."""
+"""kosmos_cli.documents and kosmos_cli.rasters: PDFs and images opened, pages rendered, pixels read."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import io
 import math
 import os
 import random
+import subprocess
 import sys
 import threading
 import time
+import warnings
 from fractions import Fraction
 
 import pypdfium2 as pdfium
@@ -29,6 +31,7 @@ from pdf_helpers import (
     page_color,
     png_header_only,
 )
+from test_cli import needs_script, run_kosmos
 
 IMAGE_EXTS = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif"]
 
@@ -625,3 +628,43 @@ def test_stderr_of_other_writers_passes_through_a_tiff_decode(tmp_path, capfd):
     assert all("kosmos" not in n and "progress" not in n for n in page.notes)
     err = capfd.readouterr().err
     assert "kosmos: note: from the main thread\n" in err and "\x1b[2Kprogress\r" in err
+
+
+# --------------------------------------------------------------------------------------------------
+# Pillow's process-wide settings (kosmos_cli.rasters)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_pillow_guard_is_only_raised_and_no_warning_filter_is_touched(tmp_path, monkeypatch):
+    path = make_image(tmp_path / "a.png")
+    filters = list(warnings.filters)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    open_document(path, max_pixels=5000)
+    assert Image.MAX_IMAGE_PIXELS == 5000
+    open_document(path, max_pixels=2000).page(0)
+    assert Image.MAX_IMAGE_PIXELS == 5000  # never lowered
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # the caller's choice: no guard at all
+    open_document(path)
+    assert Image.MAX_IMAGE_PIXELS is None
+    assert warnings.filters == filters
+
+
+def test_importing_documents_sets_no_warning_filter():
+    code = ("import warnings, kosmos_cli; before = list(warnings.filters); "
+            "import kosmos_cli.documents, kosmos_cli.pages; assert warnings.filters == before")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_an_image_pillow_warns_about_is_refused(tmp_path):
+    poster = png_header_only(tmp_path / "poster.png", 20_000, 20_000)  # 400 MP: over our limit, under 2×
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(DocumentError, match="400,000,000 pixels"):
+        open_document(poster)  # the library leaves Pillow's warning to its caller...
+
+
+@needs_script
+def test_the_command_reports_a_refused_image_once(tmp_path):
+    poster = png_header_only(tmp_path / "poster.png", 20_000, 20_000)
+    proc = run_kosmos("md", poster, "--model", "/nonexistent/model")
+    assert proc.returncode == 1
+    assert f"kosmos: {poster}: image is 20000×20000 = 400,000,000 pixels, over the limit" in proc.stderr
+    assert "Warning" not in proc.stderr  # ...the command, which says it in its own words, filters it

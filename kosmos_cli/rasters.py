@@ -5,11 +5,24 @@
 
 Failures raise `Unreadable(reason)`; `kosmos_cli.documents` names the file and page.
 
-Images are read by Pillow, reduced while still in their own mode (JPEGs decoded at 1/2 to 1/8 scale
-by libjpeg): every TIFF frame is a page; GIF, animated WebP and MPO contribute their first frame only
-(animation frames are not pages); the EXIF orientation is applied (any format that carries it, JPEG
-and TIFF in practice); transparency is composited on white; 16-bit and float images are scaled to 8
-bits. libtiff's warnings become the page's ``notes`` (its errors, part of the page's error).
+Pixels
+------
+This is the one rule for how an image *file* becomes the RGB image the models see (the CLI and
+`documents.open_document` read files only through here). Every TIFF frame is a page; GIF, animated
+WebP and MPO give their first frame. The frame is reduced while still in its own mode (JPEGs decoded
+at 1/2 to 1/8 scale by libjpeg) to at most ``work_pixels``, then:
+- 16-bit and float samples are *scaled* into 0..255, by the image's own range: 16-bit ones by
+  255/65535 (kept as they are when none passes 255), float ones in 0..1 by 255 (kept up to 255),
+  anything larger by 255/max; so a 16-bit scan or a float TIFF reads as the same picture in 8 bits;
+- alpha (an alpha band, premultiplied RGBa included, or a palette's or tRNS transparency) is
+  composited on white;
+- the EXIF orientation is applied (any format that carries it, JPEG and TIFF in practice);
+- everything else goes through Pillow's own conversion ("1" to 0/255, CMYK, YCbCr, ...).
+An image handed to the engine in memory is converted by `processing.images.to_rgb` instead, as
+transformers converts it, so that the engine's input equals the oracle's for the same PIL image. The
+two agree on every 8-bit image, the pages read here included, but `to_rgb` *clips* deeper samples (a
+full-range 16-bit scan comes out almost white): to give the engine the pixels the CLI gives it for a
+file, read the file with `documents.open_document`.
 
 Pillow's size guard
 -------------------

@@ -16,11 +16,13 @@ from fractions import Fraction
 
 import pypdfium2 as pdfium
 import pytest
+import torch
 from PIL import Image
 
 from kosmos_cli import documents as D
 from kosmos_cli.documents import DEFAULT_DPI, DocumentError, open_document
 from kosmos_cli.pages import ErrorJob, iter_pages
+from kosmos_cli.processing.images import clip_pixels, to_rgb
 from pdf_helpers import (
     FORM_FIELD_RECT,
     make_corrupt_g4_tiff,
@@ -631,8 +633,28 @@ def test_stderr_of_other_writers_passes_through_a_tiff_decode(tmp_path, capfd):
 
 
 # --------------------------------------------------------------------------------------------------
-# Pillow's process-wide settings (kosmos_cli.rasters)
+# Pixels and Pillow's process-wide settings (kosmos_cli.rasters)
 # --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["grey16.png", "float.tif"])
+def test_deep_files_read_as_the_same_picture_in_8_bits(tmp_path, name):
+    """The pixel rule (kosmos_cli.rasters): a 16-bit or float file reads as the 8-bit picture it holds,
+    and the library's preprocessing gives that page the same model input as the picture itself; only
+    an in-memory deep image goes through to_rgb's other rule (transformers': clip)."""
+    picture = Image.linear_gradient("L").resize((64, 48))  # 2..253
+    if name.endswith(".png"):
+        deep = picture.convert("I").point(lambda v: v * 257).convert("I;16")  # 8 bits → 16, exactly
+    else:
+        deep = picture.convert("F").point(lambda v: v / 255)  # 0..1
+    path = tmp_path / name
+    deep.save(path)
+    read = open_document(path).page(0).image
+    assert read.tobytes() == to_rgb(picture).tobytes()
+    assert to_rgb(read).tobytes() == read.tobytes()
+    assert torch.equal(clip_pixels(read), clip_pixels(picture))
+    with Image.open(path) as im:
+        assert to_rgb(im).tobytes() != read.tobytes()  # an in-memory deep image is the oracle's business
 
 
 def test_pillow_guard_is_only_raised_and_no_warning_filter_is_touched(tmp_path, monkeypatch):

@@ -26,7 +26,8 @@ SIDE = 17_000  # 289 MP: the largest square page under MAX_PIXELS (300 MP)
 
 MEASURE = """
 import json, re, sys, time
-from kosmos_cli.documents import collect_inputs, iter_pages, prefetch
+from kosmos_cli.inputs import collect_inputs
+from kosmos_cli.pages import iter_pages, prefetch
 from kosmos_cli.processing.images import kosmos2_5_patches
 dpi, inputs = float(sys.argv[1]), sys.argv[2:]
 files, errors = collect_inputs(inputs)

@@ -18,8 +18,9 @@ import click
 import typer
 
 from . import documents, interrupt
-from .documents import ErrorJob, PageJob
-from .paths import display_path
+from .inputs import collect_inputs, parse_pages
+from .pages import ErrorJob, PageJob, iter_pages, prefetch
+from .paths import display_path, os_reason
 from .results import PageResult
 from .tasks import TASKS
 from .writers.directory import OutputDir
@@ -192,7 +193,7 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
     if (opts.overlay or opts.overwrite) and opts.output is None:
         _fail_usage("--overlay and --overwrite need -o/--output DIR")
     try:
-        selection = documents.parse_pages(opts.pages) if opts.pages is not None else None
+        selection = parse_pages(opts.pages) if opts.pages is not None else None
     except ValueError as err:
         _fail_usage(f"--pages: {err}")
     batch_size = _batch_size(opts.batch_size)
@@ -206,7 +207,7 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
         prompt = chat_prompt(question)
     model_name = opts.model or ("microsoft/kosmos-2.5-chat" if question is not None else task.default_model)
 
-    files, input_errors = documents.collect_inputs(inputs, exclude=[opts.output] if opts.output else ())
+    files, input_errors = collect_inputs(inputs, exclude=[opts.output] if opts.output else ())
     tally = Tally()
     out = None if opts.output is None else OutputDir(opts.output, task, model=model_name,
                                                              overwrite=opts.overwrite, warn=_Emitter.note_for(opts))
@@ -218,7 +219,7 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
             return 1
         _fail_usage("no supported input files found (PDF, PNG, JPEG, TIFF, WebP, BMP, GIF)")
     skip = (lambda job: out.is_done(job.stem, job.page)) if out is not None else None
-    jobs = documents.iter_pages(files, selection, opts.dpi, opts.password, skip=skip)
+    jobs = iter_pages(files, selection, opts.dpi, opts.password, skip=skip)
 
     show_progress = not opts.quiet and sys.stderr.isatty()
     progress = _Progress(show_progress, _count_pages(files, selection, opts) if show_progress else None, tally)
@@ -283,15 +284,7 @@ def _check_output(folder: Path) -> None:
     except (FileExistsError, NotADirectoryError):  # a file (or /dev/null) where the folder should be
         _fail_usage(f"-o {display_path(folder)}: not a directory")
     except OSError as err:
-        _fail_usage(f"-o {display_path(folder)}: {_os_reason(err)}")
-
-
-def _os_reason(err: OSError) -> str:
-    """The reason of an OSError, as our messages word it (OutputError carries its own)."""
-    if isinstance(err, PermissionError):
-        return "permission denied"
-    reason = getattr(err, "reason", None) or err.strerror or str(err)
-    return reason[:1].lower() + reason[1:]
+        _fail_usage(f"-o {display_path(folder)}: {os_reason(err)}")
 
 
 class _Fatal(Exception):
@@ -338,7 +331,7 @@ def _process(task, jobs, model_name, opts, batch_size, prompt, progress) -> Iter
     engine_holder: list = []
 
     def lazy_engine_items():
-        for item in documents.prefetch(jobs, depth=max(4, 2 * (batch_size or 8))):
+        for item in prefetch(jobs, depth=max(4, 2 * (batch_size or 8))):
             interrupt.check()
             if not engine_holder and isinstance(item, PageJob) and not item.skipped:
                 engine_holder.append(_load_engine(task, model_name, opts))
@@ -438,7 +431,7 @@ class _Emitter:
             self.tally.failed_inputs.add(str(item.source))
             target = getattr(err, "path", None) or err.filename
             what = f"cannot write {display_path(target)}" if target else "cannot write its output"
-            _report(f"{display_path(item.source)}: {what}: {_os_reason(err)}")
+            _report(f"{display_path(item.source)}: {what}: {os_reason(err)}")
 
     def _record(self, source, page: int, error: str) -> None:
         if self.out is None and self.opts.format == "jsonl":

@@ -1,41 +1,8 @@
-"""Inputs → documents → pages.
+"""Documents: PDFs and images opened lazily, their pages rendered as bounded working images.
 
-    collect_inputs(["scans/", "*.png", "-"])  ->  [InputFile(path, stem)], [InputError]
-    iter_pages(files, parse_pages("1-3,7"), dpi=200)  ->  PageJob | ErrorJob, lazily, in order
-    prefetch(jobs, depth=4)  ->  the same items, rendered ahead in background threads
+    with open_document("scan.pdf", dpi=200) as doc:   # or a PNG, JPEG, TIFF, WebP, BMP, GIF
+        page = doc.page(0)  ->  RenderedPage(image, size, notes)
 
-Inputs
-------
-An input argument is a file, a directory (walked recursively), a glob (``*``, ``?``, ``[...]``, and
-``**`` for any depth), or ``-``: paths read from stdin, one a line (blank lines ignored; these are
-literal paths, files or directories, never globs). Directory walks and glob matches keep only
-supported extensions (case-insensitive: .pdf .png .jpg .jpeg .tif .tiff .webp .bmp .gif), skip hidden
-names (starting with ``.``; a glob part that starts with ``.`` matches them), do not follow symlinked
-directories (a directory named literally, or a glob's fixed leading folders, may be a symlink), and
-are sorted naturally (``scan2.png`` before ``scan10.png``). Only regular files are documents: walks and
-globs skip others (named pipes, sockets, devices) with a note, an `InputError` whose ``warning`` is
-set; a file named explicitly must be a regular file with a supported extension.
-Missing paths, globs that match nothing and unsupported files become `InputError`s, never exceptions.
-Files are deduplicated by their resolved path, first occurrence wins.
-
-Output stems
-------------
-Every input gets a relative output *stem* (posix string, no extension) that mirrors subfolders, so
-the writer can put ``<out>/<stem>.md`` etc. and two ``doc.pdf`` never collide:
-
-- the stem is the path relative to the input's *root* without the extension, where the root is the
-  directory argument itself (``scans/`` → ``a/doc``, ``b/doc``), the fixed leading part of a glob
-  (``scans/**/*.pdf`` → root ``scans``), or, for a file argument or a stdin line, the file's folder
-  (``scans/a/doc.pdf`` → ``doc``);
-- stems that still collide within one run (compared case-insensitively) are disambiguated: first by
-  keeping the extension (``doc.pdf`` / ``doc.png``), then by the path relative to the colliding
-  files' common folder (``a/doc``, ``b/doc`` for the two files ``scans/a/doc.pdf scans/b/doc.pdf``),
-  and as a last resort by a ``~2``, ``~3`` suffix in input order.
-Stems depend only on the arguments and the files they match, so re-running the same command maps
-every file to the same stem (needed for resume).
-
-Documents and pages
--------------------
 `open_document` opens lazily: it reads only what is needed for ``num_pages``. `Document.page(i)`
 renders one page (0-based index) as a `RenderedPage`: its full pixel ``size`` and a *working image*,
 RGB, that size scaled down (aspect ratio kept, never up) to at most `WORK_PIXELS` pixels, since the
@@ -43,16 +10,18 @@ models read ~1 MP whatever the page size. Results' coordinates are meant for ``s
 image is what the models (and overlays) see. PDFs are rendered by pypdfium2 at ``dpi`` (the full size
 is the page's extent at dpi/72 pixels per point, rounded up, see `page_pixels`; pdfium renders the
 working size directly; annotations and filled form fields drawn, white background). Images are read
-by Pillow, reduced while still in their own mode (JPEGs decoded at 1/2 to 1/8 scale by libjpeg): every
-TIFF frame is a page; GIF, animated WebP and MPO contribute their first frame only (animation frames
-are not pages); the EXIF orientation is applied (any format that carries it, JPEG and TIFF in
-practice); transparency is composited on white; 16-bit and float images are scaled to 8 bits.
-libtiff's warnings become the page's ``notes`` (its errors, part of the page's error).
+by Pillow (every TIFF frame is a page; GIF, animated WebP and MPO contribute their first frame only:
+animation frames are not pages); how their pixels become the working image (bit depth, alpha, EXIF
+orientation, libtiff's messages as the page's ``notes``) is `kosmos_cli.rasters`.
 Every failure is one exception type, `DocumentError(path, reason, page=None)`: unreadable, empty,
 corrupt or truncated file, not a regular file, unsupported type, encrypted PDF without or with a
 wrong password (AES-256 passwords are also tried SASLprep'd, as PDF 2.0 says), images or pages over
 `MAX_PIXELS` (decompression bombs included; the limit admits large legitimate scans). A page's reason
 does not name the page (the page job carries it; ``str()`` of the exception does).
+
+A document counts the renders still owed on it: `claim(n)` adds n, `release()` takes one back, and
+the release that brings the count to zero closes it (`kosmos_cli.pages` claims one per page job).
+`close` may also be called at any time; it is idempotent and thread-safe.
 
 Threads
 -------
@@ -61,60 +30,36 @@ documents. Every pdfium call in this module (open, page count, render, close) ho
 module-level `PDFIUM_LOCK`; other modules that call pypdfium2 must take it too. A document dropped
 without `close` while another thread holds the lock is closed by the next pdfium call here, so a
 finalizer never waits. Image pages reopen their file on every call and are safe to render from any
-thread (TIFF decodes are serialised while fd 2 is captured for libtiff's messages). `prefetch` renders
-in background threads through a window bounded by a number of pages and by bytes, so memory stays
-bounded whatever the page count and page size.
+thread (TIFF decodes are serialised while fd 2 is captured for libtiff's messages).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import os
-import queue
-import re
 import stat
 import stringprep
-import sys
-import tempfile
 import threading
 import unicodedata
-import warnings
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from . import rasters
+from .inputs import SUPPORTED_EXTENSIONS, unsupported_type
+from .paths import not_regular, os_reason
 
 __all__ = [
     "DEFAULT_DPI",
     "MAX_PIXELS",
     "PDFIUM_LOCK",
-    "PREFETCH_BYTES",
-    "SUPPORTED_EXTENSIONS",
     "WORK_PIXELS",
     "Document",
     "DocumentError",
-    "ErrorJob",
-    "InputError",
-    "InputFile",
-    "PageJob",
-    "PageSelection",
     "RenderedPage",
-    "assign_stems",
-    "collect_inputs",
-    "expand_inputs",
-    "format_ranges",
-    "iter_pages",
     "open_document",
     "page_pixels",
-    "parse_pages",
-    "prefetch",
-    "relative_stem",
 ]
 
 # Kosmos-2.5 resizes every page to a grid of at most 4096 16×16 patches, i.e. ~1 MP whatever the input
@@ -139,21 +84,8 @@ WORK_PIXELS = 4 * 4096 * 16 * 16
 # with absurd page boxes before any memory is allocated.
 MAX_PIXELS = 300_000_000
 
-# Rendered pages that `prefetch` may hold ahead of the consumer, in bytes: 15 working images at the
-# full WORK_PIXELS, far more small ones (the page count `depth` bounds those).
-PREFETCH_BYTES = 256 << 20
-
-SUPPORTED_EXTENSIONS = frozenset({".pdf", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif"})
-_MULTI_FRAME_FORMATS = frozenset({"TIFF"})  # formats whose frames are pages (see module docstring)
-
 # One lock for every pdfium call in the process (pdfium keeps global state and is not thread-safe).
 PDFIUM_LOCK = threading.RLock()
-
-# Pillow's process-wide bomb guard warns above MAX_IMAGE_PIXELS and refuses above twice that (89/179 MP
-# by default). We enforce our own per-call limit (`max_pixels`) with a clear DocumentError, so Pillow's
-# thresholds are raised to our limit when needed (see _pillow_allow) and its warning, which would only
-# duplicate our error on stderr, is silenced.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class DocumentError(Exception):
@@ -168,377 +100,6 @@ class DocumentError(Exception):
         self.path = str(path)
         self.reason = reason
         self.page = page
-
-
-# --------------------------------------------------------------------------------------------------
-# Inputs
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InputError:
-    """An input argument (or stdin line) that yields nothing: missing, unsupported, empty glob, …
-
-    ``warning`` marks notes that are not failures (a named pipe skipped in a folder).
-    """
-
-    path: str
-    reason: str
-    warning: bool = False
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
-
-
-@dataclass(frozen=True)
-class InputFile:
-    """One document to process: its path (as given or found) and its relative output stem."""
-
-    path: Path
-    stem: str
-
-
-def _natural_key(path: Path) -> tuple:
-    """Sort key: per path component, digit runs compare as numbers ("p2" < "p10"), case-insensitive."""
-    return tuple(
-        tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", part.casefold()))
-        for part in path.parts
-    )
-
-
-def _supported(path: Path) -> bool:
-    return path.suffix.lower() in SUPPORTED_EXTENSIONS
-
-
-def _has_magic(s: str) -> bool:
-    return any(c in s for c in "*?[")
-
-
-def _glob_root(pattern: str) -> Path:
-    """The fixed leading folders of a glob: ``scans/2024/*/p*.png`` → ``scans/2024``."""
-    parts = Path(pattern).parts
-    fixed: list[str] = []
-    for part in parts[:-1]:
-        if _has_magic(part):
-            break
-        fixed.append(part)
-    return Path(*fixed) if fixed else Path(".")
-
-
-def _walk(directory: Path, errors: list[InputError]) -> list[Path]:
-    """Supported regular files under ``directory``, recursively, hidden names skipped, naturally sorted."""
-    found: list[Path] = []
-
-    def onerror(exc: OSError) -> None:
-        errors.append(InputError(str(exc.filename or directory), _os_reason(exc)))
-
-    for dirpath, dirnames, filenames in os.walk(directory, onerror=onerror):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            p = Path(dirpath, name)
-            if not name.startswith(".") and _supported(p) and _regular(p, errors):
-                found.append(p)
-    found.sort(key=lambda p: _natural_key(p.relative_to(directory)))
-    return found
-
-
-_FILE_KINDS = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-               (stat.S_ISBLK, "block device"))
-
-
-def _not_regular(mode: int) -> str | None:
-    """Why a file of this st_mode is no document ("not a regular file (named pipe)"), or None."""
-    if stat.S_ISREG(mode):
-        return None
-    kind = next((name for test, name in _FILE_KINDS if test(mode)), "special file")
-    return f"not a regular file ({kind})"
-
-
-def _regular(path: Path, errors: list[InputError]) -> bool:
-    """False, with a note, for a found file that is not a regular file (opening a FIFO would hang)."""
-    try:
-        why = _not_regular(path.stat().st_mode)
-    except OSError:  # a broken symlink or a race: opening it reports the precise error
-        return True
-    if why:
-        errors.append(InputError(str(path), f"{why}, skipped", warning=True))
-    return why is None
-
-
-def _glob(pattern: str) -> list[Path]:
-    """Paths matching ``pattern`` like ``glob.glob(recursive=True)``, but without following symlinked
-    directories (a loop like ``self -> .`` would make glob run forever), deduplicated, unsorted."""
-    parts = Path(pattern).parts
-    first = next(i for i, part in enumerate(parts) if _has_magic(part))
-    return list(dict.fromkeys(_match(Path(*parts[:first]), parts[first:])))
-
-
-def _match(base: Path, parts: tuple[str, ...]) -> Iterator[Path]:
-    """Paths below ``base`` that match the pattern parts ``parts`` (see `_glob`)."""
-    head, rest = parts[0], parts[1:]
-    if head == "**":
-        if not rest:  # everything below base: the walk of base finds it
-            yield base
-            return
-        yield from _match(base, rest)  # ** matches no folder too
-        for entry in _entries(base):
-            if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
-                yield from _match(base / entry.name, parts)
-    elif not _has_magic(head):  # a literal part, as typed: followed even if it is a symlink
-        path = base / head
-        if not rest:
-            if os.path.lexists(path):
-                yield path
-        elif path.is_dir():
-            yield from _match(path, rest)
-    else:
-        for entry in _entries(base):
-            if entry.name.startswith(".") and not head.startswith("."):
-                continue
-            if not fnmatch.fnmatch(entry.name, head):
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                if rest:
-                    yield from _match(base / entry.name, rest)
-                else:
-                    yield base / entry.name
-            elif not rest and not entry.is_dir():  # a file, or a symlink to one (not to a folder)
-                yield base / entry.name
-
-
-def _entries(directory: Path) -> list[os.DirEntry]:
-    """The entries of ``directory``, none if it cannot be read."""
-    try:
-        with os.scandir(directory) as it:
-            return list(it)
-    except OSError:  # unreadable or vanished: matches nothing, as with glob
-        return []
-
-
-def _os_reason(exc: OSError) -> str:
-    if isinstance(exc, PermissionError):
-        return "permission denied"
-    if isinstance(exc, FileNotFoundError):
-        return "no such file or directory"
-    return exc.strerror or str(exc)
-
-
-_SUPPORTED_LIST = ", ".join(sorted(SUPPORTED_EXTENSIONS))
-
-
-def collect_inputs(
-    inputs: Sequence[str | os.PathLike],
-    stdin: TextIO | None = None,
-    *,
-    exclude: Iterable[str | os.PathLike] = (),
-) -> tuple[list[InputFile], list[InputError]]:
-    """Expand input arguments into documents with their output stems (see the module docstring).
-
-    ``stdin`` is read (once) when an argument is ``-``; default ``sys.stdin``. Files under any path in
-    ``exclude`` (e.g. the output folder when it sits inside an input folder) are skipped.
-    Returns the files in argument order, deduplicated, and one InputError per argument that failed.
-    """
-    errors: list[InputError] = []
-    found: list[tuple[Path, Path]] = []  # (path, root)
-    stdin_read = False
-    excluded = [Path(e).resolve() for e in exclude]
-
-    def add_path(arg: str) -> None:
-        """A literal path: file or directory."""
-        p = Path(arg)
-        try:
-            is_dir = p.is_dir()
-            exists = is_dir or p.exists()
-            why = _not_regular(p.stat().st_mode) if exists and not is_dir else None
-        except OSError as exc:  # e.g. a parent folder without search permission
-            errors.append(InputError(arg, _os_reason(exc)))
-            return
-        if not exists:
-            kind = "broken symlink" if p.is_symlink() else "no such file or directory"
-            errors.append(InputError(arg, kind))
-        elif is_dir:
-            files = _walk(p, errors)
-            if not files:
-                errors.append(InputError(arg, f"no supported files in directory ({_SUPPORTED_LIST})"))
-            found.extend((f, p) for f in files)
-        elif why:
-            errors.append(InputError(arg, why))
-        elif not _supported(p):
-            errors.append(InputError(arg, f"unsupported file type {p.suffix or '(none)'!r} ({_SUPPORTED_LIST})"))
-        else:
-            found.append((p, p.parent))
-
-    for raw in inputs:
-        arg = os.fspath(raw)
-        if arg == "-":
-            if stdin_read:
-                continue
-            stdin_read = True
-            stream = sys.stdin if stdin is None else stdin
-            for line in stream:
-                line = line.rstrip("\r\n")
-                if line.strip():
-                    add_path(line)
-        elif _has_magic(arg) and not os.path.lexists(arg):
-            root = _glob_root(arg)
-            matches = sorted(_glob(arg), key=_natural_key)
-            n_before = len(found)
-            for mp in matches:
-                if mp.is_dir():
-                    found.extend((f, root) for f in _walk(mp, errors))
-                elif _supported(mp) and _regular(mp, errors):
-                    found.append((mp, root))
-            if len(found) == n_before:
-                why = "no supported files match" if matches else "no files match"
-                errors.append(InputError(arg, why))
-        else:
-            add_path(arg)
-
-    files: list[tuple[Path, Path]] = []
-    seen: set[Path] = set()
-    for path, root in found:
-        real = path.resolve()
-        if real in seen or any(real == e or e in real.parents for e in excluded):
-            continue
-        seen.add(real)
-        files.append((path, root))
-    stems = assign_stems(files)
-    return [InputFile(p, s) for (p, _), s in zip(files, stems)], errors
-
-
-def expand_inputs(
-    inputs: Sequence[str | os.PathLike], stdin: TextIO | None = None
-) -> tuple[list[Path], list[InputError]]:
-    """Like `collect_inputs` but only the paths (stems: `collect_inputs` or `assign_stems`)."""
-    files, errors = collect_inputs(inputs, stdin)
-    return [f.path for f in files], errors
-
-
-def relative_stem(path: str | os.PathLike, root: str | os.PathLike) -> str:
-    """``path`` relative to ``root``, without the extension, as a posix string (``a/doc``)."""
-    path, root = Path(path), Path(root)
-    try:
-        rel = path.relative_to(root)
-    except ValueError:
-        try:
-            rel = path.resolve().relative_to(Path(root).resolve())
-        except ValueError:
-            rel = Path(path.name)
-    return rel.with_suffix("").as_posix() if rel.suffix else rel.as_posix()
-
-
-def assign_stems(files: Sequence[tuple[Path, Path] | Path]) -> list[str]:
-    """Unique output stems for ``(path, root)`` pairs (a bare path uses its folder as root).
-
-    Collision rules are in the module docstring; the result is aligned with ``files``.
-    """
-    pairs = [(Path(f), Path(f).parent) if not isinstance(f, tuple) else (Path(f[0]), Path(f[1])) for f in files]
-    stems = [relative_stem(p, r) for p, r in pairs]
-
-    def groups() -> list[list[int]]:
-        by_key: dict[str, list[int]] = {}
-        for i, s in enumerate(stems):
-            by_key.setdefault(s.casefold(), []).append(i)
-        return [g for g in by_key.values() if len(g) > 1]
-
-    def unique(candidates: list[str]) -> bool:
-        return len({c.casefold() for c in candidates}) == len(candidates)
-
-    for group in groups():
-        # 1. keep the extension: doc.pdf / doc.png
-        with_ext = [f"{stems[i]}{pairs[i][0].suffix}" for i in group]
-        if unique(with_ext):
-            for i, s in zip(group, with_ext):
-                stems[i] = s
-            continue
-        # 2. relative to the common folder of the colliding files: a/doc, b/doc
-        real = [pairs[i][0].resolve() for i in group]
-        common = Path(os.path.commonpath([r.parent for r in real]))
-        rel = [r.relative_to(common) for r in real]
-        cands = [r.with_suffix("").as_posix() for r in rel]
-        if not unique(cands):
-            cands = [r.as_posix() for r in rel]
-        if unique(cands):
-            for i, s in zip(group, cands):
-                stems[i] = s
-    # 3. anything still colliding (also with stems created above): numbered in input order
-    for group in groups():
-        for n, i in enumerate(group[1:], start=2):
-            stems[i] = f"{stems[i]}~{n}"
-    return stems
-
-
-# --------------------------------------------------------------------------------------------------
-# Page selection
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PageSelection:
-    """Parsed ``--pages``: 1-based inclusive ranges; ``end=None`` means "to the last page"."""
-
-    ranges: tuple[tuple[int, int | None], ...]
-    spec: str = ""
-
-    def select(self, n_pages: int) -> tuple[list[int], list[tuple[int, int | None]]]:
-        """``(pages, out_of_range)``: selected 1-based pages in ascending order without duplicates,
-        and the requested ranges (clipped) that lie past the document's end, for reporting."""
-        pages: set[int] = set()
-        missing: list[tuple[int, int | None]] = []
-        for start, end in self.ranges:
-            stop = n_pages if end is None else min(end, n_pages)
-            pages.update(range(start, stop + 1))
-            if end is None:
-                if start > n_pages:
-                    missing.append((start, None))
-            elif end > n_pages:
-                missing.append((max(start, n_pages + 1), end))
-        return sorted(pages), missing
-
-    def __str__(self) -> str:
-        return self.spec or format_ranges(self.ranges)
-
-
-def format_ranges(ranges: Iterable[tuple[int, int | None]]) -> str:
-    """``[(1, 3), (7, 7), (9, None)]`` → ``"1-3,7,9-"``."""
-    out = []
-    for a, b in ranges:
-        out.append(f"{a}-" if b is None else (str(a) if a == b else f"{a}-{b}"))
-    return ",".join(out)
-
-
-def parse_pages(spec: str) -> PageSelection:
-    """Parse a page selection such as ``1-3,7``, ``5-`` (to the end) or ``-3`` (first three); 1-based.
-
-    Raises ValueError naming the offending part on bad syntax, page 0, or a reversed range.
-    """
-    if spec is None or not str(spec).strip():
-        raise ValueError("empty page selection (expected e.g. '1-3,7', '5-' or '-3')")
-    ranges: list[tuple[int, int | None]] = []
-    for part in str(spec).split(","):
-        item = part.strip()
-        # "7", "1-3", "5-" (to the end), "-3" (from the start)
-        m = re.fullmatch(r"(\d+)|(\d*)\s*-\s*(\d*)", item)
-        if not m or (m.group(1) is None and not (m.group(2) or m.group(3))):
-            raise ValueError(
-                f"invalid page selection {spec!r}: bad part {item!r} (expected e.g. '1-3,7', '5-' or '-3')"
-            )
-        if m.group(1) is not None:
-            a, b = int(m.group(1)), int(m.group(1))
-        else:
-            a = int(m.group(2)) if m.group(2) else 1
-            b = int(m.group(3)) if m.group(3) else None
-        if a < 1 or (b is not None and b < 1):
-            raise ValueError(f"invalid page selection {spec!r}: pages are numbered from 1, got {item!r}")
-        if b is not None and b < a:
-            raise ValueError(f"invalid page selection {spec!r}: range {item!r} ends before it starts")
-        ranges.append((a, b))
-    return PageSelection(tuple(ranges), str(spec).strip())
-
-
-# --------------------------------------------------------------------------------------------------
-# Documents
-# --------------------------------------------------------------------------------------------------
 
 
 def page_pixels(width_pt: float, height_pt: float, dpi: float) -> tuple[int, int]:
@@ -556,17 +117,6 @@ def page_pixels(width_pt: float, height_pt: float, dpi: float) -> tuple[int, int
     return pixels(width_pt), pixels(height_pt)
 
 
-def _working_size(width: int, height: int, limit: int = WORK_PIXELS) -> tuple[int, int]:
-    """``width``×``height`` scaled down, aspect ratio kept, to at most ``limit`` pixels (never up)."""
-    if width * height <= limit:
-        return width, height
-    scale = math.sqrt(limit / (width * height))
-    w, h = max(1, int(width * scale)), max(1, int(height * scale))
-    if w * h > limit:  # a sliver: one side clamped at one pixel, the other takes the whole budget
-        w, h = (w, limit // w) if w < h else (limit // h, h)
-    return w, h
-
-
 @dataclass(frozen=True)
 class RenderedPage:
     """One rendered page: the working ``image`` (RGB, at most `WORK_PIXELS`) and the page's full pixel
@@ -575,121 +125,6 @@ class RenderedPage:
     image: Image.Image
     size: tuple[int, int]
     notes: tuple[str, ...] = ()
-
-
-def _pillow_allow(max_pixels: int) -> None:
-    """Make sure Pillow's own guard (refusal at 2 × MAX_IMAGE_PIXELS) does not undercut ``max_pixels``."""
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and limit < max_pixels:
-        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow then warns above max_pixels, refuses above twice that
-
-
-_DEEP_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
-_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
-# Pixels converted at a time while reducing a big image (4 MB as RGB), whatever its mode.
-_STRIP_PIXELS = 1 << 20
-_EXIF_ORIENTATION = 0x0112
-_ORIENTATION_FIX = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-
-
-def _depth_scale(im: Image.Image) -> float:
-    """The factor that brings a 16-bit or float image's values (by its own range) into 0..255; 1 otherwise."""
-    if im.mode not in _DEEP_MODES:
-        return 1.0
-    hi = im.getextrema()[1]
-    if im.mode == "F":
-        return 255.0 if hi <= 1.0 else (1.0 if hi <= 255 else 255.0 / hi)
-    return 1.0 if hi <= 255 else (255.0 / 65535 if hi <= 65535 else 255.0 / hi)
-
-
-def _to_8bit(im: Image.Image, scale: float) -> Image.Image:
-    """A new L (grey and bilevel) or RGB image from any Pillow mode: alpha composited on white,
-    16-bit/float values × ``scale``."""
-    if im.mode in _DEEP_MODES:
-        im = im.convert("F") if im.mode == "F" else im.convert("I")
-        return im.point(lambda v: v * scale).convert("L")
-    if im.mode in _ALPHA_MODES or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        canvas.alpha_composite(rgba)
-        return canvas.convert("RGB")
-    return im.convert("L" if im.mode in ("1", "L") else "RGB")
-
-
-def _reduce(im: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """A decoded image as a new 8-bit image, reduced by a whole factor to no less than ``size``.
-
-    A big image is box-reduced strip by strip straight from its own mode, so the only full-size copy
-    is the decoded one: converting a 1-bit page to RGB first would take 4× its memory, a 16-bit one 2×.
-    """
-    scale = _depth_scale(im)
-    factor = max(1, min(im.width // size[0], im.height // size[1]))
-    if factor == 1:
-        return _to_8bit(im, scale)
-    rows = max(1, _STRIP_PIXELS // (im.width * factor)) * factor  # whole output rows per strip
-    out = None
-    for top in range(0, im.height, rows):
-        strip = _to_8bit(im.crop((0, top, im.width, min(im.height, top + rows))), scale).reduce(factor)
-        if out is None:
-            out = Image.new(strip.mode, (-(-im.width // factor), -(-im.height // factor)))
-        out.paste(strip, (0, top // factor))
-    return out
-
-
-# libtiff reports through the C stderr, as "<Module>: <message>" lines (Fax4Decode: Bad code word ...).
-_LIBTIFF_LINE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*: ")
-_FD2_LOCK = threading.Lock()
-
-
-@contextmanager
-def _libtiff_messages(messages: list[str]) -> Iterator[None]:
-    """Collect what libtiff writes to fd 2 during the block into ``messages``.
-
-    fd 2 is process-wide, so captures are serialised and kept to one decode; lines that are not
-    libtiff's (our own ``kosmos:`` lines, a progress bar from another thread) are passed on to stderr
-    when the block ends.
-    """
-    with _FD2_LOCK, tempfile.TemporaryFile() as capture:
-        try:
-            sys.stderr.flush()
-        except (AttributeError, OSError, ValueError):  # no usable sys.stderr: nothing buffered to keep
-            pass
-        try:
-            saved = os.dup(2)
-        except OSError:  # no fd 2 at all: nothing to capture, nor to pass on
-            yield
-            return
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            other = b""
-            for line in capture.read().splitlines(keepends=True):
-                text = line.decode(errors="replace")
-                if _LIBTIFF_LINE.match(text) and not text.startswith("kosmos:"):
-                    messages.append(text.strip().rstrip("."))
-                else:
-                    other += line
-            while other:
-                other = other[os.write(2, other):]
-
-
-def _libtiff_note(messages: list[str]) -> str:
-    more = len(messages) - 1
-    return f"libtiff: {messages[0]}" + (f" (and {more} more libtiff warning{'s' * (more != 1)})" if more else "")
-
-
-def _read_reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return _os_reason(exc)
-    return str(exc) or type(exc).__name__
 
 
 # PDF handles whose Document was dropped while another thread held PDFIUM_LOCK: closed by the next
@@ -707,6 +142,7 @@ class Document:
     """An opened PDF or image file. ``page(i)`` (0-based) renders one page at a time.
 
     Close it (or use ``with``) to release the PDF handle; closing is idempotent and thread-safe.
+    Or `claim` the renders owed on it and `release` each: the last release closes it.
     """
 
     def __init__(self, source: Path, kind: str, num_pages: int, dpi: float, max_pixels: int, pdf=None, fmt: str = ""):
@@ -718,8 +154,8 @@ class Document:
         self.format = fmt
         self._pdf = pdf
         self._closed = False
-        self._pending = 0  # renders promised by iter_pages; the last one closes the document
-        self._count_lock = threading.Lock()
+        self._claims = 0  # renders owed (see claim); guarded by _claims_lock
+        self._claims_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Document({str(self.source)!r}, kind={self.kind!r}, num_pages={self.num_pages})"
@@ -760,6 +196,19 @@ class Document:
                 self._pdf.close()
                 self._pdf = None
 
+    def claim(self, n: int = 1) -> None:
+        """Owe ``n`` more renders; each is given back by one `release`."""
+        with self._claims_lock:
+            self._claims += n
+
+    def release(self) -> None:
+        """Give back one claimed render; the release that leaves none owed closes the document."""
+        with self._claims_lock:
+            self._claims -= 1
+            last = self._claims <= 0
+        if last:
+            self.close()
+
     def page(self, index: int) -> RenderedPage:
         """Render page ``index`` (0-based): its working image and full size; raises DocumentError."""
         if not 0 <= index < self.num_pages:
@@ -790,7 +239,7 @@ class Document:
                         f"{self.max_pixels:,} (page is {w_pt / 72:.0f}×{h_pt / 72:.0f} in); use a lower --dpi",
                         index + 1,
                     )
-                w, h = _working_size(*size)
+                w, h = rasters.working_size(*size, WORK_PIXELS)
                 try:
                     # pdfium fits the page to the bitmap it is given, so the working size is rendered
                     # directly (never the full size), with the page's own rotation, annotations and forms.
@@ -811,56 +260,11 @@ class Document:
         return RenderedPage(image, size)
 
     def _read_image(self, index: int) -> RenderedPage:
-        _pillow_allow(self.max_pixels)
-        messages: list[str] = []  # libtiff's, for TIFFs
         try:
-            with Image.open(self.source) as im:
-                if index:
-                    im.seek(index)
-                w, h = im.size
-                if w * h > self.max_pixels:
-                    raise DocumentError(self.source, _too_big(w, h, self.max_pixels), index + 1)
-                target = _working_size(w, h)
-                if target != (w, h):
-                    im.draft(None, target)  # JPEG: libjpeg decodes at 1/2..1/8 scale, still ≥ target
-                if im.format == "TIFF":
-                    with _libtiff_messages(messages):
-                        im.load()
-                else:
-                    im.load()
-                orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
-                image = _reduce(im, target)
-        except DocumentError:
-            raise
-        except Image.DecompressionBombError as exc:
-            raise DocumentError(self.source, _bomb(exc, self.max_pixels), index + 1) from None
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            if isinstance(exc, OSError) and exc.errno is not None:
-                raise DocumentError(self.source, _os_reason(exc), index + 1) from None
-            libtiff = f"; libtiff: {messages[-1]}" if messages else ""
-            raise DocumentError(
-                self.source, f"corrupt or truncated image ({_read_reason(exc)}{libtiff})", index + 1
-            ) from None
-        # Closing the file freed the decoded pixels: finish on the reduced copy alone.
-        if image.size != target:
-            image = image.resize(target, Image.Resampling.LANCZOS)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        if orientation in _ORIENTATION_FIX:
-            image = image.transpose(_ORIENTATION_FIX[orientation])
-        size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-        return RenderedPage(image, size, (_libtiff_note(messages),) if messages else ())
-
-
-def _too_big(w: int, h: int, limit: int) -> str:
-    return f"image is {w}×{h} = {w * h:,} pixels, over the limit of {limit:,} (possible decompression bomb)"
-
-
-def _bomb(exc: Exception, limit: int) -> str:
-    """Pillow refused an image before we saw its size: restate its pixel count in our terms."""
-    m = re.search(r"\((\d+) pixels\)", str(exc))
-    size = f"{int(m.group(1)):,} pixels" if m else "too many pixels"
-    return f"image is {size}, over the limit of {limit:,} (possible decompression bomb)"
+            image, size, notes = rasters.read_frame(self.source, index, self.max_pixels, WORK_PIXELS)
+        except rasters.Unreadable as exc:
+            raise DocumentError(self.source, exc.reason, index + 1) from None
+        return RenderedPage(image, size, notes)
 
 
 def open_document(
@@ -880,23 +284,23 @@ def open_document(
     try:
         mode = os.stat(source).st_mode
     except OSError as exc:
-        raise DocumentError(source, _os_reason(exc)) from None
+        raise DocumentError(source, os_reason(exc)) from None
     if stat.S_ISDIR(mode):
         raise DocumentError(source, "is a directory")
-    if why := _not_regular(mode):  # opening a named pipe would wait for a writer forever
+    if why := not_regular(mode):  # opening a named pipe would wait for a writer forever
         raise DocumentError(source, why)
     try:
         with open(source, "rb") as f:
             head = f.read(1024)
     except OSError as exc:
-        raise DocumentError(source, _os_reason(exc)) from None
+        raise DocumentError(source, os_reason(exc)) from None
     if not head:
         raise DocumentError(source, "empty file")
     ext = source.suffix.lower()
     if ext == ".pdf" or head.lstrip().startswith(b"%PDF-"):
         return _open_pdf(source, dpi, password, max_pixels)
     if ext not in SUPPORTED_EXTENSIONS:
-        raise DocumentError(source, f"unsupported file type {ext or '(none)'!r} ({_SUPPORTED_LIST})")
+        raise DocumentError(source, unsupported_type(ext))
     return _open_image(source, dpi, max_pixels)
 
 
@@ -987,339 +391,8 @@ def _saslprep(text: str) -> str | None:
 
 
 def _open_image(source: Path, dpi: float, max_pixels: int) -> Document:
-    _pillow_allow(max_pixels)
     try:
-        with Image.open(source) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise DocumentError(source, _too_big(w, h, max_pixels))
-            fmt = im.format or ""
-            n = getattr(im, "n_frames", 1) if fmt in _MULTI_FRAME_FORMATS else 1
-    except DocumentError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise DocumentError(source, _bomb(exc, max_pixels)) from None
-    except UnidentifiedImageError:
-        raise DocumentError(source, "not a supported image, or a corrupt one") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        if isinstance(exc, OSError) and exc.errno is not None:
-            raise DocumentError(source, _os_reason(exc)) from None
-        raise DocumentError(source, f"corrupt or truncated image ({_read_reason(exc)})") from None
+        n, fmt = rasters.frame_count(source, max_pixels)
+    except rasters.Unreadable as exc:
+        raise DocumentError(source, exc.reason) from None
     return Document(source, "image", n, dpi, max_pixels, fmt=fmt)
-
-
-# --------------------------------------------------------------------------------------------------
-# Page jobs
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class ErrorJob:
-    """A document or page that produced no image. ``page`` is None for a whole-document failure.
-
-    ``warning`` marks notes that are not failures (pages requested past a document's end).
-    ``selected`` is the document's page selection for a page failure (as on `PageJob`), so the
-    document can still be assembled around the failed page.
-    """
-
-    source: Path
-    stem: str
-    page: int | None
-    error: str
-    warning: bool = False
-    selected: tuple[int, ...] = ()
-
-    @property
-    def is_last(self) -> bool:
-        """True for a failure of the document's last selected page."""
-        return self.page is not None and bool(self.selected) and self.page == self.selected[-1]
-
-    def __str__(self) -> str:
-        where = f" (page {self.page})" if self.page is not None else ""
-        return f"{self.source}{where}: {self.error}"
-
-
-@dataclass(eq=False)
-class PageJob:
-    """One page to process. ``image`` is None until `load` (or `prefetch`) renders it.
-
-    After loading, ``image`` is the working image (at most `WORK_PIXELS`, what the model reads and
-    overlays are drawn on), ``size`` the page's full pixel size at the requested resolution (results'
-    coordinates are scaled to it) and ``notes`` decoder warnings to report (not failures).
-    ``selected`` lists the document's selected pages (ascending), so a consumer knows when the
-    document is complete; ``skipped`` pages (already done, per iter_pages' ``skip``) are never rendered.
-    A job built with an image already in memory has that image's size.
-    """
-
-    source: Path
-    stem: str
-    page: int  # 1-based
-    num_pages: int
-    selected: tuple[int, ...]
-    document: Document | None = field(default=None, repr=False)
-    image: Image.Image | None = field(default=None, repr=False)
-    skipped: bool = False
-    size: tuple[int, int] | None = None
-    notes: list[str] = field(default_factory=list)
-    _released: bool = field(default=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.image is not None and self.size is None:
-            self.size = self.image.size
-
-    @property
-    def is_last(self) -> bool:
-        """True for the document's last selected page."""
-        return self.page == self.selected[-1]
-
-    def load(self) -> PageJob | ErrorJob:
-        """Render the image (once); returns self, or an ErrorJob if the page cannot be rendered."""
-        if self.image is not None or self.skipped or self.document is None:
-            return self
-        try:
-            rendered = self.document.page(self.page - 1)
-        except DocumentError as exc:
-            return ErrorJob(self.source, self.stem, self.page, exc.reason, selected=self.selected)
-        except Exception as exc:  # MemoryError, pdfium surprises: a page failure, not a stream failure
-            return ErrorJob(self.source, self.stem, self.page, f"{type(exc).__name__}: {exc}", selected=self.selected)
-        finally:
-            self._release()
-        self.image, self.size, self.notes = rendered.image, rendered.size, list(rendered.notes)
-        return self
-
-    def _release(self) -> None:
-        """Drop this job's claim on the document; the last claim closes it."""
-        if self._released or self.document is None:
-            return
-        self._released = True
-        doc = self.document
-        with doc._count_lock:
-            doc._pending -= 1
-            last = doc._pending <= 0
-        if last:
-            doc.close()
-
-
-def iter_pages(
-    inputs: Iterable[InputFile | str | os.PathLike],
-    pages: PageSelection | None = None,
-    dpi: float = DEFAULT_DPI,
-    password: str | None = None,
-    *,
-    skip: Callable[[PageJob], bool] | None = None,
-    max_pixels: int = MAX_PIXELS,
-) -> Iterator[PageJob | ErrorJob]:
-    """Lazily yield one PageJob per selected page, in order, opening one document at a time.
-
-    Images are not rendered here (call ``job.load()`` or wrap in `prefetch`). Failures become
-    ErrorJobs (page None): a document that cannot be opened, or whose pages the selection misses
-    entirely; pages requested past its end while others exist are a note (``warning=True``).
-    ``skip(job)`` → True marks a page as already done: it is yielded with ``skipped=True`` and never
-    rendered. Bare paths get stems from `assign_stems` over all given inputs.
-    A document is closed when its last page job has been loaded, or when this generator is closed early.
-    """
-    items = list(inputs)
-    bare = [i for i, x in enumerate(items) if not isinstance(x, InputFile)]
-    if bare:
-        stems = assign_stems([Path(items[i]) for i in bare])
-        for i, s in zip(bare, stems):
-            items[i] = InputFile(Path(items[i]), s)
-    open_docs: list[Document] = []
-    try:
-        for item in items:
-            try:
-                doc = open_document(item.path, dpi, password, max_pixels=max_pixels)
-            except DocumentError as exc:
-                yield ErrorJob(item.path, item.stem, None, exc.reason)
-                continue
-            n = doc.num_pages
-            if pages is None:
-                selected, missing = list(range(1, n + 1)), []
-            else:
-                selected, missing = pages.select(n)
-            if not selected:
-                doc.close()
-                yield ErrorJob(
-                    item.path, item.stem, None,
-                    f"no page of the selection {pages} exists ({n} page{'s' * (n != 1)})",
-                )
-                continue
-            if missing:
-                what = "page" if len(missing) == 1 and missing[0][0] == missing[0][1] else "pages"
-                yield ErrorJob(
-                    item.path, item.stem, None,
-                    f"{what} {format_ranges(missing)} not in document ({n} page{'s' * (n != 1)})",
-                    warning=True,
-                )
-            # A deque we pop from, so that no reference to a yielded (and later rendered) job stays here.
-            jobs = deque(PageJob(item.path, item.stem, p, n, tuple(selected), doc) for p in selected)
-            for job in jobs:
-                if skip is not None and skip(job):
-                    job.skipped = True
-                    job._released = True
-            doc._pending = sum(not j.skipped for j in jobs)
-            if doc._pending == 0:
-                doc.close()
-            else:
-                open_docs[:] = [d for d in open_docs if not d.closed]
-                open_docs.append(doc)
-            del doc
-            while jobs:
-                yield jobs.popleft()
-    except GeneratorExit:
-        # Stopped early: nobody will load the remaining pages.
-        for d in open_docs:
-            d.close()
-        raise
-
-
-# --------------------------------------------------------------------------------------------------
-# Prefetch
-# --------------------------------------------------------------------------------------------------
-
-_DONE = object()
-
-
-def _load(item):
-    return item.load() if isinstance(item, PageJob) else item
-
-
-def _held_bytes(item) -> int:
-    """Memory a loaded item holds: its image, at the 4 bytes a pixel Pillow keeps RGB in."""
-    image = getattr(item, "image", None)
-    return image.width * image.height * 4 if isinstance(image, Image.Image) else 0
-
-
-def prefetch(items: Iterable, depth: int = 4, workers: int = 2, *, max_bytes: int = PREFETCH_BYTES) -> Iterator:
-    """Render pages ahead in background threads; yields the same items, in order, loaded.
-
-    A feeder thread pulls from ``items`` (opening documents) and hands ``job.load()`` to ``workers``
-    render threads. The items pulled but not yet handed to the consumer are at most ``depth``, those
-    being rendered at most ``workers``, and no item is pulled while the rendered ones waiting hold
-    ``max_bytes`` or more (one is always allowed, so a page bigger than the budget still passes): memory
-    stays bounded by both a page count and bytes, whatever the document size. Page failures arrive as
-    ErrorJob items; an exception raised by ``items`` itself is re-raised to the consumer after the items
-    before it. Closing the returned generator early (``break``, ``.close()``, a KeyboardInterrupt in the
-    consumer, garbage collection) returns at once: renders not started are cancelled, the feeder stops
-    and closes ``items``, and a render in flight finishes in its thread. All these threads are daemons,
-    so interpreter exit does not wait for them.
-    ``depth=0`` loads synchronously in the consumer's thread (no threads at all).
-    """
-    if depth < 0 or workers < 1:
-        raise ValueError(f"need depth >= 0 and workers >= 1, got depth={depth}, workers={workers}")
-    if depth == 0:
-        return (_load(item) for item in items)
-    return _prefetch(iter(items), depth, workers, max_bytes)
-
-
-@dataclass
-class _Window:
-    """What `_prefetch` holds ahead of its consumer; guarded by ``changed``."""
-
-    changed: threading.Condition = field(default_factory=threading.Condition)
-    ahead: int = 0  # items pulled, not yet handed to the consumer
-    rendering: int = 0  # of those, not yet loaded
-    bytes: int = 0  # held by the loaded ones
-
-
-def _prefetch(source: Iterator, depth: int, workers: int, max_bytes: int) -> Iterator:
-    window = _Window()
-    stop = threading.Event()
-    pending: queue.SimpleQueue = queue.SimpleQueue()  # futures in source order, then _DONE
-    tasks: queue.SimpleQueue = queue.SimpleQueue()  # (future, item) for the render threads; None ends one
-    failure: list[BaseException] = []
-
-    def room() -> bool:
-        if stop.is_set() or window.ahead == 0:
-            return True
-        return window.ahead < depth and window.rendering < workers and window.bytes < max_bytes
-
-    def render() -> None:
-        while (task := tasks.get()) is not None:
-            future, item = task
-            if stop.is_set() or not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = _load(item)
-            except BaseException as exc:
-                result, error = None, exc
-            else:
-                error = None
-            with window.changed:
-                window.rendering -= 1
-                window.bytes += _held_bytes(result)
-                window.changed.notify_all()
-            if error is None:
-                future.set_result(result)
-            else:
-                future.set_exception(error)
-            del task, future, item, result, error  # a page nobody references must be freed now
-
-    def feed() -> None:
-        try:
-            while True:
-                with window.changed:
-                    window.changed.wait_for(room)
-                if stop.is_set():
-                    break
-                try:
-                    item = next(source)
-                except StopIteration:
-                    break
-                future: Future = Future()
-                with window.changed:
-                    window.ahead += 1
-                    window.rendering += 1
-                pending.put(future)
-                tasks.put((future, item))
-                del future, item
-        except BaseException as exc:  # the source itself failed: hand it to the consumer
-            failure.append(exc)
-        finally:
-            close = getattr(source, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    pass
-            pending.put(_DONE)
-            for _ in range(workers):
-                tasks.put(None)
-
-    threads = [threading.Thread(target=feed, name="kosmos-prefetch", daemon=True)]
-    threads += [threading.Thread(target=render, name=f"kosmos-render-{k}", daemon=True) for k in range(workers)]
-    for thread in threads:
-        thread.start()
-    exhausted = False
-    try:
-        while True:
-            future = pending.get()
-            if future is _DONE:
-                exhausted = True
-                break
-            item = future.result()
-            del future
-            with window.changed:
-                window.ahead -= 1
-                window.bytes -= _held_bytes(item)
-                window.changed.notify_all()
-            yield item
-            del item
-        if failure:
-            raise failure[0]
-    finally:
-        # Closed early: never wait, a render in flight may take seconds (a huge page) and a Ctrl-C must
-        # stop the run now; renders not started are cancelled and the threads end on their own.
-        stop.set()
-        with window.changed:
-            window.changed.notify_all()
-        while True:
-            try:
-                future = pending.get_nowait()
-            except queue.Empty:
-                break
-            if future is not _DONE:
-                future.cancel()
-        if exhausted:  # every render was consumed: the threads are ending, leave none behind
-            for thread in threads:
-                thread.join()

@@ -1,6 +1,6 @@
 """Pages in, page results out: batching page jobs through an engine and parsing with the task.
 
-    documents.iter_pages -> documents.prefetch -> transcribe(engine, task, ...) -> (job, PageResult)
+    pages.iter_pages -> pages.prefetch -> transcribe(engine, task, ...) -> (job, PageResult)
 
 Items come out in the order they went in (stdout output stays in document order); error items
 pass straight through with no result."""
@@ -13,11 +13,11 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .documents import ErrorJob, PageJob
 from .engine import Engine, Job, Output, Prepared
 from .models.generation import LoopCheck
 from .results import PageResult
 from .tasks import Task
+from .pages import ErrorJob, PageJob
 from .tasks.repetition import WINDOW, find_loop, may_loop
 
 

@@ -3,7 +3,8 @@
 `make_pdf` writes a minimal PDF by hand, optionally encrypted with the standard security handler
 (revision 2, 40-bit RC4: MD5 and RC4 are a few lines of Python), which pdfium opens like any other.
 `make_image_pdf` uses pypdfium2 itself to place a coloured square on every page; `make_form_pdf` writes
-a page with one filled text field; `make_corrupt_g4_tiff` a fax TIFF that libtiff complains about.
+a page with one filled text field; `make_image` a one-colour image; `make_corrupt_g4_tiff` a fax TIFF
+that libtiff complains about.
 """
 
 from __future__ import annotations
@@ -150,6 +151,13 @@ def make_image_pdf(path: Path, n_pages: int, size: tuple[float, float] = (144, 7
     finally:
         pdf.close()
     return Path(path)
+
+
+def make_image(path: Path, color=(200, 30, 30), size=(40, 30)) -> Path:
+    """A one-colour RGB image, in the format its extension names; folders created."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
 
 
 def png_header_only(path: Path, width: int, height: int) -> Path:

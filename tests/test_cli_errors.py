@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from kosmos_cli import documents
+from kosmos_cli import cli, documents
 from kosmos_cli.paths import display_path
 from kosmos_cli.writers.directory import OutputDir
 from kosmos_cli.cli import app
@@ -217,13 +217,13 @@ def test_input_notes_are_neither_records_nor_failures(k25, png, monkeypatch):
         reason: str
         warning: bool = True
 
-    real = documents.collect_inputs
+    real = cli.collect_inputs
 
     def with_a_note(inputs, *args, **kwargs):
         files, errors = real(inputs, *args, **kwargs)
         return files, [*errors, Note("in/pipe.pdf", "not a regular file, skipped")]
 
-    monkeypatch.setattr(documents, "collect_inputs", with_a_note)
+    monkeypatch.setattr(cli, "collect_inputs", with_a_note)
     result = kosmos("md", png, "--model", k25, "-f", "jsonl", *FAST)
     assert result.exit_code == 0, result.stderr
     assert "kosmos: note: in/pipe.pdf: not a regular file, skipped" in result.stderr

@@ -1,4 +1,4 @@
-"""kosmos_cli.documents: inputs, page selection, documents, page jobs, prefetch."""
+"""kosmos_cli.documents and kosmos_cli.rasters: PDFs and images opened, pages rendered, pixels read."""
 
 from __future__ import annotations
 
@@ -7,283 +7,39 @@ import io
 import math
 import os
 import random
-import signal
+import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+import warnings
 from fractions import Fraction
-from pathlib import Path
 
 import pypdfium2 as pdfium
 import pytest
+import torch
 from PIL import Image
 
 from kosmos_cli import documents as D
-from kosmos_cli.documents import (
-    DEFAULT_DPI,
-    DocumentError,
-    ErrorJob,
-    InputError,
-    InputFile,
-    PageJob,
-    collect_inputs,
-    expand_inputs,
-    iter_pages,
-    open_document,
-    parse_pages,
-    prefetch,
-)
+from kosmos_cli.documents import DEFAULT_DPI, DocumentError, open_document
+from kosmos_cli.pages import ErrorJob, iter_pages
+from kosmos_cli.processing.images import clip_pixels, to_rgb
 from pdf_helpers import (
     FORM_FIELD_RECT,
     make_corrupt_g4_tiff,
     make_form_pdf,
+    make_image,
     make_image_pdf,
     make_pdf,
     page_color,
     png_header_only,
 )
+from test_cli import needs_script, run_kosmos
 
 IMAGE_EXTS = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif"]
 
 
-def touch_image(path: Path, color=(200, 30, 30), size=(40, 30)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-    return path
-
-
 def near(a, b, tol=12):
     return all(abs(x - y) <= tol for x, y in zip(a, b))
-
-
-def kosmos_threads():
-    return [t for t in threading.enumerate() if t.name.startswith("kosmos")]
-
-
-def wait_for_kosmos_threads(seconds=5.0):
-    """Background threads finish on their own after an early close; wait for them."""
-    deadline = time.monotonic() + seconds
-    while kosmos_threads() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return kosmos_threads()
-
-
-@contextmanager
-def deadline(seconds: int):
-    """Fail with TimeoutError instead of hanging (SIGALRM interrupts blocking calls like open())."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-@contextmanager
-def unblocking(pipe: Path, seconds: float = 5):
-    """After ``seconds``, free whoever waits to open the named pipe for reading (in any thread, where
-    SIGALRM cannot reach), so that a test of code that opens it fails instead of hanging."""
-    timer = threading.Timer(seconds, lambda: os.close(os.open(pipe, os.O_RDWR)))  # O_RDWR never waits
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-
-
-# --------------------------------------------------------------------------------------------------
-# Page selection
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "spec, n, pages, missing",
-    [
-        ("1-3,7", 10, [1, 2, 3, 7], []),
-        ("5-", 8, [5, 6, 7, 8], []),
-        ("-3", 10, [1, 2, 3], []),
-        (" 2 , 2-3 ,1 ", 5, [1, 2, 3], []),
-        ("4", 4, [4], []),
-        ("2-10", 3, [2, 3], [(4, 10)]),
-        ("7", 3, [], [(7, 7)]),
-        ("5-", 3, [], [(5, None)]),
-        ("1-3,7", 5, [1, 2, 3], [(7, 7)]),
-        ("1-1000000000", 2, [1, 2], [(3, 1000000000)]),  # no giant lists
-    ],
-)
-def test_parse_and_select(spec, n, pages, missing):
-    sel = parse_pages(spec)
-    assert sel.select(n) == (pages, missing)
-
-
-@pytest.mark.parametrize("spec", ["", " ", "0", "3-1", "a", "1-2-3", "-", "1,,2", "1.5", "0-2", "-0", "1;2", "--3"])
-def test_parse_pages_rejects(spec):
-    with pytest.raises(ValueError, match="page selection"):
-        parse_pages(spec)
-
-
-def test_format_ranges_roundtrip():
-    assert D.format_ranges([(1, 3), (7, 7), (9, None)]) == "1-3,7,9-"
-    assert str(parse_pages("1-3,7")) == "1-3,7"
-
-
-# --------------------------------------------------------------------------------------------------
-# Inputs
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def tree(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    root = Path("scans")
-    touch_image(root / "p10.png")
-    touch_image(root / "p2.PNG")
-    touch_image(root / "sub" / "deep" / "x.JPG")
-    make_pdf(root / "a" / "doc.pdf")
-    make_pdf(root / "b" / "doc.pdf")
-    (root / "notes.txt").write_text("hi")
-    touch_image(root / ".hidden.png")
-    touch_image(root / ".cache" / "y.png")
-    return root
-
-
-def test_directory_recursive_sorted_filtered(tree):
-    files, errors = collect_inputs(["scans"])
-    assert errors == []
-    assert [f.path.as_posix() for f in files] == [
-        "scans/a/doc.pdf", "scans/b/doc.pdf", "scans/p2.PNG", "scans/p10.png", "scans/sub/deep/x.JPG",
-    ]
-    # stems mirror the subfolders below the directory argument
-    assert [f.stem for f in files] == ["a/doc", "b/doc", "p2", "p10", "sub/deep/x"]
-
-
-def test_globs(tree):
-    paths, errors = expand_inputs(["scans/*.png"])  # case-sensitive glob, like the shell
-    assert [p.as_posix() for p in paths] == ["scans/p10.png"] and errors == []
-    files, errors = collect_inputs(["scans/**/*.pdf"])
-    assert [f.path.as_posix() for f in files] == ["scans/a/doc.pdf", "scans/b/doc.pdf"]
-    assert [f.stem for f in files] == ["a/doc", "b/doc"]  # relative to the glob's fixed part
-    files, _ = collect_inputs(["scans/s*"])  # a glob matching a directory walks it
-    assert [f.path.as_posix() for f in files] == ["scans/sub/deep/x.JPG"]
-    assert [f.stem for f in files] == ["sub/deep/x"]
-
-
-def test_missing_and_bad_inputs_are_errors_not_exceptions(tree):
-    empty = Path("empty_dir")
-    empty.mkdir()
-    files, errors = collect_inputs(["nope.pdf", "scans/*.docx", "scans/notes.txt", "empty_dir", "scans/p10.png"])
-    assert [f.path.as_posix() for f in files] == ["scans/p10.png"]
-    reasons = {e.path: e.reason for e in errors}
-    assert reasons["nope.pdf"] == "no such file or directory"
-    assert reasons["scans/*.docx"] == "no files match"
-    assert "unsupported file type '.txt'" in reasons["scans/notes.txt"]
-    assert "no supported files" in reasons["empty_dir"]
-    assert str(errors[0]) == "nope.pdf: no such file or directory"
-    _, errors = collect_inputs(["scans/*.txt"])
-    assert errors[0].reason == "no supported files match"
-
-
-def test_stdin_dedup_and_order(tree):
-    stdin = io.StringIO("scans/p2.PNG\n\n   \nscans/sub\r\n./scans/p2.PNG\nmissing.png\n")
-    files, errors = collect_inputs(["scans/p10.png", "-", "scans/p10.png", "-"], stdin=stdin)
-    assert [f.path.as_posix() for f in files] == ["scans/p10.png", "scans/p2.PNG", "scans/sub/deep/x.JPG"]
-    assert [(e.path, e.reason) for e in errors] == [("missing.png", "no such file or directory")]
-
-
-def test_default_stdin_is_sys_stdin(tree, monkeypatch):
-    monkeypatch.setattr("sys.stdin", io.StringIO("scans/p10.png\n"))
-    paths, errors = expand_inputs(["-"])
-    assert [p.as_posix() for p in paths] == ["scans/p10.png"] and not errors
-
-
-def test_stems_never_collide(tree):
-    touch_image(Path("scans/a/doc.png"))
-    files, _ = collect_inputs(["scans/a/doc.pdf", "scans/b/doc.pdf", "scans/a/doc.png", "scans/p10.png"])
-    stems = [f.stem for f in files]
-    assert stems == ["a/doc.pdf", "b/doc.pdf", "a/doc.png", "p10"]
-    # the same two files as arguments: disambiguated by their folders
-    files, _ = collect_inputs(["scans/a/doc.pdf", "scans/b/doc.pdf"])
-    assert [f.stem for f in files] == ["a/doc", "b/doc"]
-    # same name, different extensions, same folder
-    files, _ = collect_inputs(["scans/a/doc.pdf", "scans/a/doc.png"])
-    assert [f.stem for f in files] == ["doc.pdf", "doc.png"]
-    # stable: same arguments, same stems
-    assert [f.stem for f in collect_inputs(["scans"])[0]] == [f.stem for f in collect_inputs(["scans"])[0]]
-
-
-def test_assign_stems_last_resort_and_relative_stem():
-    assert D.relative_stem("x/y/z.pdf", "x") == "y/z"
-    assert D.relative_stem("x/y/z.pdf", "elsewhere") == "z"
-    # case-insensitive twins on a case-sensitive file system
-    stems = D.assign_stems([(Path("d/A.pdf"), Path("d")), (Path("d/a.pdf"), Path("d"))])
-    assert len({s.casefold() for s in stems}) == 2
-
-
-def test_exclude_output_dir(tree):
-    touch_image(Path("scans/out/page.overlay-0001.png"))
-    files, _ = collect_inputs(["scans"], exclude=["scans/out"])
-    assert not any("out" in f.path.parts for f in files)
-
-
-def test_symlinked_duplicates_deduplicated(tree):
-    os.symlink(Path("scans/p10.png").resolve(), "link.png")
-    paths, _ = expand_inputs(["scans/p10.png", "link.png"])
-    assert [p.as_posix() for p in paths] == ["scans/p10.png"]
-
-
-def test_globs_do_not_follow_symlink_loops(tree):
-    os.symlink(".", "scans/self")
-    os.symlink("..", "scans/sub/up")
-    with deadline(20):
-        files, errors = collect_inputs(["scans/**/*.png", "scans/**/*.JPG", "scans/**"])
-    assert errors == []
-    assert [f.path.as_posix() for f in files] == [
-        "scans/p10.png", "scans/sub/deep/x.JPG", "scans/a/doc.pdf", "scans/b/doc.pdf", "scans/p2.PNG",
-    ]
-    assert [f.stem for f in files] == ["p10", "sub/deep/x", "a/doc", "b/doc", "p2"]
-    # the same semantics as before otherwise: hidden names skipped unless the pattern asks for them
-    assert [p.as_posix() for p in expand_inputs(["scans/.*.png"])[0]] == ["scans/.hidden.png"]
-    assert [p.as_posix() for p in expand_inputs(["scans/*/d*/*"])[0]] == ["scans/sub/deep/x.JPG"]
-
-
-def test_globs_skip_symlinked_directories_but_follow_symlinked_files(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    touch_image(Path("elsewhere/far.png"))
-    touch_image(Path("scans/near.png"))
-    os.symlink(Path("elsewhere").resolve(), "scans/linked")
-    os.symlink(Path("scans/near.png").resolve(), "scans/twin.png")
-    paths, _ = expand_inputs(["scans/**/*.png"])
-    assert [p.as_posix() for p in paths] == ["scans/near.png"]  # twin.png: the same file, deduplicated
-    paths, errors = expand_inputs(["scans/l*"])
-    assert paths == [] and errors[0].reason == "no files match"
-    # a folder given literally is the user's choice, symlink or not
-    assert [p.as_posix() for p in expand_inputs(["scans/linked"])[0]] == ["scans/linked/far.png"]
-
-
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
-def test_fifo_in_a_folder_or_glob_is_skipped_with_a_note(tree):
-    os.mkfifo("scans/pipe.pdf")
-    os.mkfifo("scans/pipe.txt")  # unsupported names are ignored as always
-    with deadline(10), unblocking(Path("scans/pipe.pdf")):
-        files, errors = collect_inputs(["scans", "scans/**/*.pdf"])
-        assert "scans/pipe.pdf" not in [f.path.as_posix() for f in files]
-        assert [(e.path, e.reason, e.warning) for e in errors] == [
-            ("scans/pipe.pdf", "not a regular file (named pipe), skipped", True),
-            ("scans/pipe.pdf", "not a regular file (named pipe), skipped", True),
-        ]
-        assert not InputError("x", "y").warning  # failures stay failures by default
-        files, errors = collect_inputs(["scans/pipe.pdf"])  # named explicitly: a failure
-        assert files == [] and [(e.reason, e.warning) for e in errors] == [("not a regular file (named pipe)", False)]
-        with pytest.raises(DocumentError, match=r"not a regular file \(named pipe\)"):
-            open_document("scans/pipe.pdf")
-        (item,) = iter_pages([Path("scans/pipe.pdf")])
-        assert isinstance(item, ErrorJob) and "not a regular file" in item.error
 
 
 # --------------------------------------------------------------------------------------------------
@@ -565,6 +321,17 @@ def test_ctrl_c_in_a_document_finalizer_is_not_printed(tmp_path, unraisable):
     assert unraisable == []
 
 
+def test_the_last_release_closes_the_document(tmp_path):
+    doc = open_document(make_pdf(tmp_path / "a.pdf", 3))
+    doc.claim(2)
+    doc.claim()
+    for _ in range(2):
+        doc.release()
+        assert not doc.closed
+    doc.release()
+    assert doc.closed
+
+
 # --------------------------------------------------------------------------------------------------
 # Documents: images
 # --------------------------------------------------------------------------------------------------
@@ -788,7 +555,7 @@ def test_decompression_bomb(tmp_path, monkeypatch):
     big = png_header_only(tmp_path / "big_scan.png", 20000, 12000)  # 240 MP
     assert open_document(big).num_pages == 1
     # a per-call cap
-    small = touch_image(tmp_path / "small.png", size=(100, 100))
+    small = make_image(tmp_path / "small.png", size=(100, 100))
     with pytest.raises(DocumentError, match="10,000 pixels, over the limit of 1,000"):
         open_document(small, max_pixels=1000)
     # the same check guards every TIFF frame at render time
@@ -831,143 +598,6 @@ def test_unreadable_file_real_permissions(tmp_path):
         path.chmod(0o644)
 
 
-# --------------------------------------------------------------------------------------------------
-# Page jobs
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def mixed(tmp_path):
-    a = make_image_pdf(tmp_path / "a.pdf", 3)
-    bad = tmp_path / "bad.pdf"
-    bad.write_bytes(b"%PDF-1.4 garbage")
-    img = touch_image(tmp_path / "img.png")
-    enc = make_pdf(tmp_path / "enc.pdf", 2, user_password="pw")
-    return [a, bad, img, enc]
-
-
-def describe(items):
-    out = []
-    for it in items:
-        if isinstance(it, PageJob):
-            out.append((it.source.name, it.page, "skip" if it.skipped else ("img" if it.image is not None else "job")))
-        else:
-            out.append((it.source.name, it.page, "warn" if it.warning else "err"))
-    return out
-
-
-def test_iter_pages_order_errors_and_laziness(mixed):
-    a, bad, img, enc = mixed
-    opened = []
-    real_open = D.open_document
-
-    def spy(path, *args, **kw):
-        opened.append(Path(path).name)
-        return real_open(path, *args, **kw)
-
-    D.open_document = spy
-    try:
-        it = iter_pages(mixed, parse_pages("2-3"), dpi=72)
-        first = next(it)
-        assert opened == ["a.pdf"]  # one document at a time
-        items = [first] + list(it)
-    finally:
-        D.open_document = real_open
-    assert describe(items) == [
-        ("a.pdf", 2, "job"), ("a.pdf", 3, "job"),
-        ("bad.pdf", None, "err"),
-        ("img.png", None, "err"),  # pages 2-3 of a one-page image: nothing to do is a failure
-        ("enc.pdf", None, "err"),
-    ]
-    assert "encrypted; pass --password" in items[4].error
-    assert items[3].error == "no page of the selection 2-3 exists (1 page)"
-    job = items[0]
-    assert job.stem == "a" and job.num_pages == 3 and job.selected == (2, 3) and not job.is_last
-    assert items[1].is_last
-    assert job.load() is job and job.image.size == (144, 72)
-
-
-def test_iter_pages_all_pages_and_documents_closed(mixed):
-    a, _, img, enc = mixed
-    items = list(iter_pages([a, img, enc], password="pw", dpi=72))
-    jobs = [i for i in items if isinstance(i, PageJob)]
-    assert [(j.source.name, j.page) for j in jobs] == [("a.pdf", 1), ("a.pdf", 2), ("a.pdf", 3), ("img.png", 1), ("enc.pdf", 1), ("enc.pdf", 2)]
-    docs = {id(j.document): j.document for j in jobs}
-    assert not any(d.closed for d in docs.values())
-    for j in jobs:
-        assert j.load() is j
-    assert all(d.closed for d in docs.values())  # the last load closes each document
-
-
-def test_iter_pages_skip_never_renders(tmp_path):
-    path = make_image_pdf(tmp_path / "a.pdf", 3)
-    calls = []
-    items = list(iter_pages([InputFile(path, "x/a")], skip=lambda j: calls.append(j.page) or j.page != 2))
-    assert calls == [1, 2, 3]
-    assert [(i.page, i.skipped, i.stem) for i in items] == [(1, True, "x/a"), (2, False, "x/a"), (3, True, "x/a")]
-    assert items[0].load() is items[0] and items[0].image is None
-    items[1].load()
-    assert items[1].document.closed
-    # everything skipped: the document is closed at once
-    items = list(iter_pages([path], skip=lambda j: True))
-    assert all(i.skipped for i in items) and items[0].document.closed
-
-
-def test_iter_pages_early_close_closes_documents(tmp_path):
-    path = make_image_pdf(tmp_path / "a.pdf", 5)
-    it = iter_pages([path])
-    job = next(it)
-    it.close()
-    assert job.document.closed
-    assert isinstance(job.load(), ErrorJob)  # rendering a closed document is a page error, not a crash
-
-
-def test_page_render_failure_becomes_error_job(tmp_path):
-    path = tmp_path / "cut.png"
-    buf = io.BytesIO()
-    Image.effect_noise((100, 100), 60).convert("RGB").save(buf, format="PNG")
-    path.write_bytes(buf.getvalue()[:200])
-    (job,) = list(iter_pages([path]))
-    err = job.load()
-    assert isinstance(err, ErrorJob) and err.page == 1 and "truncated" in err.error and not err.warning
-
-
-def test_page_job_carries_the_full_size_and_the_working_image(tmp_path):
-    path = make_pdf(tmp_path / "big.pdf", 2, size=(612, 792))
-    jobs = list(iter_pages([path], dpi=600))
-    assert all(j.size is None and j.image is None for j in jobs)
-    job = jobs[0].load()
-    assert job.size == (5100, 6600) and job.image.width * job.image.height <= D.WORK_PIXELS
-    # a job built around an image already in memory: the image is the page
-    im = Image.new("RGB", (30, 20))
-    assert PageJob(Path("x.png"), "x", 1, 1, (1,), image=im).size == (30, 20)
-
-
-def test_selection_matching_no_page_is_a_failure(tmp_path):
-    path = make_pdf(tmp_path / "two.pdf", 2)
-    (item,) = iter_pages([path], parse_pages("999"))
-    assert isinstance(item, ErrorJob) and not item.warning and item.page is None
-    assert item.error == "no page of the selection 999 exists (2 pages)"
-    items = list(iter_pages([path], parse_pages("2-5,9")))  # partly past the end: a note, as before
-    assert describe(items) == [("two.pdf", None, "warn"), ("two.pdf", 2, "job")]
-    assert items[0].error == "pages 3-5,9 not in document (2 pages)"
-
-
-def test_page_errors_name_the_page_once(tmp_path):
-    tif = tmp_path / "frames.tif"
-    Image.new("RGB", (10, 10)).save(tif, save_all=True, append_images=[Image.new("RGB", (100, 100))])
-    _, err = [j.load() for j in iter_pages([tif], max_pixels=5000)]
-    assert isinstance(err, ErrorJob) and err.page == 2
-    assert err.error.startswith("image is 100×100") and "page" not in err.error
-    assert str(err) == f"{tif} (page 2): {err.error}"
-    with pytest.raises(DocumentError) as info:  # a DocumentError names its page in str() only
-        open_document(tif, max_pixels=5000).page(1)
-    assert info.value.page == 2 and str(info.value) == f"{tif}: page 2: {info.value.reason}"
-    huge = make_pdf(tmp_path / "huge.pdf", 2, size=(14400, 14400))
-    _, err = [j.load() for j in iter_pages([huge])]
-    assert err.page == 2 and err.error.startswith("40000×40000 = 1,600,000,000 pixels at 200 dpi")
-
-
 def test_libtiff_warnings_become_page_notes(tmp_path, capfd):
     path = make_corrupt_g4_tiff(tmp_path / "fax.tif")
     (job,) = iter_pages([path])
@@ -1003,220 +633,60 @@ def test_stderr_of_other_writers_passes_through_a_tiff_decode(tmp_path, capfd):
 
 
 # --------------------------------------------------------------------------------------------------
-# Prefetch
+# Pixels and Pillow's process-wide settings (kosmos_cli.rasters)
 # --------------------------------------------------------------------------------------------------
 
 
-class FakeJob(PageJob):
-    """A page whose `load` sleeps and counts live rendered pages."""
-
-    live = 0
-    peak = 0
-    lock = threading.Lock()
-
-    def load(self):
-        time.sleep(random.random() * 0.004)
-        with FakeJob.lock:
-            FakeJob.live += 1
-            FakeJob.peak = max(FakeJob.peak, FakeJob.live)
-        self.image = True
-        if self.page % 7 == 0:
-            return ErrorJob(self.source, self.stem, self.page, "boom")
-        return self
-
-    def consumed(self):
-        with FakeJob.lock:
-            FakeJob.live -= 1
+@pytest.mark.parametrize("name", ["grey16.png", "float.tif"])
+def test_deep_files_read_as_the_same_picture_in_8_bits(tmp_path, name):
+    """The pixel rule (kosmos_cli.rasters): a 16-bit or float file reads as the 8-bit picture it holds,
+    and the library's preprocessing gives that page the same model input as the picture itself; only
+    an in-memory deep image goes through to_rgb's other rule (transformers': clip)."""
+    picture = Image.linear_gradient("L").resize((64, 48))  # 2..253
+    if name.endswith(".png"):
+        deep = picture.convert("I").point(lambda v: v * 257).convert("I;16")  # 8 bits → 16, exactly
+    else:
+        deep = picture.convert("F").point(lambda v: v / 255)  # 0..1
+    path = tmp_path / name
+    deep.save(path)
+    read = open_document(path).page(0).image
+    assert read.tobytes() == to_rgb(picture).tobytes()
+    assert to_rgb(read).tobytes() == read.tobytes()
+    assert torch.equal(clip_pixels(read), clip_pixels(picture))
+    with Image.open(path) as im:
+        assert to_rgb(im).tobytes() != read.tobytes()  # an in-memory deep image is the oracle's business
 
 
-def fake_jobs(n, pulled=None, closed=None):
-    try:
-        for k in range(1, n + 1):
-            if pulled is not None:
-                pulled.append(k)
-            yield FakeJob(Path("f"), "f", k, n, tuple(range(1, n + 1)))
-    finally:
-        if closed is not None:
-            closed.append(True)
+def test_pillow_guard_is_only_raised_and_no_warning_filter_is_touched(tmp_path, monkeypatch):
+    path = make_image(tmp_path / "a.png")
+    filters = list(warnings.filters)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    open_document(path, max_pixels=5000)
+    assert Image.MAX_IMAGE_PIXELS == 5000
+    open_document(path, max_pixels=2000).page(0)
+    assert Image.MAX_IMAGE_PIXELS == 5000  # never lowered
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # the caller's choice: no guard at all
+    open_document(path)
+    assert Image.MAX_IMAGE_PIXELS is None
+    assert warnings.filters == filters
 
 
-def test_prefetch_preserves_order_and_passes_errors():
-    random.seed(1)
-    out = list(prefetch(fake_jobs(60), depth=5, workers=3))
-    assert [i.page for i in out] == list(range(1, 61))
-    assert [i.page for i in out if isinstance(i, ErrorJob)] == [7, 14, 21, 28, 35, 42, 49, 56]
-    assert not kosmos_threads()
+def test_importing_documents_sets_no_warning_filter():
+    code = ("import warnings, kosmos_cli; before = list(warnings.filters); "
+            "import kosmos_cli.documents, kosmos_cli.pages; assert warnings.filters == before")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_prefetch_memory_is_bounded():
-    FakeJob.live = FakeJob.peak = 0
-    depth = 3
-    for item in prefetch(fake_jobs(200), depth=depth, workers=2):
-        time.sleep(0.0005)  # a slow consumer
-        if isinstance(item, FakeJob):
-            item.consumed()
-        else:
-            with FakeJob.lock:
-                FakeJob.live -= 1
-    assert FakeJob.peak <= depth + 1
+def test_an_image_pillow_warns_about_is_refused(tmp_path):
+    poster = png_header_only(tmp_path / "poster.png", 20_000, 20_000)  # 400 MP: over our limit, under 2×
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(DocumentError, match="400,000,000 pixels"):
+        open_document(poster)  # the library leaves Pillow's warning to its caller...
 
 
-def test_prefetch_early_stop_ends_threads_and_closes_source():
-    before = set(threading.enumerate())
-    pulled, closed = [], []
-    gen = prefetch(fake_jobs(10_000, pulled, closed), depth=4, workers=2)
-    for i, _ in enumerate(gen):
-        if i == 2:
-            break
-    gen.close()
-    assert not wait_for_kosmos_threads()  # close returns at once; the threads end right after
-    assert closed == [True]
-    assert len(pulled) <= 3 + 4 + 1
-    assert set(threading.enumerate()) <= before
-
-
-def test_prefetch_abandoned_generator_is_cleaned_up():
-    closed = []
-    gen = prefetch(fake_jobs(1000, closed=closed), depth=2)
-    next(gen)
-    del gen
-    gc.collect()
-    deadline = time.time() + 5
-    while kosmos_threads() and time.time() < deadline:
-        time.sleep(0.01)
-    assert closed == [True] and not kosmos_threads()
-
-
-def test_prefetch_source_exception_reaches_consumer_after_items():
-    def source():
-        yield from fake_jobs(3)
-        raise RuntimeError("listing failed")
-
-    got = []
-    with pytest.raises(RuntimeError, match="listing failed"):
-        for item in prefetch(source(), depth=2):
-            got.append(item.page)
-    assert got == [1, 2, 3] and not kosmos_threads()
-
-
-def test_prefetch_synchronous_and_validation():
-    assert [i.page for i in prefetch(fake_jobs(5), depth=0)] == [1, 2, 3, 4, 5]
-    assert not kosmos_threads()
-    with pytest.raises(ValueError):
-        prefetch([], depth=-1)
-    with pytest.raises(ValueError):
-        prefetch([], depth=2, workers=0)
-    assert list(prefetch([], depth=2)) == []
-
-
-def test_prefetch_real_documents_match_serial(tmp_path, mixed):
-    serial = [i.load() if isinstance(i, PageJob) else i for i in iter_pages(mixed, dpi=72, password="pw")]
-    fetched = list(prefetch(iter_pages(mixed, dpi=72, password="pw"), depth=3, workers=2))
-    assert describe(fetched) == describe(serial)
-    for s, f in zip(serial, fetched):
-        if isinstance(s, PageJob):
-            assert s.image.tobytes() == f.image.tobytes()
-    assert all(f.document.closed for f in fetched if isinstance(f, PageJob))
-    assert not kosmos_threads()
-
-
-def test_prefetch_early_stop_on_real_pdf_closes_document(tmp_path):
-    path = make_image_pdf(tmp_path / "long.pdf", 30)
-    gen = prefetch(iter_pages([path], dpi=36), depth=2)
-    job = next(gen)
-    gen.close()
-    assert not wait_for_kosmos_threads() and job.document.closed
-
-
-def test_prefetch_look_ahead_is_bounded_by_bytes():
-    """Big pages: at most ``max_bytes`` of rendered pages are held ahead (one is always allowed)."""
-    live, peak, lock = [0], [0], threading.Lock()
-
-    class BigJob(PageJob):
-        def load(self):
-            self.image = Image.new("RGB", (512, 512))  # 1 MiB as Pillow holds RGB
-            with lock:
-                live[0] += 1
-                peak[0] = max(peak[0], live[0])
-            return self
-
-    jobs = (BigJob(Path("b"), "b", k, 60, tuple(range(1, 61))) for k in range(1, 61))
-    for item in prefetch(jobs, depth=50, workers=2, max_bytes=3 << 20):
-        time.sleep(0.002)
-        with lock:
-            live[0] -= 1
-    assert peak[0] <= 3 + 2 + 1  # the budget, the renders in flight, the consumer's page
-    big = (BigJob(Path("b"), "b", k, 3, (1, 2, 3)) for k in range(1, 4))
-    assert [i.page for i in prefetch(big, depth=4, max_bytes=1)] == [1, 2, 3]  # never stuck
-
-
-def test_prefetch_close_does_not_wait_for_a_render_in_flight():
-    started, done = threading.Event(), threading.Event()
-
-    class SlowJob(PageJob):
-        def load(self):
-            if self.page == 2:
-                started.set()
-                time.sleep(2)  # a huge page
-                done.set()
-            self.image = True
-            return self
-
-    closed = []
-
-    def jobs():
-        try:
-            for k in range(1, 10):
-                yield SlowJob(Path("s"), "s", k, 9, tuple(range(1, 10)))
-        finally:
-            closed.append(True)
-
-    gen = prefetch(jobs(), depth=4, workers=2)
-    assert next(gen).page == 1
-    assert started.wait(5)
-    began = time.monotonic()
-    gen.close()
-    assert time.monotonic() - began < 0.5 and not done.is_set()
-    assert all(t.daemon for t in kosmos_threads())  # interpreter exit does not wait for them
-    assert not wait_for_kosmos_threads() and closed == [True]
-
-
-# --------------------------------------------------------------------------------------------------
-# Through the CLI (no page reaches the model, so none is loaded)
-# --------------------------------------------------------------------------------------------------
-
-
-def kosmos(*args):
-    from typer.testing import CliRunner
-
-    from kosmos_cli.cli import app
-
-    result = CliRunner().invoke(app, ["md", *map(str, args), "--model", "/nonexistent/model"])
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    return result
-
-
-def test_cli_selection_matching_no_page_fails(tmp_path):
-    path = make_pdf(tmp_path / "two.pdf", 2)
-    result = kosmos(path, "--pages", "999")
-    assert result.exit_code == 1
-    assert f"kosmos: {path}: no page of the selection 999 exists (2 pages)\n" in result.stderr
-    assert "note:" not in result.stderr
-
-
-def test_cli_page_errors_name_the_page_once(tmp_path):
-    path = make_pdf(tmp_path / "huge.pdf", 2, size=(14400, 14400))
-    result = kosmos(path)
-    assert result.exit_code == 1
-    assert f"kosmos: {path}: page 2: 40000×40000 = 1,600,000,000 pixels at 200 dpi" in result.stderr
-    assert "page 2: page 2" not in result.stderr and "page 1: page 1" not in result.stderr
-
-
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
-def test_cli_named_pipe_is_refused_not_waited_for(tmp_path):
-    pipe = tmp_path / "pipe.pdf"
-    os.mkfifo(pipe)
-    with deadline(20), unblocking(pipe):
-        result = kosmos(pipe)
-    assert result.exit_code == 1
-    assert f"kosmos: {pipe}: not a regular file (named pipe)\n" in result.stderr
+@needs_script
+def test_the_command_reports_a_refused_image_once(tmp_path):
+    poster = png_header_only(tmp_path / "poster.png", 20_000, 20_000)
+    proc = run_kosmos("md", poster, "--model", "/nonexistent/model")
+    assert proc.returncode == 1
+    assert f"kosmos: {poster}: image is 20000×20000 = 400,000,000 pixels, over the limit" in proc.stderr
+    assert "Warning" not in proc.stderr  # ...the command, which says it in its own words, filters it

@@ -8,8 +8,8 @@ import torch
 import kosmos_cli
 from kosmos_cli.engine import Job
 from kosmos_cli import pipeline
+from kosmos_cli.pages import ErrorJob, PageJob
 from kosmos_cli.tasks import TASKS
-from kosmos_cli.documents import ErrorJob, PageJob
 from kosmos_cli.models import generation
 from kosmos_cli.models.generation import ban_repeated_ngrams
 from kosmos_cli.models.cache import StepPlan

@@ -14,7 +14,8 @@ from PIL import Image
 # in MiB. VmHWM, not getrusage: Linux carries ru_maxrss over from the parent (pytest) across fork+exec.
 CHILD = """
 import re, sys
-from kosmos_cli.documents import collect_inputs, iter_pages, prefetch
+from kosmos_cli.inputs import collect_inputs
+from kosmos_cli.pages import iter_pages, prefetch
 files, _ = collect_inputs(sys.argv[1:])
 for job in prefetch(iter_pages(files)):
     assert job.image is not None, job

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kosmos_cli.documents import PageJob, iter_pages, prefetch
+from kosmos_cli.pages import PageJob, iter_pages, prefetch
 from kosmos_cli.paths import display_path
 from kosmos_cli.results import PageResult
 from kosmos_cli.tasks import find_task

@@ -73,7 +73,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     through Pillow's own `convert("RGB")`. Consequences, all shared with the oracle:
     - 16-bit and 32-bit integer images (I;16, I;16B, I) are clipped, not scaled: values above
       255 become 255, so a full-range 16-bit scan comes out almost white. "F" is truncated and
-      clipped to 0..255.
+      clipped to 0..255. Files read by `kosmos_cli.documents` reach this already in 8 bits,
+      scaled (the one rule for files and why they differ from this: `kosmos_cli.rasters`).
     - "1" maps to 0/255; CMYK and YCbCr use Pillow's conversion formulas.
     - "LAB" counts as having alpha (its bands are L, A, B) and is composited on white;
       premultiplied "RGBa" is converted without compositing; "La" is rejected by Pillow.

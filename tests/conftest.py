@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from tests.checkpoints import make_kosmos2_5_checkpoint
+from tests.helpers.kosmos2_5 import make_kosmos2_5_checkpoint
 
 # --------------------------------------------------------------------------------------------------
 # Kosmos-2.5
@@ -50,7 +50,7 @@ def k25(kosmos25_tied) -> str:
 @pytest.fixture(scope="session")
 def k2(tmp_path_factory) -> str:
     """A tiny Kosmos-2 checkpoint as the CLI's --model argument."""
-    from kosmos2_checkpoint import make_kosmos2_checkpoint
+    from tests.helpers.kosmos2 import make_kosmos2_checkpoint
 
     return str(make_kosmos2_checkpoint(tmp_path_factory.mktemp("cli_kosmos2")))
 

@@ -15,7 +15,7 @@ import torch
 
 import kosmos_cli
 from kosmos_cli.models import layers
-from tests.checkpoints import load_kosmos2_5_oracle, make_kosmos2_5_checkpoint
+from tests.helpers.kosmos2_5 import load_kosmos2_5_oracle, make_kosmos2_5_checkpoint
 from tests.test_kosmos2_5 import SHAPES, noise_image, oracle_generate, our_logits
 
 gpu = pytest.mark.gpu

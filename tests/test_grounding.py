@@ -12,9 +12,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from kosmos2_checkpoint import load_kosmos2_oracle, make_kosmos2_checkpoint  # noqa: E402
-
 from kosmos_cli.tasks.grounding import Entity, boxes_to_pixels, parse_grounding, patch_indices_to_box  # noqa: E402
+from tests.helpers.kosmos2 import load_kosmos2_oracle, make_kosmos2_checkpoint  # noqa: E402
 
 P = "<patch_index_{:04d}>".format
 DELIM = "</delimiter_of_multi_objects/>"

@@ -14,7 +14,7 @@ import kosmos_cli
 from kosmos_cli.models.cache import StepPlan
 from kosmos_cli.processing.images import kosmos2_5_patches
 from kosmos_cli.processing.kosmos2_5 import chat_prompt
-from tests.checkpoints import load_kosmos2_5_oracle
+from tests.helpers.kosmos2_5 import load_kosmos2_5_oracle
 
 SHAPES = [(40, 30), (300, 120), (64, 640), (7, 5)]  # (width, height)
 

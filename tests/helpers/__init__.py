@@ -1,0 +1,5 @@
+"""What the tests share besides fixtures (those are in tests/conftest.py).
+
+Imported as `tests.helpers.<module>`: pytest puts the repository root on sys.path (pyproject.toml,
+`pythonpath = ["."]`).
+"""

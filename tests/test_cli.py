@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 
 from kosmos_cli import documents, writers
 from kosmos_cli.cli import app
-from pdf_helpers import make_image_pdf, make_pdf, png_header_only
+from tests.helpers.images import png_header_only
+from tests.helpers.pdfs import make_image_pdf, make_pdf
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

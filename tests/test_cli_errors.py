@@ -19,19 +19,14 @@ from typer.testing import CliRunner
 
 from kosmos_cli import documents, writers
 from kosmos_cli.cli import app
-from pdf_helpers import make_image_pdf
+from tests.helpers.images import make_corrupt_g4_tiff, write_image
+from tests.helpers.pdfs import make_image_pdf
 from test_cli import FAST, KOSMOS, PAGE_COMMENT, ROOT, _no_temp_files, _state, jsonl, kosmos, needs_script
-
-
-def _png(path: Path, size=(64, 48)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, "white").save(path)
-    return path
 
 
 @pytest.fixture
 def png(tmp_path) -> Path:
-    return _png(tmp_path / "good.png")
+    return write_image(tmp_path / "good.png")
 
 
 @pytest.fixture
@@ -56,7 +51,7 @@ def _comments(stdout: str) -> list[tuple[str, int]]:
 
 
 def test_several_single_page_documents_are_marked_on_stdout(k25, tmp_path):
-    a, b = _png(tmp_path / "a.png"), _png(tmp_path / "b.png")
+    a, b = write_image(tmp_path / "a.png"), write_image(tmp_path / "b.png")
     result = kosmos("md", a, b, "--model", k25, *FAST)
     assert result.exit_code == 0, result.stderr
     assert _comments(result.stdout) == [(str(a), 1), (str(b), 1)]
@@ -68,8 +63,8 @@ def test_several_single_page_documents_are_marked_on_stdout(k25, tmp_path):
 
 
 def test_the_source_comment_is_valid_utf8_for_any_file_name(k25, tmp_path):
-    odd = _png(tmp_path / os.fsdecode(b"caf\xe9.png"))
-    result = kosmos("md", odd, _png(tmp_path / "b.png"), "--model", k25, *FAST)
+    odd = write_image(tmp_path / os.fsdecode(b"caf\xe9.png"))
+    result = kosmos("md", odd, write_image(tmp_path / "b.png"), "--model", k25, *FAST)
     assert result.exit_code == 0, result.stderr
     assert _comments(result.stdout)[0] == (writers.display_path(odd), 1)
 
@@ -123,7 +118,7 @@ def test_missing_output_folders_are_created(k25, png, tmp_path):
 
 
 def test_a_write_failure_fails_only_its_document(k25, tmp_path, monkeypatch):
-    docs = [_png(tmp_path / "in" / f"{name}.png") for name in "abc"]
+    docs = [write_image(tmp_path / "in" / f"{name}.png") for name in "abc"]
     out = tmp_path / "out"
     real = writers.OutputDir.write_page
 
@@ -162,7 +157,7 @@ def _bad_input(kind: str, folder: Path, monkeypatch) -> tuple[str, str]:
         return str(folder / "*.nothing"), "no files match"
     if kind == "unreadable directory":
         closed = folder / "closed"
-        _png(closed / "inside.png")
+        write_image(closed / "inside.png")
         if os.geteuid() == 0:  # root lists anything: make the walk fail as it would for a user
             real = os.walk
 
@@ -363,7 +358,7 @@ def test_a_last_argument_starting_with_a_bracket_is_the_prompt(k2, png, tmp_path
 
     # The rule does not look at the file system: an existing file named "<...>" as the last argument is
     # still the prompt, and ./<name> passes it as an input.
-    odd = _png(tmp_path / "<odd>.png")
+    odd = write_image(tmp_path / "<odd>.png")
     monkeypatch.chdir(tmp_path)
     result = kosmos("ground", png, odd.name, "--model", k2, "-f", "jsonl", *FAST)
     assert result.exit_code == 0, result.stderr
@@ -410,7 +405,7 @@ def test_no_numpy_warning_without_numpy(k25, png):
 def test_two_ctrl_c_end_cleanly_and_the_run_resumes(k25, tmp_path):
     folder = tmp_path / "in"
     for i in range(80):
-        _png(folder / f"p{i:02d}.png", (64 + i, 48))
+        write_image(folder / f"p{i:02d}.png", (64 + i, 48))
     out = tmp_path / "out"
     proc = subprocess.Popen([KOSMOS, "md", str(folder), "-o", str(out), "--model", k25, *FAST],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -500,7 +495,6 @@ def test_a_corrupt_page_state_is_reported_and_the_page_redone(k25, tmp_path):
 
 
 def test_decoder_warnings_are_notes_naming_the_page(k25, tmp_path):
-    from pdf_helpers import make_corrupt_g4_tiff
 
     tiff = make_corrupt_g4_tiff(tmp_path / "fax.tif")
     result = kosmos("md", tiff, "--model", k25, *FAST)
@@ -512,7 +506,7 @@ def test_decoder_warnings_are_notes_naming_the_page(k25, tmp_path):
 def test_coordinates_refer_to_the_full_page_of_a_big_scan(k25, tmp_path, fixed_answers):
     """A scan larger than the working image: the model reads a smaller copy, the record keeps the
     scan's own size and its polygons are in the scan's pixels; the overlay is drawn on the copy."""
-    big = _png(tmp_path / "big.png", size=(4000, 3000))
+    big = write_image(tmp_path / "big.png", size=(4000, 3000))
     assert 4000 * 3000 > documents.WORK_PIXELS
     (record,) = jsonl(kosmos("ocr", big, "--model", k25, "-f", "jsonl", *FAST).stdout)
     assert (record["width"], record["height"]) == (4000, 3000)

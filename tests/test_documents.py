@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import io
 import math
@@ -34,23 +35,14 @@ from kosmos_cli.documents import (
     parse_pages,
     prefetch,
 )
-from pdf_helpers import (
-    FORM_FIELD_RECT,
-    make_corrupt_g4_tiff,
-    make_form_pdf,
-    make_image_pdf,
-    make_pdf,
-    page_color,
-    png_header_only,
-)
+from tests.helpers.images import make_corrupt_g4_tiff, png_header_only, write_image
+from tests.helpers.pdfs import FORM_FIELD_RECT, make_form_pdf, make_image_pdf, make_pdf, page_color
 
 IMAGE_EXTS = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif"]
 
 
-def touch_image(path: Path, color=(200, 30, 30), size=(40, 30)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-    return path
+# The pictures of these tests: 40×30, red.
+touch_image = functools.partial(write_image, size=(40, 30), color=(200, 30, 30))
 
 
 def near(a, b, tol=12):

@@ -16,7 +16,7 @@ from kosmos_cli.models import layers
 from kosmos_cli.models.layers import flex_decoding
 from kosmos_cli.processing.kosmos2_5 import chat_prompt
 from kosmos_cli.tasks.repetition import WINDOW, find_loop, may_loop
-from tests.test_kosmos2_5 import noise_image
+from tests.helpers.images import noise_image
 
 
 FLEX_HERE = layers.flex_unsupported(torch.device("cpu"), 96) is None

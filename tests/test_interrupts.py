@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pdf_helpers import make_image_pdf
+from tests.helpers.pdfs import make_image_pdf
 
 KOSMOS = shutil.which("kosmos")
 pytestmark = pytest.mark.skipif(KOSMOS is None, reason="the `kosmos` console script is not installed")

@@ -8,7 +8,7 @@ from kosmos_cli.models.cache import StepPlan
 from kosmos_cli.models.layers import flex_unsupported
 from kosmos_cli.tasks.grounding import parse_grounding
 from tests.helpers.kosmos2 import load_kosmos2_oracle, make_kosmos2_checkpoint
-from tests.test_kosmos2_5 import noise_image
+from tests.helpers.images import noise_image
 
 PROMPTS = ["<grounding> An image of", "<grounding><phrase> a snowman</phrase>", "An image of", "Describe this: Größe, 東京!"]
 SHAPES = [(224, 224), (640, 480), (33, 500)]

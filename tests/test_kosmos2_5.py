@@ -5,23 +5,17 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import kosmos_cli
 from kosmos_cli.models.cache import StepPlan
 from kosmos_cli.processing.images import kosmos2_5_patches
 from kosmos_cli.processing.kosmos2_5 import chat_prompt
+from tests.helpers.images import noise_image
 from tests.helpers.kosmos2_5 import load_kosmos2_5_oracle
 
 SHAPES = [(40, 30), (300, 120), (64, 640), (7, 5)]  # (width, height)
-
-
-def noise_image(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from kosmos_cli import pipeline
 from kosmos_cli.documents import ErrorJob, PageJob
 from kosmos_cli.models import generation
 from kosmos_cli.models.loading import ModelLoadError
-from tests.test_kosmos2_5 import noise_image
+from tests.helpers.images import noise_image
 
 IMAGES = [noise_image(*size, seed=10 + i) for i, size in enumerate(
     [(40, 30), (300, 120), (64, 640), (128, 128), (90, 200), (33, 33), (250, 80), (70, 70)])]

@@ -24,7 +24,7 @@ from kosmos_cli.writers import (
     format_ocr,
     format_text,
 )
-from pdf_helpers import make_image_pdf
+from tests.helpers.pdfs import make_image_pdf
 
 SCHEMA_KEYS = ["source", "page", "task", "model", "width", "height", "text", "lines", "entities", "raw", "truncated", "error"]
 MODEL = "microsoft/kosmos-2.5"

@@ -19,9 +19,19 @@ from typer.testing import CliRunner
 
 from kosmos_cli import documents, writers
 from kosmos_cli.cli import app
+from tests.helpers import ROOT
+from tests.helpers.cli import (
+    FAST,
+    KOSMOS,
+    PAGE_COMMENT,
+    assert_no_temp_files,
+    jsonl,
+    kosmos,
+    needs_script,
+    state_file,
+)
 from tests.helpers.images import make_corrupt_g4_tiff, write_image
 from tests.helpers.pdfs import make_image_pdf
-from test_cli import FAST, KOSMOS, PAGE_COMMENT, ROOT, _no_temp_files, _state, jsonl, kosmos, needs_script
 
 
 @pytest.fixture
@@ -131,10 +141,10 @@ def test_a_write_failure_fails_only_its_document(k25, tmp_path, monkeypatch):
     result = kosmos("md", *docs, "-o", out, "--model", k25, *FAST)
     assert result.exit_code == 1, result.stderr
     errors = [ln for ln in result.stderr.splitlines() if "cannot write" in ln]
-    assert errors == [f"kosmos: {docs[1]}: cannot write {_state(out, 'md', 'b', 1)}: no space left on device"]
+    assert errors == [f"kosmos: {docs[1]}: cannot write {state_file(out, 'md', 'b', 1)}: no space left on device"]
     assert "problems in 1 input" in result.stderr
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".md") == ["a.md", "c.md"]
-    _no_temp_files(out)
+    assert_no_temp_files(out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -422,7 +432,7 @@ def test_two_ctrl_c_end_cleanly_and_the_run_resumes(k25, tmp_path):
     for bad in ("Traceback", "terminate called", "Exception ignored"):
         assert bad not in stderr
     assert "interrupted" in stderr
-    _no_temp_files(out)
+    assert_no_temp_files(out)
     assert len(list(out.glob("*.md"))) < 80  # it stopped early
 
     assert kosmos("md", folder, "-o", out, "--model", k25, *FAST).exit_code == 0
@@ -468,7 +478,7 @@ def test_a_failed_page_is_a_placeholder_and_a_rerun_redoes_it(k25, tmp_path, mon
     md = (out / "doc.md").read_text()
     assert "<!-- page 1 -->" in md and "<!-- page 3 -->" in md
     assert "<!-- page 2: error: cannot render this page -->" in md
-    assert json.loads(_state(out, "md", "doc", 2).read_text())["error"] == "cannot render this page"
+    assert json.loads(state_file(out, "md", "doc", 2).read_text())["error"] == "cannot render this page"
 
     monkeypatch.undo()
     result = kosmos("md", pdf, "-o", out, "--model", k25, *FAST)
@@ -476,7 +486,7 @@ def test_a_failed_page_is_a_placeholder_and_a_rerun_redoes_it(k25, tmp_path, mon
     assert "1 page in" in result.stderr and "2 already done" in result.stderr
     md = (out / "doc.md").read_text()
     assert "error" not in md and [f"<!-- page {n} -->" in md for n in (1, 2, 3)] == [True] * 3
-    _no_temp_files(out)
+    assert_no_temp_files(out)
 
 
 
@@ -485,13 +495,13 @@ def test_a_corrupt_page_state_is_reported_and_the_page_redone(k25, tmp_path):
     out = tmp_path / "out"
     assert kosmos("md", pdf, "-o", out, "--model", k25, *FAST).exit_code == 0
     expected = (out / "doc.md").read_text()
-    _state(out, "md", "doc", 2).write_text('{"source": "doc.pdf", "pa')  # torn by hand
+    state_file(out, "md", "doc", 2).write_text('{"source": "doc.pdf", "pa')  # torn by hand
     result = kosmos("md", pdf, "-o", out, "--model", k25, *FAST)
     assert result.exit_code == 0, result.stderr
     assert "kosmos: note: " in result.stderr and "0002.json" in result.stderr, result.stderr
     assert "1 page in" in result.stderr and "1 already done" in result.stderr
     assert (out / "doc.md").read_text() == expected
-    assert json.loads(_state(out, "md", "doc", 2).read_text())["page"] == 2
+    assert json.loads(state_file(out, "md", "doc", 2).read_text())["page"] == 2
 
 
 def test_decoder_warnings_are_notes_naming_the_page(k25, tmp_path):

@@ -17,7 +17,7 @@ import kosmos_cli
 from kosmos_cli.models import layers
 from tests.helpers.kosmos2_5 import load_kosmos2_5_oracle, make_kosmos2_5_checkpoint
 from tests.helpers.images import noise_image
-from tests.test_kosmos2_5 import SHAPES, oracle_generate, our_logits
+from tests.helpers.parity import SHAPES, oracle_generate, our_logits
 
 gpu = pytest.mark.gpu
 LIMITS = [24, 5, 17, 9]

@@ -374,13 +374,6 @@ def test_interrupted_model_run(k25, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def png(tmp_path) -> Path:
-    path = tmp_path / "good.png"
-    Image.new("RGB", (64, 48), "white").save(path)
-    return path
-
-
 @pytest.mark.parametrize("args, message", [
     (["--pages", "0"], "--pages"),
     (["--pages", "3-1"], "--pages"),

@@ -35,11 +35,6 @@ from tests.helpers.pdfs import make_image_pdf
 
 
 @pytest.fixture
-def png(tmp_path) -> Path:
-    return write_image(tmp_path / "good.png")
-
-
-@pytest.fixture
 def no_work(monkeypatch) -> list:
     """Records any attempt to open an input or load a model (a usage error must come before both)."""
     from kosmos_cli import engine

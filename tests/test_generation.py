@@ -23,11 +23,6 @@ FLEX_HERE = layers.flex_unsupported(torch.device("cpu"), 96) is None
 needs_flex = pytest.mark.skipif(not FLEX_HERE, reason=f"FlexAttention decoding needs torch >= 2.10 ({torch.__version__})")
 
 
-@pytest.fixture(scope="module")
-def engine(kosmos25_sharded):
-    return kosmos_cli.load(kosmos25_sharded, device="cpu", dtype="float32")
-
-
 IMAGES = [noise_image(*s, seed=i) for i, s in enumerate([(40, 30), (300, 120), (64, 640), (128, 128), (90, 200), (33, 33), (250, 80)])]
 PROMPTS = ["<ocr>", "<md>", chat_prompt("Total?"), "<ocr>", "<md>", "<ocr>", chat_prompt("Who signed it?")]
 LIMITS = [30, 3, 17, 1, 40, 0, 9]

@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 
 from kosmos_cli.processing.kosmos2 import Kosmos2Tokenizer  # noqa: E402
 from tests.helpers.hub import added_tokens_decoder_block  # noqa: E402
-from tests.helpers.kosmos2 import load_kosmos2_oracle, load_kosmos2_processor, make_kosmos2_checkpoint  # noqa: E402
+from tests.helpers.kosmos2 import load_kosmos2_oracle, load_kosmos2_processor  # noqa: E402
 
 SNOWMAN = (
     "<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object>"
@@ -61,11 +61,6 @@ TEXTS = [
     "</doc></chunk></line> tags <grounding>",
     "< not a tag > <phrase <object",
 ]
-
-
-@pytest.fixture(scope="module")
-def k2_dir(tmp_path_factory):
-    return make_kosmos2_checkpoint(tmp_path_factory.mktemp("kosmos2_tok"), seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,6 @@ IMAGES = [noise_image(*size, seed=10 + i) for i, size in enumerate(
 BUDGET = 14
 
 
-@pytest.fixture(scope="module")
-def engine(kosmos25_sharded):
-    return kosmos_cli.load(kosmos25_sharded, device="cpu", dtype="float32")
-
-
 def pages(images=IMAGES):
     """Rendered page jobs, with a failed document in the middle (it must pass through in place)."""
     items = [PageJob(source=f"doc{i}.png", stem=f"doc{i}", page=1, num_pages=1, selected=(1,), image=im)

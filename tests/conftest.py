@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from tests.helpers.images import write_image
-from tests.helpers.kosmos2 import make_kosmos2_checkpoint
+from tests.helpers.kosmos2 import SNOWMAN, make_kosmos2_checkpoint
 from tests.helpers.kosmos2_5 import make_kosmos2_5_checkpoint
 
 # --------------------------------------------------------------------------------------------------
@@ -103,10 +103,7 @@ def fixed_answers(monkeypatch):
         return ocr.page_fields(answer, model_size, page_size)
 
     def ground_fields(raw, model_size, page_size):
-        answer = ("<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044>"
-                  "<patch_index_0863></object> warming himself by<phrase> a fire</phrase><object>"
-                  "<patch_index_0005><patch_index_0911></object>.")
-        return grounding.page_fields(answer, model_size, page_size)
+        return grounding.page_fields(SNOWMAN, model_size, page_size)
 
     monkeypatch.setitem(pipeline.TASKS, "ocr", dataclasses.replace(pipeline.TASKS["ocr"], page_fields=ocr_fields))
     monkeypatch.setitem(pipeline.TASKS, "ground",

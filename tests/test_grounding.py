@@ -13,14 +13,10 @@ import pytest
 pytest.importorskip("transformers")
 
 from kosmos_cli.tasks.grounding import Entity, boxes_to_pixels, parse_grounding, patch_indices_to_box  # noqa: E402
-from tests.helpers.kosmos2 import load_kosmos2_oracle  # noqa: E402
+from tests.helpers.kosmos2 import SNOWMAN, load_kosmos2_oracle  # noqa: E402
 
 P = "<patch_index_{:04d}>".format
 DELIM = "</delimiter_of_multi_objects/>"
-SNOWMAN = (
-    "<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object>"
-    " warming himself by<phrase> a fire</phrase><object><patch_index_0005><patch_index_0911></object>."
-)
 
 
 @pytest.fixture(scope="module")

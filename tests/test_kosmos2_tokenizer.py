@@ -19,12 +19,7 @@ from PIL import Image  # noqa: E402
 
 from kosmos_cli.processing.kosmos2 import Kosmos2Tokenizer  # noqa: E402
 from tests.helpers.hub import added_tokens_decoder_block  # noqa: E402
-from tests.helpers.kosmos2 import load_kosmos2_oracle, load_kosmos2_processor  # noqa: E402
-
-SNOWMAN = (
-    "<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object>"
-    " warming himself by<phrase> a fire</phrase><object><patch_index_0005><patch_index_0911></object>."
-)
+from tests.helpers.kosmos2 import SNOWMAN, load_kosmos2_oracle, load_kosmos2_processor  # noqa: E402
 
 TEXTS = [
     "",

@@ -69,6 +69,12 @@ TAG_TOKENS = [
 NUM_PATCH_INDEX_TOKENS = 1024
 LATENT_QUERY_NUM = 64
 
+# A grounded answer: the snowman example of transformers' Kosmos-2 documentation.
+SNOWMAN = (
+    "<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object>"
+    " warming himself by<phrase> a fire</phrase><object><patch_index_0005><patch_index_0911></object>."
+)
+
 # Our own little multilingual corpus for the sentencepiece model: captions, punctuation, digits,
 # and Cyrillic, Greek, CJK, Arabic, accented Latin text.
 _CORPUS = """

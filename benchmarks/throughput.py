@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.checkpoints
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.helpers
 
 from kosmos_cli.engine import pick_dtype  # noqa: E402
 
@@ -51,7 +51,7 @@ def build_checkpoint(size: str, path: Path) -> Path:
     """Random Kosmos-2.5 weights + tokenizer + preprocessor config, saved like the Hub repo."""
     from transformers import Kosmos2_5Config, Kosmos2_5ForConditionalGeneration
 
-    from tests.checkpoints import write_kosmos2_5_tokenizer
+    from tests.helpers.kosmos2_5 import write_kosmos2_5_tokenizer
 
     vocab = write_kosmos2_5_tokenizer(path)
     kwargs = json.loads(json.dumps(SIZES[size]))
@@ -93,7 +93,7 @@ def timed(fn, device: str) -> float:
 
 
 def run_transformers(model_dir: Path, batch: int, device: str, dtype):
-    from tests.checkpoints import load_kosmos2_5_processor
+    from tests.helpers.kosmos2_5 import load_kosmos2_5_processor
     from transformers import Kosmos2_5ForConditionalGeneration
 
     model = Kosmos2_5ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random checkpoints in the Hub layout, built once per test session."""
+"""Shared fixtures: tiny random checkpoints in the Hub layout (built once per test session), our model
+on one of them, an input image, fixed model answers."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import dataclasses
 
 import pytest
 
-from tests.checkpoints import make_kosmos2_5_checkpoint
+from tests.helpers.images import write_image
+from tests.helpers.kosmos2 import SNOWMAN, make_kosmos2_checkpoint
+from tests.helpers.kosmos2_5 import make_kosmos2_5_checkpoint
 
 # --------------------------------------------------------------------------------------------------
 # Kosmos-2.5
@@ -42,17 +45,41 @@ def k25(kosmos25_tied) -> str:
     return str(kosmos25_tied)
 
 
+@pytest.fixture(scope="module")
+def engine(kosmos25_sharded):
+    """Our model on `kosmos25_sharded`, CPU, fp32: one per test module, as tests change its state."""
+    import kosmos_cli
+
+    return kosmos_cli.load(kosmos25_sharded, device="cpu", dtype="float32")
+
+
 # --------------------------------------------------------------------------------------------------
 # Kosmos-2
 # --------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
-def k2(tmp_path_factory) -> str:
-    """A tiny Kosmos-2 checkpoint as the CLI's --model argument."""
-    from kosmos2_checkpoint import make_kosmos2_checkpoint
+def k2_dir(tmp_path_factory):
+    """Tiny Kosmos-2 (seed 0): untied lm_head, greedy output depends on the image; tokenizer_config.json
+    without an added_tokens_decoder block."""
+    return make_kosmos2_checkpoint(tmp_path_factory.mktemp("kosmos2"))
 
-    return str(make_kosmos2_checkpoint(tmp_path_factory.mktemp("cli_kosmos2")))
+
+@pytest.fixture(scope="session")
+def k2(k2_dir) -> str:
+    """The tiny Kosmos-2 checkpoint as the CLI's --model argument."""
+    return str(k2_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def png(tmp_path):
+    """A white 64×48 PNG."""
+    return write_image(tmp_path / "good.png")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -76,10 +103,7 @@ def fixed_answers(monkeypatch):
         return ocr.page_fields(answer, model_size, page_size)
 
     def ground_fields(raw, model_size, page_size):
-        answer = ("<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044>"
-                  "<patch_index_0863></object> warming himself by<phrase> a fire</phrase><object>"
-                  "<patch_index_0005><patch_index_0911></object>.")
-        return grounding.page_fields(answer, model_size, page_size)
+        return grounding.page_fields(SNOWMAN, model_size, page_size)
 
     monkeypatch.setitem(TASKS, "ocr", dataclasses.replace(TASKS["ocr"], parse=ocr_fields))
     monkeypatch.setitem(TASKS, "ground", dataclasses.replace(TASKS["ground"], parse=ground_fields))

@@ -24,36 +24,29 @@ from kosmos_cli import documents
 from kosmos_cli.writers import atomic
 from kosmos_cli.writers.formats import PAGE_SEPARATOR
 from kosmos_cli.cli import app
-from pdf_helpers import make_image_pdf, make_pdf, png_header_only
+from tests.helpers import ROOT
+from tests.helpers.cli import (
+    run_kosmos,
+    FAST,
+    PAGE_COMMENT,
+    assert_no_temp_files,
+    jsonl,
+    kosmos,
+    needs_script,
+    state_file,
+)
+from tests.helpers.images import png_header_only
+from tests.helpers.pdfs import make_image_pdf, make_pdf
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-FAST = ["--max-new-tokens", "8"]
 SCHEMA_KEYS = ["source", "page", "task", "model", "width", "height", "text", "lines", "entities", "raw",
                "truncated", "error"]
 OCR_LINE = re.compile(r"^\d+(,\d+){7},.+$")
-PAGE_COMMENT = re.compile(r"^<!-- (.+), page (\d+) -->$")
 
 
 # --------------------------------------------------------------------------------------------------
 # Fixtures and helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def kosmos(*args, input: str | None = None):
-    """Invoke the CLI in-process; never lets an exception other than SystemExit through unnoticed."""
-    result = CliRunner().invoke(app, [str(a) for a in args], input=input)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
-
-
-def jsonl(stdout: str) -> list[dict]:
-    """Every stdout line is one JSON object (nothing else is allowed on stdout)."""
-    lines = stdout.splitlines()
-    assert all(line.strip() for line in lines), stdout
-    return [json.loads(line) for line in lines]
 
 
 def check_record(rec: dict, task: str) -> None:
@@ -282,22 +275,12 @@ def test_overlays_have_the_page_size(k25, k2, tmp_path, fixed_answers):
         assert im.size == (96, 64)
 
 
-def _state(out: Path, task: str, stem: str, page: int) -> Path:
-    return out / ".kosmos" / task / stem / f"{page:04d}.json"
-
-
-def _no_temp_files(out: Path) -> None:
-    leftovers = [p for p in out.rglob("*") if p.is_file() and (p.name.endswith(".tmp") or
-                                                               (p.name.startswith(".") and p.name != ".kosmos"))]
-    assert leftovers == []
-
-
 def test_resume_skips_finished_pages(k25, tmp_path):
     pdf = make_image_pdf(tmp_path / "doc.pdf", 3)
     out = tmp_path / "out"
     args = ("md", pdf, "-o", out, "--model", k25, *FAST)
     assert kosmos(*args).exit_code == 0
-    states = [_state(out, "md", "doc", p) for p in (1, 2, 3)]
+    states = [state_file(out, "md", "doc", p) for p in (1, 2, 3)]
     assert all(s.is_file() for s in states) and (out / "doc.md").is_file()
     old = 1_000_000_000
     for path in [*states, out / "doc.md"]:
@@ -352,9 +335,9 @@ def test_interrupted_write_leaves_no_partial_files_and_resumes(k25, tmp_path, mo
     result = kosmos("md", pdf, "-o", out, "--model", k25, *FAST)
     assert result.exit_code == 130
     assert "interrupted" in result.stderr
-    _no_temp_files(out)
+    assert_no_temp_files(out)
     assert sorted(p.name for p in (out / ".kosmos" / "md" / "doc").iterdir()) == ["0001.json"]
-    assert json.loads(_state(out, "md", "doc", 1).read_text())["page"] == 1
+    assert json.loads(state_file(out, "md", "doc", 1).read_text())["page"] == 1
     assert not (out / "doc.md").exists()
 
     monkeypatch.undo()
@@ -362,7 +345,7 @@ def test_interrupted_write_leaves_no_partial_files_and_resumes(k25, tmp_path, mo
     assert result.exit_code == 0, result.stderr
     assert "2 pages in" in result.stderr and "1 already done" in result.stderr
     assert (out / "doc.md").read_text().count("<!-- page") == 3
-    _no_temp_files(out)
+    assert_no_temp_files(out)
 
 
 def test_interrupted_model_run(k25, tmp_path, monkeypatch):
@@ -381,7 +364,7 @@ def test_interrupted_model_run(k25, tmp_path, monkeypatch):
     out = tmp_path / "out"
     result = kosmos("md", pdf, "-o", out, "--overlay", "--model", k25, *FAST)
     assert result.exit_code == 130
-    _no_temp_files(out)
+    assert_no_temp_files(out)
     assert sorted(p.name for p in (out / ".kosmos" / "md" / "doc").iterdir()) == ["0001.json"]
     assert not (out / "doc.md").exists()
 
@@ -389,13 +372,6 @@ def test_interrupted_model_run(k25, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # Exit codes and bad input
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def png(tmp_path) -> Path:
-    path = tmp_path / "good.png"
-    Image.new("RGB", (64, 48), "white").save(path)
-    return path
 
 
 @pytest.mark.parametrize("args, message", [
@@ -529,15 +505,6 @@ def test_unexpected_error_is_one_line_unless_debug(k25, png, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # The installed `kosmos` command
 # --------------------------------------------------------------------------------------------------
-
-KOSMOS = shutil.which("kosmos")
-needs_script = pytest.mark.skipif(KOSMOS is None, reason="the `kosmos` console script is not installed")
-
-
-def run_kosmos(*args, input: str | None = None, env: dict | None = None, cwd: Path | None = None):
-    return subprocess.run([KOSMOS, *map(str, args)], input=input, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=120)
-
 
 @needs_script
 def test_script_help():

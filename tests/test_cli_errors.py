@@ -21,19 +21,19 @@ from kosmos_cli import cli, documents
 from kosmos_cli.paths import display_path
 from kosmos_cli.writers.directory import OutputDir
 from kosmos_cli.cli import app
-from pdf_helpers import make_image_pdf
-from test_cli import FAST, KOSMOS, PAGE_COMMENT, ROOT, _no_temp_files, _state, jsonl, kosmos, needs_script
-
-
-def _png(path: Path, size=(64, 48)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, "white").save(path)
-    return path
-
-
-@pytest.fixture
-def png(tmp_path) -> Path:
-    return _png(tmp_path / "good.png")
+from tests.helpers import ROOT
+from tests.helpers.cli import (
+    FAST,
+    KOSMOS,
+    PAGE_COMMENT,
+    assert_no_temp_files,
+    jsonl,
+    kosmos,
+    needs_script,
+    state_file,
+)
+from tests.helpers.images import make_corrupt_g4_tiff, write_image
+from tests.helpers.pdfs import make_image_pdf
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def _comments(stdout: str) -> list[tuple[str, int]]:
 
 
 def test_several_single_page_documents_are_marked_on_stdout(k25, tmp_path):
-    a, b = _png(tmp_path / "a.png"), _png(tmp_path / "b.png")
+    a, b = write_image(tmp_path / "a.png"), write_image(tmp_path / "b.png")
     result = kosmos("md", a, b, "--model", k25, *FAST)
     assert result.exit_code == 0, result.stderr
     assert _comments(result.stdout) == [(str(a), 1), (str(b), 1)]
@@ -70,8 +70,8 @@ def test_several_single_page_documents_are_marked_on_stdout(k25, tmp_path):
 
 
 def test_the_source_comment_is_valid_utf8_for_any_file_name(k25, tmp_path):
-    odd = _png(tmp_path / os.fsdecode(b"caf\xe9.png"))
-    result = kosmos("md", odd, _png(tmp_path / "b.png"), "--model", k25, *FAST)
+    odd = write_image(tmp_path / os.fsdecode(b"caf\xe9.png"))
+    result = kosmos("md", odd, write_image(tmp_path / "b.png"), "--model", k25, *FAST)
     assert result.exit_code == 0, result.stderr
     assert _comments(result.stdout)[0] == (display_path(odd), 1)
 
@@ -125,7 +125,7 @@ def test_missing_output_folders_are_created(k25, png, tmp_path):
 
 
 def test_a_write_failure_fails_only_its_document(k25, tmp_path, monkeypatch):
-    docs = [_png(tmp_path / "in" / f"{name}.png") for name in "abc"]
+    docs = [write_image(tmp_path / "in" / f"{name}.png") for name in "abc"]
     out = tmp_path / "out"
     real = OutputDir.write_page
 
@@ -138,10 +138,10 @@ def test_a_write_failure_fails_only_its_document(k25, tmp_path, monkeypatch):
     result = kosmos("md", *docs, "-o", out, "--model", k25, *FAST)
     assert result.exit_code == 1, result.stderr
     errors = [ln for ln in result.stderr.splitlines() if "cannot write" in ln]
-    assert errors == [f"kosmos: {docs[1]}: cannot write {_state(out, 'md', 'b', 1)}: no space left on device"]
+    assert errors == [f"kosmos: {docs[1]}: cannot write {state_file(out, 'md', 'b', 1)}: no space left on device"]
     assert "problems in 1 input" in result.stderr
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".md") == ["a.md", "c.md"]
-    _no_temp_files(out)
+    assert_no_temp_files(out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def _bad_input(kind: str, folder: Path, monkeypatch) -> tuple[str, str]:
         return str(folder / "*.nothing"), "no files match"
     if kind == "unreadable directory":
         closed = folder / "closed"
-        _png(closed / "inside.png")
+        write_image(closed / "inside.png")
         if os.geteuid() == 0:  # root lists anything: make the walk fail as it would for a user
             real = os.walk
 
@@ -365,7 +365,7 @@ def test_a_last_argument_starting_with_a_bracket_is_the_prompt(k2, png, tmp_path
 
     # The rule does not look at the file system: an existing file named "<...>" as the last argument is
     # still the prompt, and ./<name> passes it as an input.
-    odd = _png(tmp_path / "<odd>.png")
+    odd = write_image(tmp_path / "<odd>.png")
     monkeypatch.chdir(tmp_path)
     result = kosmos("ground", png, odd.name, "--model", k2, "-f", "jsonl", *FAST)
     assert result.exit_code == 0, result.stderr
@@ -412,7 +412,7 @@ def test_no_numpy_warning_without_numpy(k25, png):
 def test_two_ctrl_c_end_cleanly_and_the_run_resumes(k25, tmp_path):
     folder = tmp_path / "in"
     for i in range(80):
-        _png(folder / f"p{i:02d}.png", (64 + i, 48))
+        write_image(folder / f"p{i:02d}.png", (64 + i, 48))
     out = tmp_path / "out"
     proc = subprocess.Popen([KOSMOS, "md", str(folder), "-o", str(out), "--model", k25, *FAST],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -429,7 +429,7 @@ def test_two_ctrl_c_end_cleanly_and_the_run_resumes(k25, tmp_path):
     for bad in ("Traceback", "terminate called", "Exception ignored"):
         assert bad not in stderr
     assert "interrupted" in stderr
-    _no_temp_files(out)
+    assert_no_temp_files(out)
     assert len(list(out.glob("*.md"))) < 80  # it stopped early
 
     assert kosmos("md", folder, "-o", out, "--model", k25, *FAST).exit_code == 0
@@ -475,7 +475,7 @@ def test_a_failed_page_is_a_placeholder_and_a_rerun_redoes_it(k25, tmp_path, mon
     md = (out / "doc.md").read_text()
     assert "<!-- page 1 -->" in md and "<!-- page 3 -->" in md
     assert "<!-- page 2: error: cannot render this page -->" in md
-    assert json.loads(_state(out, "md", "doc", 2).read_text())["error"] == "cannot render this page"
+    assert json.loads(state_file(out, "md", "doc", 2).read_text())["error"] == "cannot render this page"
 
     monkeypatch.undo()
     result = kosmos("md", pdf, "-o", out, "--model", k25, *FAST)
@@ -483,7 +483,7 @@ def test_a_failed_page_is_a_placeholder_and_a_rerun_redoes_it(k25, tmp_path, mon
     assert "1 page in" in result.stderr and "2 already done" in result.stderr
     md = (out / "doc.md").read_text()
     assert "error" not in md and [f"<!-- page {n} -->" in md for n in (1, 2, 3)] == [True] * 3
-    _no_temp_files(out)
+    assert_no_temp_files(out)
 
 
 
@@ -492,17 +492,16 @@ def test_a_corrupt_page_state_is_reported_and_the_page_redone(k25, tmp_path):
     out = tmp_path / "out"
     assert kosmos("md", pdf, "-o", out, "--model", k25, *FAST).exit_code == 0
     expected = (out / "doc.md").read_text()
-    _state(out, "md", "doc", 2).write_text('{"source": "doc.pdf", "pa')  # torn by hand
+    state_file(out, "md", "doc", 2).write_text('{"source": "doc.pdf", "pa')  # torn by hand
     result = kosmos("md", pdf, "-o", out, "--model", k25, *FAST)
     assert result.exit_code == 0, result.stderr
     assert "kosmos: note: " in result.stderr and "0002.json" in result.stderr, result.stderr
     assert "1 page in" in result.stderr and "1 already done" in result.stderr
     assert (out / "doc.md").read_text() == expected
-    assert json.loads(_state(out, "md", "doc", 2).read_text())["page"] == 2
+    assert json.loads(state_file(out, "md", "doc", 2).read_text())["page"] == 2
 
 
 def test_decoder_warnings_are_notes_naming_the_page(k25, tmp_path):
-    from pdf_helpers import make_corrupt_g4_tiff
 
     tiff = make_corrupt_g4_tiff(tmp_path / "fax.tif")
     result = kosmos("md", tiff, "--model", k25, *FAST)
@@ -514,7 +513,7 @@ def test_decoder_warnings_are_notes_naming_the_page(k25, tmp_path):
 def test_coordinates_refer_to_the_full_page_of_a_big_scan(k25, tmp_path, fixed_answers):
     """A scan larger than the working image: the model reads a smaller copy, the record keeps the
     scan's own size and its polygons are in the scan's pixels; the overlay is drawn on the copy."""
-    big = _png(tmp_path / "big.png", size=(4000, 3000))
+    big = write_image(tmp_path / "big.png", size=(4000, 3000))
     assert 4000 * 3000 > documents.WORK_PIXELS
     (record,) = jsonl(kosmos("ocr", big, "--model", k25, "-f", "jsonl", *FAST).stdout)
     assert (record["width"], record["height"]) == (4000, 3000)

@@ -13,7 +13,7 @@ from kosmos_cli import engine as engine_module
 from kosmos_cli.models import layers
 from kosmos_cli.models.config import Kosmos25VisionConfig
 from kosmos_cli.models.kosmos2_5 import VisionEncoder
-from tests.test_kosmos2_5 import noise_image
+from tests.helpers.images import noise_image
 
 CUDA = torch.device("cuda", 0)
 # compute capability of some GPUs: T4 (7, 5), V100 (7, 0), A100 (8, 0), H100 (9, 0), P100 (6, 0)

@@ -23,17 +23,9 @@ from kosmos_cli import documents as D
 from kosmos_cli.documents import DEFAULT_DPI, DocumentError, open_document
 from kosmos_cli.pages import ErrorJob, iter_pages
 from kosmos_cli.processing.images import clip_pixels, to_rgb
-from pdf_helpers import (
-    FORM_FIELD_RECT,
-    make_corrupt_g4_tiff,
-    make_form_pdf,
-    make_image,
-    make_image_pdf,
-    make_pdf,
-    page_color,
-    png_header_only,
-)
-from test_cli import needs_script, run_kosmos
+from tests.helpers.images import make_corrupt_g4_tiff, make_image, png_header_only
+from tests.helpers.pdfs import FORM_FIELD_RECT, make_form_pdf, make_image_pdf, make_pdf, page_color
+from tests.helpers.cli import needs_script, run_kosmos
 
 IMAGE_EXTS = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif"]
 

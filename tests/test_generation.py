@@ -17,16 +17,11 @@ from kosmos_cli.models import layers
 from kosmos_cli.models.layers import flex_decoding
 from kosmos_cli.processing.kosmos2_5 import chat_prompt
 from kosmos_cli.tasks.repetition import WINDOW, find_loop, may_loop
-from tests.test_kosmos2_5 import noise_image
+from tests.helpers.images import noise_image
 
 
 FLEX_HERE = layers.flex_unsupported(torch.device("cpu"), 96) is None
 needs_flex = pytest.mark.skipif(not FLEX_HERE, reason=f"FlexAttention decoding needs torch >= 2.10 ({torch.__version__})")
-
-
-@pytest.fixture(scope="module")
-def engine(kosmos25_sharded):
-    return kosmos_cli.load(kosmos25_sharded, device="cpu", dtype="float32")
 
 
 IMAGES = [noise_image(*s, seed=i) for i, s in enumerate([(40, 30), (300, 120), (64, 640), (128, 128), (90, 200), (33, 33), (250, 80)])]

@@ -15,8 +15,9 @@ import torch
 
 import kosmos_cli
 from kosmos_cli.models import layers
-from tests.checkpoints import load_kosmos2_5_oracle, make_kosmos2_5_checkpoint
-from tests.test_kosmos2_5 import SHAPES, noise_image, oracle_generate, our_logits
+from tests.helpers.kosmos2_5 import load_kosmos2_5_oracle, make_kosmos2_5_checkpoint
+from tests.helpers.images import noise_image
+from tests.helpers.parity import SHAPES, oracle_generate, our_logits
 
 gpu = pytest.mark.gpu
 LIMITS = [24, 5, 17, 9]

@@ -12,28 +12,22 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from kosmos2_checkpoint import load_kosmos2_oracle, make_kosmos2_checkpoint  # noqa: E402
-
 from kosmos_cli.tasks.grounding import Entity, boxes_to_pixels, parse_grounding, patch_indices_to_box  # noqa: E402
+from tests.helpers.kosmos2 import SNOWMAN, load_kosmos2_oracle  # noqa: E402
 
 P = "<patch_index_{:04d}>".format
 DELIM = "</delimiter_of_multi_objects/>"
-SNOWMAN = (
-    "<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object>"
-    " warming himself by<phrase> a fire</phrase><object><patch_index_0005><patch_index_0911></object>."
-)
 
 
 @pytest.fixture(scope="module")
-def k2(tmp_path_factory):
-    path = make_kosmos2_checkpoint(tmp_path_factory.mktemp("kosmos2_grounding"), seed=0)
-    model, processor = load_kosmos2_oracle(path)
-    return path, model, processor
+def k2_oracle(k2_dir):
+    model, processor = load_kosmos2_oracle(k2_dir)
+    return k2_dir, model, processor
 
 
 @pytest.fixture(scope="module")
-def processor(k2):
-    return k2[2]
+def processor(k2_oracle):
+    return k2_oracle[2]
 
 
 def ours(text):
@@ -243,14 +237,14 @@ def test_boxes_to_pixels():
 
 
 # ------------------------------------------------------------------------------------------ end to end
-def test_generated_text_from_fixture(k2):
+def test_generated_text_from_fixture(k2_oracle):
     """Real generate() output of the tiny model: decode, then parse like the processor."""
     import torch
     from PIL import Image
 
     from kosmos_cli.processing.kosmos2 import Kosmos2Tokenizer
 
-    path, model, processor = k2
+    path, model, processor = k2_oracle
     tok = Kosmos2Tokenizer.from_dir(path)
     inputs = processor(text="<grounding> An image of", images=Image.new("RGB", (64, 48), (0, 90, 200)), return_tensors="pt")
     with torch.no_grad():

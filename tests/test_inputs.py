@@ -15,8 +15,9 @@ from kosmos_cli.documents import DocumentError, open_document
 from kosmos_cli.inputs import InputError, assign_stems, collect_inputs, format_ranges, parse_pages, relative_stem
 from kosmos_cli.pages import ErrorJob, iter_pages
 from kosmos_cli.paths import os_reason
-from pdf_helpers import make_image, make_pdf
-from test_cli import kosmos
+from tests.helpers.images import make_image
+from tests.helpers.pdfs import make_pdf
+from tests.helpers.cli import kosmos
 
 
 def paths(*args: str) -> list[str]:

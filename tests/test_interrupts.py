@@ -4,7 +4,6 @@ the outputs equal those of a run never stopped, with no page lost, duplicated or
 from __future__ import annotations
 
 import random
-import shutil
 import signal
 import subprocess
 import time
@@ -13,10 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pdf_helpers import make_image_pdf
+from tests.helpers.cli import KOSMOS, needs_script
+from tests.helpers.pdfs import make_image_pdf
 
-KOSMOS = shutil.which("kosmos")
-pytestmark = pytest.mark.skipif(KOSMOS is None, reason="the `kosmos` console script is not installed")
+pytestmark = needs_script
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,16 @@ import kosmos_cli
 from kosmos_cli.models.cache import StepPlan
 from kosmos_cli.models.layers import flex_unsupported
 from kosmos_cli.tasks.grounding import parse_grounding
-from tests.kosmos2_checkpoint import load_kosmos2_oracle, make_kosmos2_checkpoint
-from tests.test_kosmos2_5 import noise_image
+from tests.helpers.images import noise_image
+from tests.helpers.kosmos2 import load_kosmos2_oracle
 
 PROMPTS = ["<grounding> An image of", "<grounding><phrase> a snowman</phrase>", "An image of", "Describe this: Größe, 東京!"]
 SHAPES = [(224, 224), (640, 480), (33, 500)]
 
 
 @pytest.fixture(scope="module")
-def kosmos2(tmp_path_factory):
-    path = make_kosmos2_checkpoint(tmp_path_factory.mktemp("kosmos2"))
-    return kosmos_cli.load(path, device="cpu", dtype="float32"), load_kosmos2_oracle(path)
+def kosmos2(k2_dir):
+    return kosmos_cli.load(k2_dir, device="cpu", dtype="float32"), load_kosmos2_oracle(k2_dir)
 
 
 def oracle_inputs(processor, image, prompt):

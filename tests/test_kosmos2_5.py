@@ -5,23 +5,15 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import kosmos_cli
-from kosmos_cli.models.cache import StepPlan
 from kosmos_cli.processing.images import kosmos2_5_patches
 from kosmos_cli.processing.kosmos2_5 import chat_prompt
-from tests.checkpoints import load_kosmos2_5_oracle
-
-SHAPES = [(40, 30), (300, 120), (64, 640), (7, 5)]  # (width, height)
-
-
-def noise_image(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+from tests.helpers.images import noise_image
+from tests.helpers.kosmos2_5 import load_kosmos2_5_oracle
+from tests.helpers.parity import SHAPES, full_forward, oracle_generate, our_logits
 
 
 @pytest.fixture(scope="module")
@@ -32,35 +24,6 @@ def sharded(kosmos25_sharded):
 @pytest.fixture(scope="module")
 def tied(kosmos25_tied):
     return kosmos_cli.load(kosmos25_tied, device="cpu", dtype="float32"), load_kosmos2_5_oracle(kosmos25_tied)
-
-
-def oracle_generate(oracle, image, prompt, max_new_tokens, **kwargs):
-    model, processor = oracle
-    inputs = processor(text=prompt, images=image, return_tensors="pt")
-    inputs.pop("width"), inputs.pop("height")
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, **kwargs)
-    new = out[0, inputs["input_ids"].shape[1] :].tolist()
-    eos = model.generation_config.eos_token_id
-    return new[: new.index(eos)] if eos in new else new
-
-
-def our_logits(engine, image, prompt):
-    """A full uncached forward of prompt ids through our model -> logits (T, V)."""
-    grid = kosmos2_5_patches(image, engine.max_patches)
-    ids, mask = engine.tokenizer.prompt(prompt, engine.config.latent_query_num)
-    return full_forward(engine, grid.patches[None], [ids], [mask])[0]
-
-
-def full_forward(engine, patches, ids, masks):
-    """Logits of an uncached forward, on the engine's device and in its dtype."""
-    decoder, device = engine.model.text, engine.device
-    ids, masks = torch.tensor(ids, device=device), torch.tensor(masks, device=device)
-    rows = torch.arange(ids.shape[0], device=device)
-    with torch.inference_mode():
-        embeds = engine.model.encode_images(patches.to(device))
-        cache = decoder.new_cache(ids.shape[0], ids.shape[1], dtype=engine.dtype, device=device)
-        x = decoder.embed(ids, torch.zeros_like(rows), embeds, masks)
-        return decoder.logits(decoder(x, cache, StepPlan.prefill_rows(rows)))
 
 
 @pytest.mark.parametrize("fixture", ["tied", "sharded"])

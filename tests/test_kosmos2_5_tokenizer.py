@@ -9,17 +9,17 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from checkpoints import (
-    build_kosmos2_5_tokenizer_config,
-    build_kosmos2_5_tokenizer_json,
-    load_kosmos2_5_oracle,
-    load_kosmos2_5_processor,
-)
 from kosmos_cli.processing.kosmos2_5 import (
     MARKDOWN_PROMPT,
     OCR_PROMPT,
     Kosmos25Tokenizer,
     chat_prompt,
+)
+from tests.helpers.kosmos2_5 import (
+    build_kosmos2_5_tokenizer_config,
+    build_kosmos2_5_tokenizer_json,
+    load_kosmos2_5_oracle,
+    load_kosmos2_5_processor,
 )
 
 TEXTS = [

@@ -1,6 +1,6 @@
 """Kosmos-2 tokenizer and prompt builder against transformers' Kosmos2Processor (the oracle).
 
-The checkpoint is the tiny one from `kosmos2_checkpoint.py`, in the Hub repo's file layout; the
+The checkpoint is the tiny one from `tests/helpers/kosmos2.py`, in the Hub repo's file layout; the
 oracle loads it the way transformers 5.x loads the real one (TokenizersBackend over tokenizer.json,
 tag tokens re-registered by the processor).
 """
@@ -15,15 +15,11 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from kosmos2_checkpoint import load_kosmos2_oracle, load_kosmos2_processor, make_kosmos2_checkpoint  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from kosmos_cli.processing.kosmos2 import Kosmos2Tokenizer  # noqa: E402
-
-SNOWMAN = (
-    "<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object>"
-    " warming himself by<phrase> a fire</phrase><object><patch_index_0005><patch_index_0911></object>."
-)
+from tests.helpers.hub import added_tokens_decoder_block  # noqa: E402
+from tests.helpers.kosmos2 import SNOWMAN, load_kosmos2_oracle, load_kosmos2_processor  # noqa: E402
 
 TEXTS = [
     "",
@@ -60,11 +56,6 @@ TEXTS = [
     "</doc></chunk></line> tags <grounding>",
     "< not a tag > <phrase <object",
 ]
-
-
-@pytest.fixture(scope="module")
-def k2_dir(tmp_path_factory):
-    return make_kosmos2_checkpoint(tmp_path_factory.mktemp("kosmos2_tok"), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +266,7 @@ def _tags_special(tj):
 
 def _with_added_tokens_decoder(tc, k2_dir):
     tj = json.loads((k2_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    tc["added_tokens_decoder"] = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in tj["added_tokens"]}
+    tc["added_tokens_decoder"] = added_tokens_decoder_block(tj["added_tokens"])
 
 
 @pytest.mark.parametrize(

@@ -15,16 +15,11 @@ from kosmos_cli.pages import ErrorJob, PageJob
 from kosmos_cli.tasks import TASKS
 from kosmos_cli.models import generation
 from kosmos_cli.models.loading import ModelLoadError
-from tests.test_kosmos2_5 import noise_image
+from tests.helpers.images import noise_image
 
 IMAGES = [noise_image(*size, seed=10 + i) for i, size in enumerate(
     [(40, 30), (300, 120), (64, 640), (128, 128), (90, 200), (33, 33), (250, 80), (70, 70)])]
 BUDGET = 14
-
-
-@pytest.fixture(scope="module")
-def engine(kosmos25_sharded):
-    return kosmos_cli.load(kosmos25_sharded, device="cpu", dtype="float32")
 
 
 def pages(images=IMAGES):

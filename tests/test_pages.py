@@ -16,8 +16,9 @@ from kosmos_cli import documents
 from kosmos_cli.documents import WORK_PIXELS, DocumentError, open_document
 from kosmos_cli.inputs import InputFile, parse_pages
 from kosmos_cli.pages import ErrorJob, PageJob, iter_pages, prefetch
-from pdf_helpers import make_image, make_image_pdf, make_pdf
-from test_cli import kosmos
+from tests.helpers.images import make_image
+from tests.helpers.pdfs import make_image_pdf, make_pdf
+from tests.helpers.cli import kosmos
 
 
 def kosmos_threads():

@@ -19,7 +19,7 @@ from kosmos_cli.writers.atomic import OutputError, atomic_open, atomic_save_png,
 from kosmos_cli.writers.directory import OutputDir
 from kosmos_cli.writers.formats import PAGE_SEPARATOR, page_comment
 from kosmos_cli.writers.overlay import draw_overlay
-from pdf_helpers import make_image_pdf
+from tests.helpers.pdfs import make_image_pdf
 
 SCHEMA_KEYS = ["source", "page", "task", "model", "width", "height", "text", "lines", "entities", "raw", "truncated", "error"]
 MODEL = "microsoft/kosmos-2.5"

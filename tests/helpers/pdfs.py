@@ -1,22 +1,19 @@
-"""Test helpers: PDFs and images built at test time, without extra packages.
+"""PDFs built at test time, without extra packages.
 
 `make_pdf` writes a minimal PDF by hand, optionally encrypted with the standard security handler
 (revision 2, 40-bit RC4: MD5 and RC4 are a few lines of Python), which pdfium opens like any other.
 `make_image_pdf` uses pypdfium2 itself to place a coloured square on every page; `make_form_pdf` writes
-a page with one filled text field; `make_image` a one-colour image; `make_corrupt_g4_tiff` a fax TIFF
-that libtiff complains about.
+a page with one filled text field.
 """
 
 from __future__ import annotations
 
 import hashlib
-import random
 import struct
-import zlib
 from pathlib import Path
 
 import pypdfium2 as pdfium
-from PIL import Image, ImageDraw
+from PIL import Image
 
 _PAD = bytes.fromhex("28BF4E5E4E758A4164004E56FFFA01082E2E00B6D0683E802F0CA9FE6453697A")
 
@@ -150,48 +147,4 @@ def make_image_pdf(path: Path, n_pages: int, size: tuple[float, float] = (144, 7
         pdf.save(str(path))
     finally:
         pdf.close()
-    return Path(path)
-
-
-def make_image(path: Path, color=(200, 30, 30), size=(40, 30)) -> Path:
-    """A one-colour RGB image, in the format its extension names; folders created."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-    return path
-
-
-def png_header_only(path: Path, width: int, height: int) -> Path:
-    """A PNG that claims ``width``×``height`` but holds one empty IDAT: a decompression-bomb stand-in."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
-    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
-    Path(path).write_bytes(data)
-    return Path(path)
-
-
-def make_corrupt_g4_tiff(path: Path, *, unreadable: bool = False) -> Path:
-    """A CCITT Group 4 TIFF (400×300, lines of text) with 40 garbage bytes in its strip: libtiff decodes
-    it, writing warnings ("Fax4Decode: Bad code word ...") to the C stderr. ``unreadable`` also makes
-    the strip's byte count run past the end of the file, so that the decode fails."""
-    im = Image.new("1", (400, 300), 1)
-    draw = ImageDraw.Draw(im)
-    for y in range(10, 290, 12):
-        draw.text((10, y), "The quick brown fox jumps over the lazy dog 0123456789", fill=0)
-    im.save(path, compression="group4")
-    with Image.open(path) as tif:
-        offset, count = tif.tag_v2[273][0], tif.tag_v2[279][0]  # StripOffsets, StripByteCounts
-    data = bytearray(Path(path).read_bytes())
-    rng = random.Random(0)
-    for i in range(offset + count // 4, offset + count // 4 + 40):
-        data[i] = rng.randrange(256)
-    if unreadable:  # Pillow writes little-endian TIFFs with LONG byte counts
-        ifd = struct.unpack_from("<I", data, 4)[0]
-        for k in range(struct.unpack_from("<H", data, ifd)[0]):
-            entry = ifd + 2 + 12 * k
-            if struct.unpack_from("<H", data, entry)[0] == 279:
-                struct.pack_into("<I", data, entry + 8, count * 50)
-    Path(path).write_bytes(bytes(data))
     return Path(path)

@@ -1,4 +1,5 @@
-"""Builder of a tiny random Kosmos-2 checkpoint in the layout of `microsoft/kosmos-2-patch14-224`.
+"""Builder of a tiny random Kosmos-2 checkpoint in the layout of `microsoft/kosmos-2-patch14-224`, and
+its oracle loaders.
 
 Files written (as in the Hub repo, REFERENCE §1):
 config.json (model_type "kosmos-2"), model.safetensors, sentencepiece.bpe.model, tokenizer.json,
@@ -37,10 +38,20 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from pathlib import Path
 
-from tests.checkpoints import make_image_dependent, tiny_text_config, write_hub_style_config
+from tests.helpers.hub import (
+    FAIRSEQ_SPECIALS,
+    added_token,
+    added_tokens_decoder_block,
+    check_builder_args,
+    check_hub_layout,
+    load_oracle_model,
+    load_processor,
+    save_random_model,
+    tiny_text_config,
+    write_json,
+)
 
 TAG_TOKENS = [
     "</doc>",
@@ -57,6 +68,12 @@ TAG_TOKENS = [
 ]
 NUM_PATCH_INDEX_TOKENS = 1024
 LATENT_QUERY_NUM = 64
+
+# A grounded answer: the snowman example of transformers' Kosmos-2 documentation.
+SNOWMAN = (
+    "<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object>"
+    " warming himself by<phrase> a fire</phrase><object><patch_index_0005><patch_index_0911></object>."
+)
 
 # Our own little multilingual corpus for the sentencepiece model: captions, punctuation, digits,
 # and Cyrillic, Greek, CJK, Arabic, accented Latin text.
@@ -143,18 +160,6 @@ def _precompiled_charsmap(model_proto: bytes) -> bytes:
     return b""
 
 
-def _added_token(token_id: int, content: str, *, special: bool, lstrip: bool, normalized: bool) -> dict:
-    return {
-        "id": token_id,
-        "content": content,
-        "single_word": False,
-        "lstrip": lstrip,
-        "rstrip": False,
-        "normalized": normalized,
-        "special": special,
-    }
-
-
 def write_kosmos2_tokenizer(path: Path, *, added_tokens_decoder: bool = False) -> int:
     """Write the tokenizer files of the Hub repo into `path`; return the total number of ids."""
     import sentencepiece as spm
@@ -167,22 +172,19 @@ def write_kosmos2_tokenizer(path: Path, *, added_tokens_decoder: bool = False) -
     n_pieces = sp.get_piece_size()
 
     # fairseq layout: <s> <pad> </s> <unk>, then sentencepiece pieces 3.. (id + 1), then <mask>.
-    vocab = [["<s>", 0.0], ["<pad>", 0.0], ["</s>", 0.0], ["<unk>", 0.0]]
+    vocab = [[tok, 0.0] for tok in FAIRSEQ_SPECIALS]
     vocab += [[sp.id_to_piece(i), sp.get_score(i)] for i in range(3, n_pieces)]
     mask_id = len(vocab)
     vocab.append(["<mask>", 0.0])
     first_tag_id = len(vocab)
     tags = TAG_TOKENS + [f"<patch_index_{i:04d}>" for i in range(NUM_PATCH_INDEX_TOKENS)]
 
-    added = [
-        _added_token(i, tok, special=True, lstrip=False, normalized=False)
-        for i, tok in enumerate(["<s>", "<pad>", "</s>", "<unk>"])
-    ]
-    added.append(_added_token(mask_id, "<mask>", special=True, lstrip=True, normalized=True))
+    added = [added_token(i, tok, special=True) for i, tok in enumerate(FAIRSEQ_SPECIALS)]
+    added.append(added_token(mask_id, "<mask>", special=True, lstrip=True, normalized=True))
     # Saved before transformers knew better, the tags are plain added tokens (normalized, no lstrip);
     # Kosmos2Processor re-registers them with lstrip=True at load time.
     added += [
-        _added_token(first_tag_id + i, tok, special=False, lstrip=False, normalized=True)
+        added_token(first_tag_id + i, tok, special=False, normalized=True)
         for i, tok in enumerate(tags)
     ]
 
@@ -227,12 +229,8 @@ def write_kosmos2_tokenizer(path: Path, *, added_tokens_decoder: bool = False) -
         "decoder": metaspace,
         "model": {"type": "Unigram", "unk_id": 3, "vocab": vocab, "byte_fallback": False},
     }
-    (path / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False), encoding="utf-8")
-
-    (path / "added_tokens.json").write_text(
-        json.dumps({tok: first_tag_id + i for i, tok in enumerate(tags)}, indent=2, sort_keys=True) + "\n",
-        encoding="utf-8",
-    )
+    write_json(path / "tokenizer.json", tokenizer_json, indent=None)
+    write_json(path / "added_tokens.json", {tok: first_tag_id + i for i, tok in enumerate(tags)}, sort_keys=True)
     mask = {"content": "<mask>", "lstrip": True, "normalized": True, "rstrip": False, "single_word": False}
     special_map = {
         "bos_token": "<s>",
@@ -243,7 +241,7 @@ def write_kosmos2_tokenizer(path: Path, *, added_tokens_decoder: bool = False) -
         "sep_token": "</s>",
         "unk_token": "<unk>",
     }
-    (path / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n", encoding="utf-8")
+    write_json(path / "special_tokens_map.json", special_map)
     tokenizer_config = {
         "bos_token": "<s>",
         "clean_up_tokenization_spaces": True,
@@ -259,10 +257,8 @@ def write_kosmos2_tokenizer(path: Path, *, added_tokens_decoder: bool = False) -
         "unk_token": "<unk>",
     }
     if added_tokens_decoder:
-        tokenizer_config["added_tokens_decoder"] = {
-            str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added
-        }
-    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
+        tokenizer_config["added_tokens_decoder"] = added_tokens_decoder_block(added)
+    write_json(path / "tokenizer_config.json", tokenizer_config)
     return first_tag_id + len(tags)
 
 
@@ -299,23 +295,14 @@ def make_kosmos2_checkpoint(
     added_tokens_decoder: also write the transformers>=4.34 `added_tokens_decoder` block into
         tokenizer_config.json (the ids and flags are the same either way).
     """
-    import torch
     from transformers import Kosmos2ForConditionalGeneration
 
-    if image_dependent and tied:
-        raise ValueError("image_dependent needs an untied lm_head (tied=False)")
+    check_builder_args(tied=tied, image_dependent=image_dependent)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     vocab_size = write_kosmos2_tokenizer(path, added_tokens_decoder=added_tokens_decoder)
     config = _tiny_config(vocab_size, tied=tied)
-
-    torch.manual_seed(seed)
-    model = Kosmos2ForConditionalGeneration(config).to(torch.float32).eval()
-    if image_dependent:
-        make_image_dependent(model, seed)
-    model.save_pretrained(path, safe_serialization=True)
-
-    write_hub_style_config(path)
+    save_random_model(path, Kosmos2ForConditionalGeneration, config, seed=seed, image_dependent=image_dependent)
 
     generation_config = {
         "_from_model_config": True,
@@ -326,7 +313,7 @@ def make_kosmos2_checkpoint(
         "transformers_version": "4.32.0.dev0",
         "use_cache": True,
     }
-    (path / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+    write_json(path / "generation_config.json", generation_config)
 
     preprocessor_config = {
         "crop_size": {"height": 224, "width": 224},
@@ -344,45 +331,30 @@ def make_kosmos2_checkpoint(
         "size": {"shortest_edge": 224},
         "use_square_size": True,
     }
-    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor_config, indent=2) + "\n")
-    _check_layout(path, tied=tied)
+    write_json(path / "preprocessor_config.json", preprocessor_config)
+    check_hub_layout(
+        path, tied=tied, sharded=False,
+        files=(
+            "config.json",
+            "sentencepiece.bpe.model",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "added_tokens.json",
+            "preprocessor_config.json",
+            "generation_config.json",
+        ),
+    )
     return path
-
-
-def _check_layout(path: Path, *, tied: bool) -> None:
-    """Fail early if save_pretrained's output differs from the layout we promise."""
-    from safetensors import safe_open
-
-    assert (path / "model.safetensors").is_file() and not list(path.glob("model-*-of-*.safetensors"))
-    with safe_open(str(path / "model.safetensors"), framework="pt") as sf:
-        names = set(sf.keys())
-    assert ("text_model.lm_head.weight" in names) == (not tied), sorted(names)[:5]
-    for name in (
-        "config.json",
-        "sentencepiece.bpe.model",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "preprocessor_config.json",
-        "generation_config.json",
-    ):
-        assert (path / name).is_file(), name
 
 
 def load_kosmos2_processor(path: Path):
     """transformers' Kosmos2Processor for a checkpoint dir, with the PIL image processor."""
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(Path(path), backend="pil")
+    return load_processor(path)
 
 
 def load_kosmos2_oracle(path: Path):
     """(model, processor) from transformers: eager attention, fp32, eval; PIL image processor."""
-    import torch
     from transformers import Kosmos2ForConditionalGeneration
 
-    model = Kosmos2ForConditionalGeneration.from_pretrained(
-        Path(path), attn_implementation="eager", dtype=torch.float32
-    ).eval()
-    return model, load_kosmos2_processor(path)
+    return load_oracle_model(Kosmos2ForConditionalGeneration, path), load_kosmos2_processor(path)

@@ -1,6 +1,6 @@
-"""Builders of tiny random checkpoints in the Hugging Face Hub layout, for parity tests.
+"""Builder of a tiny random Kosmos-2.5 checkpoint in the Hugging Face Hub layout, and its oracle loaders.
 
-The Kosmos-2.5 builder writes the same files as `microsoft/kosmos-2.5`:
+The builder writes the same files as `microsoft/kosmos-2.5`:
 config.json, model.safetensors (or shards + index), tokenizer.json, tokenizer_config.json,
 preprocessor_config.json (or the transformers-5 processor_config.json), generation_config.json.
 Weights come from transformers' own `Kosmos2_5ForConditionalGeneration` (fp32, seeded), so the
@@ -16,6 +16,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tests.helpers.hub import (
+    FAIRSEQ_SPECIALS,
+    added_token,
+    added_tokens_decoder_block,
+    check_builder_args,
+    check_hub_layout,
+    load_oracle_model,
+    load_processor,
+    save_random_model,
+    tiny_text_config,
+    write_json,
+)
+
 # --------------------------------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------------------------------
@@ -26,7 +39,6 @@ CL100K_PATTERN = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-FAIRSEQ_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
 # Added after the BPE vocabulary, in the order of the original code (unilm kosmos2_5/data/utils.py,
 # with fairseq's `<mask>` first). `special` is the flag in tokenizer.json: the released model decodes
 # generate() output with skip_special_tokens=True to text that starts at `<bbox>` (transformers'
@@ -95,18 +107,6 @@ def _train_bpe(vocab_size: int = 600) -> dict:
     return json.loads(tok.to_str())
 
 
-def _added(token_id: int, content: str, special: bool) -> dict:
-    return {
-        "id": token_id,
-        "content": content,
-        "single_word": False,
-        "lstrip": False,
-        "rstrip": False,
-        "normalized": False,
-        "special": special,
-    }
-
-
 def build_kosmos2_5_tokenizer_json(specials: list[str] | None = None) -> dict:
     """tokenizer.json content with the real Kosmos-2.5 layout (ids of the fairseq specials first).
 
@@ -121,14 +121,14 @@ def build_kosmos2_5_tokenizer_json(specials: list[str] | None = None) -> dict:
         vocab[tok] = idx + len(specials)
     assert len(vocab) == len(specials) + len(bpe_vocab)
 
-    added = [_added(i, tok, True) for i, tok in enumerate(specials)]
+    added = [added_token(i, tok, special=True) for i, tok in enumerate(specials)]
     next_id = len(vocab)
     for content, special in TASK_TOKENS:
-        added.append(_added(next_id, content, special))
+        added.append(added_token(next_id, content, special=special))
         next_id += 1
     for i in range(NUM_COORD_BINS):
-        added.append(_added(next_id, f"<x_{i}>", False))
-        added.append(_added(next_id + 1, f"<y_{i}>", False))
+        added.append(added_token(next_id, f"<x_{i}>", special=False))
+        added.append(added_token(next_id + 1, f"<y_{i}>", special=False))
         next_id += 2
 
     model = dict(trained["model"])
@@ -159,12 +159,8 @@ def build_kosmos2_5_tokenizer_json(specials: list[str] | None = None) -> dict:
 
 def build_kosmos2_5_tokenizer_config(tokenizer_json: dict) -> dict:
     """tokenizer_config.json as transformers writes it for this tokenizer (PreTrainedTokenizerFast)."""
-    decoder = {
-        str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
-        for t in tokenizer_json["added_tokens"]
-    }
     return {
-        "added_tokens_decoder": decoder,
+        "added_tokens_decoder": added_tokens_decoder_block(tokenizer_json["added_tokens"]),
         "bos_token": "<s>",
         "clean_up_tokenization_spaces": False,
         "eos_token": "</s>",
@@ -183,9 +179,8 @@ def write_kosmos2_5_tokenizer(path: Path, specials: list[str] | None = None) -> 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tj = build_kosmos2_5_tokenizer_json(specials)
-    (path / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False, indent=2), encoding="utf-8")
-    tc = build_kosmos2_5_tokenizer_config(tj)
-    (path / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False, indent=2), encoding="utf-8")
+    write_json(path / "tokenizer.json", tj)
+    write_json(path / "tokenizer_config.json", build_kosmos2_5_tokenizer_config(tj))
     return len(tj["model"]["vocab"]) + len(tj["added_tokens"]) - len(FAIRSEQ_SPECIALS)
 
 
@@ -195,15 +190,6 @@ def write_kosmos2_5_tokenizer(path: Path, specials: list[str] | None = None) -> 
 
 TINY_MAX_PATCHES = 256
 TINY_LATENT_QUERY_NUM = 16
-
-
-def tiny_text_config(vocab_size: int, *, tied: bool, **overrides) -> dict:
-    """The tiny fairseq text decoder both test checkpoints use (fields as in transformers' configs)."""
-    return dict(
-        vocab_size=vocab_size, embed_dim=32, layers=2, attention_heads=4, ffn_dim=64, dropout=0.0,
-        attention_dropout=0.0, activation_dropout=0.0, tie_word_embeddings=tied, pad_token_id=1,
-        bos_token_id=0, eos_token_id=2,
-    ) | overrides
 
 
 def _tiny_config(vocab_size: int, *, tied: bool, text_heads: int = 4):
@@ -225,48 +211,6 @@ def _tiny_config(vocab_size: int, *, tied: bool, text_heads: int = 4):
     )
 
 
-def write_hub_style_config(path: Path) -> None:
-    """Rewrite a saved config.json as the Hub files are: they predate transformers 5 and say
-    "torch_dtype", not "dtype"."""
-    config_file = path / "config.json"
-    config = json.loads(config_file.read_text())
-    config["torch_dtype"] = config.pop("dtype", "float32")
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def make_image_dependent(model, seed: int) -> None:
-    """Make greedy output depend on the image (tiny random models are image-blind, REFERENCE §9).
-
-    With the default init (std 0.02) every tiny linear layer shrinks its input ~10x, so the image
-    signal is gone by the last position. Re-drawn with unit gain (std 1/sqrt(fan_in)), the resampler
-    and the text attention carry it through; a larger `dense` and a small latent query make the
-    image features dominate the resampled tokens; a big untied lm_head turns the differences into
-    different argmaxes.
-    """
-    import math
-
-    import torch
-
-    g = torch.Generator().manual_seed(seed + 1)
-
-    def redraw(linear, gain: float) -> None:
-        w = linear.weight
-        w.copy_(torch.randn(w.shape, generator=g) * (gain / math.sqrt(w.shape[1])))
-
-    proj = model.image_to_text_projection
-    with torch.no_grad():
-        redraw(proj.dense, 2.0)
-        proj.latent_query.mul_(0.1)
-        for lin in (proj.x_attn.q_proj, proj.x_attn.k_proj, proj.x_attn.v_proj, proj.x_attn.out_proj):
-            redraw(lin, 1.0)
-        for layer in model.text_model.model.layers:
-            attn = layer.self_attn
-            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
-                redraw(lin, 1.0)
-        head = model.text_model.lm_head.weight
-        head.copy_(torch.randn(head.shape, generator=g))
-
-
 def make_kosmos2_5_checkpoint(
     path: Path,
     *,
@@ -285,28 +229,21 @@ def make_kosmos2_5_checkpoint(
     processor_layout: "preprocessor" (old preprocessor_config.json, like the Hub repo) or
         "processor" (transformers-5 processor_config.json with the image processor nested).
     """
-    import torch
     from transformers import Kosmos2_5ForConditionalGeneration
 
     if processor_layout not in ("preprocessor", "processor"):
         raise ValueError(f"processor_layout must be 'preprocessor' or 'processor', not {processor_layout!r}")
-    if image_dependent and tied:
-        raise ValueError("image_dependent needs an untied lm_head (tied=False)")
+    check_builder_args(tied=tied, image_dependent=image_dependent)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
 
     vocab_size = write_kosmos2_5_tokenizer(path)
     config = _tiny_config(vocab_size, tied=tied, text_heads=text_heads)
-
-    torch.manual_seed(seed)
-    model = Kosmos2_5ForConditionalGeneration(config).to(torch.float32).eval()
-    if image_dependent:
-        make_image_dependent(model, seed)
-
     # The real checkpoint (2 shards of ~5.5 GB) is sharded by size; ours by a tiny limit.
-    max_shard = "1MB" if sharded else "10GB"
-    model.save_pretrained(path, max_shard_size=max_shard, safe_serialization=True)
-    write_hub_style_config(path)
+    save_random_model(
+        path, Kosmos2_5ForConditionalGeneration, config, seed=seed, image_dependent=image_dependent,
+        max_shard_size="1MB" if sharded else "10GB",
+    )
 
     image_processor = {
         "do_convert_rgb": True,
@@ -316,47 +253,28 @@ def make_kosmos2_5_checkpoint(
         "patch_size": {"height": 16, "width": 16},
     }
     if processor_layout == "preprocessor":
-        (path / "preprocessor_config.json").write_text(
-            json.dumps({**image_processor, "processor_class": "Kosmos2_5Processor"}, indent=2)
-        )
+        processor_file = "preprocessor_config.json"
+        write_json(path / processor_file, {**image_processor, "processor_class": "Kosmos2_5Processor"})
     else:
+        processor_file = "processor_config.json"
         processor_config = {
             "image_processor": image_processor,
             "num_image_tokens": TINY_LATENT_QUERY_NUM,
             "processor_class": "Kosmos2_5Processor",
         }
-        (path / "processor_config.json").write_text(json.dumps(processor_config, indent=2))
-    _check_layout(path, tied=tied, sharded=sharded)
+        write_json(path / processor_file, processor_config)
+    check_hub_layout(
+        path, tied=tied, sharded=sharded,
+        files=("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", processor_file),
+    )
     return path
-
-
-def _check_layout(path: Path, *, tied: bool, sharded: bool) -> None:
-    """Fail early if save_pretrained's output differs from the layout we promise."""
-    from safetensors import safe_open
-
-    shards = sorted(path.glob("model-*-of-*.safetensors"))
-    if sharded:
-        assert len(shards) >= 2 and (path / "model.safetensors.index.json").is_file(), shards
-        assert not (path / "model.safetensors").exists()
-        files = shards
-    else:
-        assert (path / "model.safetensors").is_file() and not shards
-        files = [path / "model.safetensors"]
-    names = set()
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            names.update(sf.keys())
-    assert ("text_model.lm_head.weight" in names) == (not tied), sorted(names)[:5]
 
 
 def load_kosmos2_5_oracle(path: Path, *, num_image_tokens: int | None = None):
     """(model, processor) from transformers: eager attention, fp32, eval; PIL image processor."""
-    import torch
     from transformers import Kosmos2_5ForConditionalGeneration
 
-    model = Kosmos2_5ForConditionalGeneration.from_pretrained(
-        Path(path), attn_implementation="eager", dtype=torch.float32
-    ).eval()
+    model = load_oracle_model(Kosmos2_5ForConditionalGeneration, path)
     return model, load_kosmos2_5_processor(path, num_image_tokens=num_image_tokens)
 
 
@@ -366,12 +284,10 @@ def load_kosmos2_5_processor(path: Path, *, num_image_tokens: int | None = None)
     num_image_tokens defaults to the checkpoint's latent_query_num (the processor's own default is
     2048, the released model's value, and the old preprocessor_config.json layout cannot say otherwise).
     """
-    from transformers import AutoProcessor
-
     path = Path(path)
     if num_image_tokens is None:
         num_image_tokens = json.loads((path / "config.json").read_text())["latent_query_num"]
-    processor = AutoProcessor.from_pretrained(path, backend="pil", num_image_tokens=num_image_tokens)
+    processor = load_processor(path, num_image_tokens=num_image_tokens)
     # Kosmos2_5Processor's class default (images_kwargs max_patches=4096) beats the image processor's
     # own setting; the released checkpoint uses 4096 anyway, so make the tiny one use its own value.
     processor.images_kwargs = {**type(processor).images_kwargs, "max_patches": processor.image_processor.max_patches}

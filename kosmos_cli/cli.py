@@ -9,23 +9,22 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
-from itertools import chain
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Optional
 
 import click
 import typer
 
 from . import documents, interrupt
 from .inputs import collect_inputs, parse_pages
-from .pages import ErrorJob, PageJob, iter_pages, prefetch
+from .pages import PageJob, iter_pages
 from .paths import display_path, os_reason
+from .report import Progress, Report, say
 from .results import PageResult
 from .tasks import TASKS
 from .writers.directory import OutputDir
-from .writers.formats import page_comment
-from .writers.overlay import draw_overlay
+from .writers.sinks import DirectorySink, JsonlSink, TextSink
 
 
 app = typer.Typer(
@@ -132,7 +131,7 @@ def _command(name: str, inputs: list[str], *, prompt: str | None = None, ask: st
     except (typer.Exit, click.exceptions.ClickException):
         raise
     except KeyboardInterrupt:
-        _report("interrupted")
+        say("interrupted")
         code = 130
     except BrokenPipeError:  # `kosmos ... | head`: the reader left; stop quietly, as other tools do
         try:  # keep the interpreter's final flush of stdout from failing again
@@ -143,7 +142,7 @@ def _command(name: str, inputs: list[str], *, prompt: str | None = None, ask: st
     except Exception as err:  # a bug or an unforeseen failure: one line, the traceback only with --debug
         if opts.debug:
             raise
-        _report(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)")
+        say(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)")
         code = 1
     raise typer.Exit(code)
 
@@ -171,19 +170,10 @@ def _main(version: bool = typer.Option(False, "--version", callback=_print_versi
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Tally:
-    pages: int = 0
-    failed: int = 0
-    skipped: int = 0
-    tokens: int = 0
-    truncated: int = 0
-    failed_inputs: set = field(default_factory=set)
-
-
 def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str | None = None, question: str | None = None) -> int:
     """Run one command; returns the exit code."""
     from .models.layers import ATTENTION_CHOICES
+    from .pipeline import transcribe
 
     task = TASKS[task_name]
     if opts.attention not in ATTENTION_CHOICES:
@@ -208,40 +198,57 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
     model_name = opts.model or ("microsoft/kosmos-2.5-chat" if question is not None else task.default_model)
 
     files, input_errors = collect_inputs(inputs, exclude=[opts.output] if opts.output else ())
-    tally = Tally()
-    out = None if opts.output is None else OutputDir(opts.output, task, model=model_name,
-                                                             overwrite=opts.overwrite, warn=_Emitter.note_for(opts))
-    emit = _Emitter(out, opts, tally, task, model_name, several=len(files) > 1)
+    report = Report(task, model_name, quiet=opts.quiet)
+    out = None
+    if opts.output is not None:
+        out = OutputDir(opts.output, task, model=model_name, overwrite=opts.overwrite, warn=report.note)
+        sink = DirectorySink(out, overlay=opts.overlay)
+    elif opts.format == "jsonl":
+        sink = JsonlSink()
+    else:
+        sink = TextSink(task, several=len(files) > 1)
     for error in input_errors:
-        emit.input_error(error)
+        _deliver(sink, report, error, report.input_error(error))
     if not files:
-        if tally.failed_inputs:
+        if report.failed_inputs:
             return 1
         _fail_usage("no supported input files found (PDF, PNG, JPEG, TIFF, WebP, BMP, GIF)")
     skip = (lambda job: out.is_done(job.stem, job.page)) if out is not None else None
     jobs = iter_pages(files, selection, opts.dpi, opts.password, skip=skip)
 
     show_progress = not opts.quiet and sys.stderr.isatty()
-    progress = _Progress(show_progress, _count_pages(files, selection, opts) if show_progress else None, tally)
-    prompt = task.prompt if prompt is None else prompt
+    progress = Progress(show_progress, _count_pages(files, selection, opts) if show_progress else None, report)
     started = time.monotonic()
     try:
         with progress:
-            for item, result in _process(task, jobs, model_name, opts, batch_size, prompt, progress):
+            for item, result in transcribe(
+                lambda: _load_engine(task, model_name, opts), task, jobs, prompt=prompt, batch_size=batch_size,
+                max_new_tokens=opts.max_new_tokens, on_page=report.page_done,
+            ):
                 interrupt.check()
-                emit(item, result)
-                progress.advance(item, result)
+                _deliver(sink, report, item, report.account(item, result))
+                progress.advance(item)
+                if isinstance(item, PageJob):
+                    item.image = None  # the page is done: let its pixels go
     except KeyboardInterrupt:
-        _report("interrupted; finished pages are saved and a re-run with -o continues where it stopped")
+        say("interrupted; finished pages are saved and a re-run with -o continues where it stopped")
         return 130
     except _Fatal as err:
-        _report(str(err.__cause__ if opts.debug else err))
+        say(str(err.__cause__ if opts.debug else err))
         if opts.debug:
             traceback.print_exception(err.__cause__, file=sys.stderr)
         return err.code
     if not opts.quiet:
-        _summary(tally, time.monotonic() - started)
-    return 1 if tally.failed or tally.failed_inputs else 0
+        report.summary(time.monotonic() - started)
+    return 1 if report.failed or report.failed_inputs else 0
+
+
+def _deliver(sink, report: Report, item, result: PageResult | None) -> None:
+    """Hand one item to the run's sink; a write that fails fails its document only."""
+    try:
+        sink.write(item, result)
+    except OSError as err:
+        report.write_failed(item, err)
 
 
 def _check_device(value: str) -> None:
@@ -308,7 +315,7 @@ def _batch_size(value: str) -> int | None:
 
 
 def _load_engine(task, model_name: str, opts: Options):
-    """Load the model once the first page needs it (a run whose pages are all done loads nothing)."""
+    """Load the model (once the first page needs it: a run whose pages are all done loads nothing)."""
     from . import engine as engine_module
     from .models.loading import ModelLoadError
 
@@ -317,146 +324,12 @@ def _load_engine(task, model_name: str, opts: Options):
                                     compile="auto" if opts.compile is None else opts.compile, attention=opts.attention)
     except (ModelLoadError, ValueError, FileNotFoundError, RuntimeError) as err:
         raise _Fatal(f"cannot load model {model_name}: {err}", 1) from err
+    interrupt.check()
     if engine.kind != task.model_kind:
         raise _Fatal(f"`kosmos {task.name}` needs a {task.model_kind} model, but {model_name} is {engine.kind}", 2)
     if not opts.quiet:
-        _report(f"running {engine}")
+        say(f"running {engine}")
     return engine
-
-
-def _process(task, jobs, model_name, opts, batch_size, prompt, progress) -> Iterator:
-    """(item, result) for every page job, rendering ahead and loading the model lazily."""
-    from .pipeline import transcribe
-
-    engine_holder: list = []
-
-    def lazy_engine_items():
-        for item in prefetch(jobs, depth=max(4, 2 * (batch_size or 8))):
-            interrupt.check()
-            if not engine_holder and isinstance(item, PageJob) and not item.skipped:
-                engine_holder.append(_load_engine(task, model_name, opts))
-                interrupt.check()
-            yield item
-
-    items = lazy_engine_items()
-    # Items before the first page that needs the model (errors, skipped pages) pass straight through.
-    for item in items:
-        if engine_holder:
-            chained = chain([item], items)
-            break
-        yield item, None
-    else:
-        return
-    engine = engine_holder[0]
-    limit = opts.max_new_tokens or task.max_new_tokens
-    size = batch_size or engine.auto_batch_size(prompt, limit)
-    yield from transcribe(engine, task, chained, prompt=prompt, batch_size=size, max_new_tokens=limit,
-                          on_page=progress.page_done)
-
-
-class _Emitter:
-    """Writes each item's outcome: results to stdout or under -o, errors and notes on stderr (and,
-    with --format jsonl on stdout, failures as records whose `error` is set, page 0 for a whole input)."""
-
-    def __init__(self, out, opts: Options, tally: Tally, task: str, model: str, *, several: bool):
-        self.out, self.opts, self.tally, self.task, self.model = out, opts, tally, task, model
-        self.several = several  # more than one document: mark each one's start on stdout
-        self.unwritable: set[str] = set()  # stems whose -o write failed; the rest of the document is dropped
-
-    def input_error(self, error) -> None:
-        where = display_path(error.path)
-        if getattr(error, "warning", False):
-            self._note(f"{where}: {error.reason}")
-            return
-        _report(f"{where}: {error.reason}")
-        self.tally.failed_inputs.add(str(error.path))
-        self._record(error.path, 0, error.reason)
-
-    def __call__(self, item, result) -> None:
-        if isinstance(item, ErrorJob):
-            result = self._failure(item)
-            if result is None:
-                return
-        elif item.skipped:
-            self.tally.skipped += 1
-        elif result is not None:
-            self._result(item, result)
-        for note in item.notes if isinstance(item, PageJob) else ():
-            self._note(f"{display_path(item.source)}: page {item.page}: {note}")
-        if self.out is not None:
-            self._store(item, result)
-        if isinstance(item, PageJob):
-            item.image = None  # the page is done: let its pixels go
-
-    def _failure(self, item: ErrorJob):
-        """Report a failed document or page; a failed page's placeholder result, to be stored under -o."""
-        where = display_path(item.source) + (f": page {item.page}" if item.page is not None else "")
-        if item.warning:
-            self._note(f"{where}: {item.error}")
-            return None
-        _report(f"{where}: {item.error}")
-        self.tally.failed += 1
-        self.tally.failed_inputs.add(str(item.source))
-        self._record(item.source, item.page or 0, item.error)
-        if item.page is None:
-            return None
-        return PageResult.failed(item.source, item.page, self.task.name, self.model, item.error)
-
-    def _result(self, item: PageJob, result) -> None:
-        self.tally.pages += 1
-        self.tally.truncated += result.truncated
-        if result.error:
-            _report(f"{display_path(item.source)}: page {item.page}: {result.error}")
-            self.tally.failed += 1
-        if self.out is None:
-            sys.stdout.write(result.to_json() + "\n" if self.opts.format == "jsonl"
-                             else _text_block(self.task, item, result, self.several))
-            sys.stdout.flush()
-
-    def _store(self, item, result) -> None:
-
-        """Store a page under -o, and its document once the last selected page is in. A failed write
-        (disk full, a name the file system refuses) fails this document only."""
-        if item.stem in self.unwritable:
-            return
-        try:
-            if result is not None:
-                self.out.write_page(item.stem, result)
-                if self.opts.overlay and not result.error:
-                    self.out.write_overlay(item.stem, item.page, draw_overlay(item.image, result))
-            if item.is_last:
-                self.out.assemble(item.stem, item.selected)
-        except OSError as err:
-            self.unwritable.add(item.stem)
-            self.tally.failed_inputs.add(str(item.source))
-            target = getattr(err, "path", None) or err.filename
-            what = f"cannot write {display_path(target)}" if target else "cannot write its output"
-            _report(f"{display_path(item.source)}: {what}: {os_reason(err)}")
-
-    def _record(self, source, page: int, error: str) -> None:
-        if self.out is None and self.opts.format == "jsonl":
-            failed = PageResult.failed(source, page, self.task.name, self.model, error)
-            sys.stdout.write(failed.to_json() + "\n")
-            sys.stdout.flush()
-
-    def _note(self, message: str) -> None:
-        self.note_for(self.opts)(message)
-
-    @staticmethod
-    def note_for(opts: Options):
-        """How notes are reported: on stderr unless --quiet."""
-        return (lambda message: None) if opts.quiet else (lambda message: _report(message, note=True))
-
-
-def _text_block(task, item: PageJob, result, several: bool) -> str:
-    body = task.text(result)
-    marked = several or len(item.selected) > 1 or item.page != 1
-    header = page_comment(item.page, source=display_path(item.source)) + "\n" if marked else ""
-    return header + body.rstrip("\n") + "\n"
-
-
-def _report(message: str, note: bool = False) -> None:
-    sys.stderr.write(f"kosmos: {'note: ' if note else ''}{message}\n")
 
 
 def _count_pages(files, selection, opts: Options) -> int:
@@ -469,54 +342,3 @@ def _count_pages(files, selection, opts: Options) -> int:
         except documents.DocumentError:
             continue
     return total
-
-
-def _summary(tally: Tally, seconds: float) -> None:
-    rate = f"{tally.pages / seconds:.2f} pages/s, {tally.tokens / seconds:.0f} tokens/s" if seconds > 0 else ""
-    parts = [f"{tally.pages} page{'s' * (tally.pages != 1)} in {seconds:.1f}s ({rate})"]
-    if tally.truncated:
-        parts.append(f"{tally.truncated} truncated")
-    if tally.skipped:
-        parts.append(f"{tally.skipped} already done")
-    if tally.failed:
-        parts.append(f"{tally.failed} failed")
-    if tally.failed_inputs:
-        parts.append(f"problems in {len(tally.failed_inputs)} input{'s' * (len(tally.failed_inputs) != 1)}")
-    _report("; ".join(parts))
-
-
-class _Progress:
-    """A rich progress bar on stderr (pages, pages/s, tokens/s, ETA), only when stderr is a terminal."""
-
-    def __init__(self, enabled: bool, total: int | None, tally: Tally):
-        self.enabled, self.total, self.tally = enabled, total, tally
-        self.started = time.monotonic()
-        self.bar = None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-                                console=Console(stderr=True), transient=True,
-                                # Results must stay on stdout; rich would route them to its console.
-                                redirect_stdout=False)
-            self.bar.__enter__()
-            self.task = self.bar.add_task("pages", total=self.total, rate="")
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-    def page_done(self, result, new_tokens: int) -> None:
-        self.tally.tokens += new_tokens
-
-    def advance(self, item, result) -> None:
-        if self.bar is None or isinstance(item, ErrorJob):
-            return
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        done = self.bar.tasks[0].completed + 1
-        self.bar.update(self.task, advance=1, rate=f"{done / elapsed:.2f} pages/s, {self.tally.tokens / elapsed:.0f} tok/s")

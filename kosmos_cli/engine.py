@@ -27,6 +27,10 @@ class Prepared:
     vision_input: torch.Tensor
     model_size: tuple[int, int]
 
+    @property
+    def nbytes(self) -> int:
+        return self.vision_input.numel() * self.vision_input.element_size()
+
 
 @dataclass(frozen=True)
 class Job:

@@ -1,12 +1,14 @@
 """Page jobs and the look-ahead that renders them.
 
     iter_pages(files, parse_pages("1-3,7"), dpi=200)  ->  PageJob | ErrorJob, lazily, in order
-    prefetch(jobs, depth=4)  ->  the same items, rendered ahead in background threads
+    prefetch(jobs, depth=4, prepare=engine.prepare)  ->  the same items, rendered (and prepared for
+                                                         the model) ahead in background threads
 
 `iter_pages` opens one document at a time and yields a `PageJob` per selected page; each job that
 will be rendered holds a claim on its document (`Document.claim`), which its `load` gives back, so the
-last render closes the document. `prefetch` renders in background threads through a window bounded by
-a number of pages and by bytes, so memory stays bounded whatever the page count and page size.
+last render closes the document. `prefetch` is the one look-ahead stage of a run: it renders, and
+preprocesses for the model, in background threads through a window bounded by a number of pages and
+by bytes, so memory stays bounded whatever the page count and page size.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -86,6 +89,7 @@ class PageJob:
     skipped: bool = False
     size: tuple[int, int] | None = None
     notes: list[str] = field(default_factory=list)
+    prepared: Any = field(default=None, repr=False)  # the model's input for ``image`` (prefetch's ``prepare``)
     _released: bool = field(default=False, repr=False)  # this job's claim on ``document`` given back
 
     def __post_init__(self) -> None:
@@ -195,18 +199,27 @@ def iter_pages(
 _DONE = object()
 
 
-def _load(item):
-    return item.load() if isinstance(item, PageJob) else item
+def _load(item, prepare: Callable[[Image.Image], Any] | None = None):
+    if not isinstance(item, PageJob):
+        return item
+    item = item.load()
+    if prepare is not None and isinstance(item, PageJob) and item.image is not None and item.prepared is None:
+        item.prepared = prepare(item.image)
+    return item
 
 
 def _held_bytes(item) -> int:
-    """Memory a loaded item holds: its image, at the 4 bytes a pixel Pillow keeps RGB in."""
+    """Memory a loaded item holds: its image, at the 4 bytes a pixel Pillow keeps RGB in, and its
+    prepared model input (``nbytes`` where it has one)."""
     image = getattr(item, "image", None)
-    return image.width * image.height * 4 if isinstance(image, Image.Image) else 0
+    held = image.width * image.height * 4 if isinstance(image, Image.Image) else 0
+    return held + getattr(getattr(item, "prepared", None), "nbytes", 0)
 
 
-def prefetch(items: Iterable, depth: int = 4, workers: int = 2, *, max_bytes: int = PREFETCH_BYTES) -> Iterator:
-    """Render pages ahead in background threads; yields the same items, in order, loaded.
+def prefetch(items: Iterable, depth: int = 4, workers: int = 2, *, max_bytes: int = PREFETCH_BYTES,
+             prepare: Callable[[Image.Image], Any] | None = None) -> Iterator:
+    """Render pages ahead in background threads; yields the same items, in order, loaded, and with
+    ``prepare`` given, each rendered page's ``prepared`` set to ``prepare(image)`` in the same thread.
 
     A feeder thread pulls from ``items`` (opening documents) and hands ``job.load()`` to ``workers``
     render threads. The items pulled but not yet handed to the consumer are at most ``depth``, those
@@ -223,8 +236,8 @@ def prefetch(items: Iterable, depth: int = 4, workers: int = 2, *, max_bytes: in
     if depth < 0 or workers < 1:
         raise ValueError(f"need depth >= 0 and workers >= 1, got depth={depth}, workers={workers}")
     if depth == 0:
-        return (_load(item) for item in items)
-    return _prefetch(iter(items), depth, workers, max_bytes)
+        return (_load(item, prepare) for item in items)
+    return _prefetch(iter(items), depth, workers, max_bytes, prepare)
 
 
 @dataclass
@@ -237,7 +250,7 @@ class _Window:
     bytes: int = 0  # held by the loaded ones
 
 
-def _prefetch(source: Iterator, depth: int, workers: int, max_bytes: int) -> Iterator:
+def _prefetch(source: Iterator, depth: int, workers: int, max_bytes: int, prepare) -> Iterator:
     window = _Window()
     stop = threading.Event()
     pending: queue.SimpleQueue = queue.SimpleQueue()  # futures in source order, then _DONE
@@ -255,7 +268,7 @@ def _prefetch(source: Iterator, depth: int, workers: int, max_bytes: int) -> Ite
             if stop.is_set() or not future.set_running_or_notify_cancel():
                 continue
             try:
-                result = _load(item)
+                result = _load(item, prepare)
             except BaseException as exc:
                 result, error = None, exc
             else:

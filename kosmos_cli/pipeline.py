@@ -1,23 +1,24 @@
 """Pages in, page results out: batching page jobs through an engine and parsing with the task.
 
-    pages.iter_pages -> pages.prefetch -> transcribe(engine, task, ...) -> (job, PageResult)
+    pages.iter_pages -> transcribe(engine, task, ...) -> (job, PageResult)
+                        (pages.prefetch inside: render and preprocess ahead, the one look-ahead stage)
 
 Items come out in the order they went in (stdout output stays in document order); error items
 pass straight through with no result."""
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .engine import Engine, Job, Output, Prepared
+from .engine import Engine, Job, Output
 from .models.generation import LoopCheck
+from .pages import ErrorJob, PageJob, prefetch
 from .results import PageResult
 from .tasks import Task
-from .pages import ErrorJob, PageJob
 from .tasks.repetition import WINDOW, find_loop, may_loop
 
 
@@ -34,33 +35,50 @@ OUT_OF_MEMORY = "out of GPU memory on a single page: lower --max-new-tokens or -
 
 
 def transcribe(
-    engine: Engine,
+    engine: Engine | Callable[[], Engine],
     task: Task,
     items: Iterable[PageJob | ErrorJob],
     *,
     prompt: str | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     max_new_tokens: int | None = None,
     on_page: Callable[[PageResult, int], None] | None = None,
-    lookahead: int = 4,
+    lookahead: int | None = None,
 ) -> Iterator[tuple[PageJob | ErrorJob, PageResult | None]]:
-    """Run the task on every rendered page with continuous batching (`batch_size` slots); yield
-    (item, result) in input order. Error items and skipped pages come out with result None.
+    """Run the task on every page with continuous batching (`batch_size` slots, None: as many as fit,
+    `Engine.auto_batch_size`); yield (item, result) in input order. Error items and skipped pages come
+    out with result None.
 
-    Images are preprocessed up to `lookahead` pages ahead in background threads. On out-of-memory
-    the engine's memory is released, the slots are halved and the pages in flight go back to the
-    front of the queue (greedy decoding is deterministic, so their results do not change); a page
-    that runs out of memory alone gets an error result. Every item that goes in comes out: the end
-    checks it. `on_page(result, new_tokens)` is called as each page finishes (progress reporting)."""
+    ``engine`` may be a function that loads one: it is called once a rendered page needs the model, so
+    the items before come out first and a run whose pages are all done or all failed loads nothing.
+    Pages are rendered and preprocessed ahead in background threads, the run's one look-ahead stage
+    (`pages.prefetch`: `lookahead` pages, default twice the slots and at least 4, and bounded in bytes).
+    On out-of-memory the engine's memory is released, the slots are halved and the pages in flight go
+    back to the front of the queue (greedy decoding is deterministic, so their results do not change);
+    a page that runs out of memory alone gets an error result. Every item that goes in comes out: the
+    end checks it. `on_page(result, new_tokens)` is called as each page finishes (progress reporting)."""
     prompt = task.prompt if prompt is None else prompt
     limit = task.max_new_tokens if max_new_tokens is None else max_new_tokens
+    preparer = _Preparer(engine if isinstance(engine, Engine) else None)
+    depth = max(4, 2 * (batch_size or 8)) if lookahead is None else lookahead
+    rendered = prefetch(items, depth=depth, prepare=preparer)
+    for first in rendered:
+        if _needs_model(first):
+            break
+        yield first, None
+    else:
+        return  # nothing needed the model
+    if preparer.engine is None:
+        preparer.engine = engine()
+    engine = preparer.engine
+    slots = batch_size or engine.auto_batch_size(prompt, limit)
     order: deque[PageJob | ErrorJob] = deque()  # items pulled, waiting for their turn
     results: dict[int, PageResult] = {}
-    source = _prepared(engine, items, lookahead, order)
+    source = _pages_for_model(itertools.chain([first], rendered), order)
     # Pages taken from the source but not finished: `waiting` to be admitted (first the ones that were
     # in flight when memory ran out, in their order), `in_flight` admitted (in admission order).
-    waiting: deque[tuple[PageJob, Prepared]] = deque()
-    in_flight: dict[int, tuple[PageJob, Prepared]] = {}
+    waiting: deque[PageJob] = deque()
+    in_flight: dict[int, PageJob] = {}
 
     def ready() -> Iterator[tuple[PageJob | ErrorJob, PageResult | None]]:
         while order and (not _needs_model(order[0]) or id(order[0]) in results):
@@ -69,16 +87,19 @@ def transcribe(
 
     def jobs() -> Iterator[Job]:
         while waiting or (fresh := next(source, None)) is not None:
-            page, prepared = waiting.popleft() if waiting else fresh
-            in_flight[id(page)] = (page, prepared)  # before the engine sees it: an OOM may follow
-            yield Job(id(page), prepared, prompt, limit)
+            page = waiting.popleft() if waiting else fresh
+            if page.prepared is None:  # rendered before the engine was loaded
+                page.prepared = engine.prepare(page.image)
+            in_flight[id(page)] = page  # before the engine sees it: an OOM may follow
+            yield Job(id(page), page.prepared, prompt, limit)
 
-    slots, prompt_tokens = batch_size, engine.prompt_length(prompt)
+    prompt_tokens = engine.prompt_length(prompt)
     while True:
         try:
             for key, out in engine.stream(jobs(), slots=slots, max_prompt_tokens=prompt_tokens,
                                           max_new_tokens=limit, loop_check=LOOP_GUARD):
-                page, _ = in_flight.pop(key)
+                page = in_flight.pop(key)
+                page.prepared = None  # done with: let the model input go
                 results[key] = _result(engine, task, page, out, prompt)
                 if on_page is not None:
                     on_page(results[key], len(out.ids))
@@ -94,7 +115,8 @@ def transcribe(
         if slots > 1:
             slots //= 2
             continue
-        page, _ = waiting.popleft()
+        page = waiting.popleft()
+        page.prepared = None
         results[id(page)] = PageResult.failed(page.source, page.page, task.name, engine.name, OUT_OF_MEMORY)
         yield from ready()
     yield from ready()
@@ -106,21 +128,24 @@ def _needs_model(item: PageJob | ErrorJob) -> bool:
     return isinstance(item, PageJob) and not item.skipped
 
 
-def _prepared(engine: Engine, items: Iterable[PageJob | ErrorJob], lookahead: int, order: deque):
-    """Yield (page, engine.prepare(page.image)) for the pages that need the model, preprocessing up
-    to `lookahead` pages ahead in threads; every item pulled is appended to `order`."""
-    pending: deque[tuple[PageJob, Future]] = deque()
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="kosmos-prepare") as pool:
-        for item in items:
-            order.append(item)
-            if _needs_model(item):
-                pending.append((item, pool.submit(engine.prepare, item.image)))
-            while len(pending) > lookahead or (pending and pending[0][1].done()):
-                page, future = pending.popleft()
-                yield page, future.result()
-        while pending:
-            page, future = pending.popleft()
-            yield page, future.result()
+def _pages_for_model(items: Iterator[PageJob | ErrorJob], order: deque) -> Iterator[PageJob]:
+    """The pages of ``items`` that need the model; every item pulled is appended to ``order``."""
+    for item in items:
+        order.append(item)
+        if _needs_model(item):
+            yield item
+
+
+class _Preparer:
+    """The look-ahead's ``prepare``: the engine's once there is one. Pages rendered before the engine
+    was loaded (at most the look-ahead's depth) are prepared when they are admitted."""
+
+    def __init__(self, engine: Engine | None):
+        self.engine = engine
+
+    def __call__(self, image):
+        engine = self.engine  # set once, from the consumer's thread
+        return None if engine is None else engine.prepare(image)
 
 
 def _result(engine: Engine, task: Task, page: PageJob, out: Output, prompt: str) -> PageResult:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -14,7 +13,7 @@ from .models import kosmos2, kosmos2_5
 from .models.config import Kosmos25Config, read_config
 from .models.generation import ADMIT_CHUNK, CompiledDecodeStep, DecodeSettings, LoopCheck, Prompt, Request, stream
 from .models.layers import MultiheadAttention, check_attention, cuda_capability, flash_available
-from .models.loading import ModelLoadError, load_weights, resolve_model_dir
+from .models.loading import ModelLoadError, load_weights, read_json, resolve_model_dir
 from .processing.images import clip_pixels, kosmos2_5_patches, read_image_processor_config
 from .processing.kosmos2 import Kosmos2Tokenizer
 from .processing.kosmos2_5 import Kosmos25Tokenizer
@@ -317,17 +316,9 @@ class Engine:
 
 
 def _eos_ids(model_dir: Path, configured: int | list[int]) -> list[int]:
-    """EOS ids from generation_config.json when present, else from config.json. A file that cannot
-    be read as such is a load error: guessing would silently change where pages end."""
-    path = model_dir / "generation_config.json"
-    if path.exists():
-        try:
-            settings = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ModelLoadError(f"{path} is not valid JSON ({err}); fix or delete it") from None
-        if not isinstance(settings, dict):
-            raise ModelLoadError(f"{path} must hold a JSON object")
-        configured = settings.get("eos_token_id", configured)
+    """EOS ids from generation_config.json when present, else from config.json."""
+    settings = read_json(model_dir, "generation_config.json", required=False) or {}
+    configured = settings.get("eos_token_id", configured)
     ids = [configured] if isinstance(configured, int) else configured
     if not (isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
         raise ModelLoadError(f"eos_token_id must be a token id or a list of them, not {configured!r}")

@@ -6,10 +6,11 @@ spellings are accepted as aliases. Defaults are the released models' values."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from .loading import ModelLoadError, read_json
 
 T = TypeVar("T")
 
@@ -125,16 +126,11 @@ MODEL_TYPES = {"kosmos-2.5": Kosmos25Config, "kosmos-2": Kosmos2Config}
 
 def read_config(model_dir: Path) -> Kosmos25Config | Kosmos2Config:
     """Parse `model_dir/config.json` into the config of the model type it names."""
-    path = Path(model_dir) / "config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path} is missing: is {model_dir} a Kosmos model directory?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    data = read_json(model_dir, "config.json")
     model_type = str(data.get("model_type", "")).replace("_", "-")
     if model_type not in MODEL_TYPES:
-        raise ValueError(
-            f"{path} has model_type {data.get('model_type')!r}; supported: {', '.join(MODEL_TYPES)}"
+        raise ModelLoadError(
+            f"{Path(model_dir) / 'config.json'} has model_type {data.get('model_type')!r}; "
+            f"supported: {', '.join(MODEL_TYPES)}"
         )
     return MODEL_TYPES[model_type].from_hf(data)

@@ -30,12 +30,13 @@ re-registers the tag tokens):
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from pathlib import Path
 
 import sentencepiece as spm
+
+from ..models.loading import read_json
 
 __all__ = ["Kosmos2Tokenizer", "TAG_TOKENS", "NUM_PATCH_INDEX_TOKENS", "patch_index_token"]
 
@@ -90,13 +91,6 @@ def _token_content(value, default: str) -> str:
     if isinstance(value, str):
         return value
     return default
-
-
-def _read_json(path: Path) -> dict | list | None:
-    if not path.is_file():
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 class _Added:
@@ -238,8 +232,8 @@ class Kosmos2Tokenizer:
         sp_path = model_dir / "sentencepiece.bpe.model"
         if not sp_path.is_file():
             raise FileNotFoundError(f"{sp_path} not found (Kosmos-2 needs its sentencepiece model)")
-        config = _read_json(model_dir / "tokenizer_config.json") or {}
-        special_map = _read_json(model_dir / "special_tokens_map.json") or {}
+        config = read_json(model_dir, "tokenizer_config.json", required=False) or {}
+        special_map = read_json(model_dir, "special_tokens_map.json", required=False) or {}
 
         names = {}
         for key in ("bos", "eos", "pad", "unk", "mask"):
@@ -248,7 +242,7 @@ class Kosmos2Tokenizer:
                 names[key] = _token_content(value, "")
 
         added: dict[str, dict] = {}
-        legacy = _read_json(model_dir / "added_tokens.json") or {}
+        legacy = read_json(model_dir, "added_tokens.json", required=False) or {}
         for content, id_ in legacy.items():
             added[content] = {"id": int(id_)}
         # Flags given for the special tokens in special_tokens_map.json (e.g. <mask> lstrip).
@@ -257,18 +251,15 @@ class Kosmos2Tokenizer:
             if isinstance(value, dict) and "content" in value:
                 entry = added.setdefault(value["content"], {})
                 entry.update({k: value[k] for k in ("lstrip", "rstrip", "normalized") if k in value}, special=True)
-        tok_json = _read_json(model_dir / "tokenizer.json")
-        if not isinstance(tok_json, dict):
-            tok_json = {}
-        if tok_json:
-            for tok in tok_json.get("added_tokens", []):
-                added.setdefault(tok["content"], {}).update(
-                    id=int(tok["id"]),
-                    lstrip=bool(tok.get("lstrip", False)),
-                    rstrip=bool(tok.get("rstrip", False)),
-                    special=bool(tok.get("special", False)),
-                    normalized=bool(tok.get("normalized", False)),
-                )
+        tok_json = read_json(model_dir, "tokenizer.json", required=False) or {}
+        for tok in tok_json.get("added_tokens", []):
+            added.setdefault(tok["content"], {}).update(
+                id=int(tok["id"]),
+                lstrip=bool(tok.get("lstrip", False)),
+                rstrip=bool(tok.get("rstrip", False)),
+                special=bool(tok.get("special", False)),
+                normalized=bool(tok.get("normalized", False)),
+            )
         for id_, tok in (config.get("added_tokens_decoder") or {}).items():
             added.setdefault(tok["content"], {}).update(
                 id=int(id_),

@@ -10,13 +10,14 @@ import torch
 from PIL import Image
 
 from .models import kosmos2, kosmos2_5
-from .models.config import Kosmos25Config, read_config
+from .models.config import Architecture
 from .models.generation import ADMIT_CHUNK, CompiledDecodeStep, DecodeSettings, LoopCheck, Prompt, Request, stream
 from .models.layers import MultiheadAttention, check_attention, cuda_capability, flash_available
 from .models.loading import ModelLoadError, load_weights, read_json, resolve_model_dir
-from .processing.images import clip_pixels, kosmos2_5_patches, read_image_processor_config
-from .processing.kosmos2 import Kosmos2Tokenizer
-from .processing.kosmos2_5 import Kosmos25Tokenizer
+from .processing.images import read_image_processor_config
+
+# Every model this package runs, by config.json's model_type.
+ARCHITECTURES = {arch.name: arch for arch in (kosmos2_5.ARCHITECTURE, kosmos2.ARCHITECTURE)}
 
 
 @dataclass
@@ -83,6 +84,17 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}") from None
 
 
+def read_config(model_dir: Path) -> tuple[Architecture, Any]:
+    """The architecture config.json's model_type names, and the config it reads from the file."""
+    data = read_json(model_dir, "config.json")
+    model_type = str(data.get("model_type", "")).replace("_", "-")
+    if model_type not in ARCHITECTURES:
+        raise ModelLoadError(f"{Path(model_dir) / 'config.json'} has model_type {data.get('model_type')!r}; "
+                             f"supported: {', '.join(ARCHITECTURES)}")
+    architecture = ARCHITECTURES[model_type]
+    return architecture, architecture.config.from_hf(data)
+
+
 class Engine:
     """A loaded model with its tokenizer and image preprocessing. Build it with `kosmos_cli.load()`.
 
@@ -92,30 +104,20 @@ class Engine:
     def __init__(self, name: str, model_dir: Path, device: torch.device, dtype: torch.dtype, compile: bool = False,
                  attention: str = "auto"):
         self.name, self.device, self.dtype, self.attention = name, device, dtype, check_attention(attention)
-        self.config = config = read_config(model_dir)
+        arch, config = read_config(model_dir)
+        self.architecture, self.config = arch, config
         # The decode step, compiled once per engine (see CompiledDecodeStep), or None for plain eager. A
         # compiled engine keeps its KV cache between calls: the graphs are tied to its addresses.
         head_dim = config.text.embed_dim // config.text.attention_heads
         self.compiled = CompiledDecodeStep(device, head_dim, attention) if compile else None
         self.kept_cache = None
         self.streaming = False  # one stream at a time: a compiled engine's streams share kept_cache
-        self.image_config = read_image_processor_config(model_dir)
-        if isinstance(config, Kosmos25Config):
-            arch, self.tokenizer = kosmos2_5, Kosmos25Tokenizer.from_dir(model_dir)
-            model_class = kosmos2_5.Kosmos25
-            self.max_patches = int(self.image_config.get("max_patches", config.vision.max_num_patches))
-            # The original Kosmos-2.5 decodes plainly: OCR legitimately repeats n-grams.
-            self.no_repeat_ngram_size = 0
-        else:
-            arch, self.tokenizer = kosmos2, Kosmos2Tokenizer.from_dir(model_dir)
-            model_class = kosmos2.Kosmos2
-            # The Kosmos-2 demo blocks repeated 3-grams; transformers 5 needs it passed explicitly.
-            self.no_repeat_ngram_size = 3
-        self.kind = model_class.kind
+        self.image_processor = arch.image_processor(config, read_image_processor_config(model_dir))
+        self.tokenizer = arch.tokenizer(model_dir)
         with torch.device("meta"):
-            model = model_class(config)
+            model = arch.module(config)
         ignore = ("text_model.lm_head.",) if config.tie_word_embeddings else ()
-        load_weights(model, model_dir, arch.CHECKPOINT_NAMES, arch.CHECKPOINT_LEAF_NAMES,
+        load_weights(model, model_dir, arch.checkpoint_names, arch.checkpoint_leaf_names,
                      dtype=dtype, device=device, ignore=ignore)
         self.model = model.eval()
         flash = flash_available(device, attention)
@@ -123,6 +125,11 @@ class Engine:
             if isinstance(module, MultiheadAttention):
                 module.flash = flash
         self.eos_ids = _eos_ids(model_dir, config.text.eos_token_id)
+
+    @property
+    def kind(self) -> str:
+        """"kosmos-2.5" or "kosmos-2": the architecture's name (config.json's model_type)."""
+        return self.architecture.name
 
     def __str__(self) -> str:
         """What runs where, for the log: model, device (GPU name and capability), dtype, decode step."""
@@ -141,11 +148,7 @@ class Engine:
     def prepare(self, image: Image.Image) -> Prepared:
         """Preprocess one image on the CPU (thread-safe: run it in background threads to overlap
         with the GPU): Kosmos-2.5 patches (P, 770) or CLIP pixels (3, H, W)."""
-        if self.kind == "kosmos-2.5":
-            grid = kosmos2_5_patches(image, self.max_patches)
-            return Prepared(grid.patches, (grid.width, grid.height))
-        pixels = clip_pixels(image, self.image_config)
-        return Prepared(pixels, (pixels.shape[2], pixels.shape[1]))
+        return Prepared(*self.image_processor(image))
 
     def generate(
         self,
@@ -255,7 +258,7 @@ class Engine:
                 sizes[job.key] = job.prepared.model_size
                 yield Request(tokens, job.max_new_tokens, job.prepared.vision_input, job.key, job.min_new_tokens)
 
-        ngram = self.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size
+        ngram = self.architecture.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size
         settings = DecodeSettings(tuple(self.eos_ids), self.config.text.pad_token_id, ngram, loop_check)
         for key, generated in stream(
             self.model.encode_images, self.model.text, requests(), slots=slots,
@@ -285,11 +288,7 @@ class Engine:
         FFN)), with half again for the allocator's fragmentation and 512 MiB for kernels' workspace.
         Kosmos-2.5 in bf16: ~150 MB per image, ~75 MB per prompt, 3.0 GiB in all."""
         vision, text = self.config.vision, self.config.text
-        if self.kind == "kosmos-2.5":
-            image_tokens = self.max_patches
-        else:
-            image_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-        per_image = image_tokens * (4 * vision.hidden_size + 3 * vision.intermediate_size)
+        per_image = self.image_processor.tokens * (4 * vision.hidden_size + 3 * vision.intermediate_size)
         per_prompt = prompt_tokens * (4 * text.embed_dim + 2 * text.ffn_dim)
         element = torch.finfo(self.dtype).bits // 8
         return int(ADMIT_CHUNK * (per_image + per_prompt) * element * 1.5) + 512 * 2**20

@@ -17,6 +17,7 @@ import torch
 from .documents import ErrorJob, PageJob
 from .engine import Engine, Job, Output, Prepared
 from .tasks import grounding, markdown, ocr
+from .models import kosmos2, kosmos2_5
 from .models.generation import LoopCheck
 from .tasks.repetition import WINDOW, find_loop, may_loop
 from .writers import PageResult
@@ -37,9 +38,9 @@ class Task:
 # line), so 3,072 fits full pages; the loop guard ends degenerate pages long before that.
 # Grounded captions are short; 128 is the Kosmos-2 demo's budget.
 TASKS = {
-    "ocr": Task("ocr", "kosmos-2.5", "microsoft/kosmos-2.5", ocr.PROMPT, 3072, ocr.page_fields),
-    "md": Task("md", "kosmos-2.5", "microsoft/kosmos-2.5", markdown.PROMPT, 3072, markdown.page_fields),
-    "ground": Task("ground", "kosmos-2", "microsoft/kosmos-2-patch14-224", grounding.PROMPT, 128,
+    "ocr": Task("ocr", kosmos2_5.ARCHITECTURE.name, "microsoft/kosmos-2.5", ocr.PROMPT, 3072, ocr.page_fields),
+    "md": Task("md", kosmos2_5.ARCHITECTURE.name, "microsoft/kosmos-2.5", markdown.PROMPT, 3072, markdown.page_fields),
+    "ground": Task("ground", kosmos2.ARCHITECTURE.name, "microsoft/kosmos-2-patch14-224", grounding.PROMPT, 128,
                    grounding.page_fields, caption_task=True),
 }
 

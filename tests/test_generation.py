@@ -215,10 +215,11 @@ def test_auto_batch_size_fits_free_memory(engine, monkeypatch):
 def test_the_admission_reserve_follows_the_model(engine):
     """The vision encoder's activations for ADMIT_CHUNK images plus their prefill: the real
     Kosmos-2.5 in bf16 (4,096 patches of width 1,536, MLP 3,968; 2,060-token prompts) needs ~3 GiB."""
+    from kosmos_cli.models import kosmos2_5
     from kosmos_cli.models.config import Kosmos25Config
 
     real = kosmos_cli.engine.Engine.__new__(kosmos_cli.engine.Engine)
-    real.config, real.kind, real.max_patches, real.dtype = Kosmos25Config(), "kosmos-2.5", 4096, torch.bfloat16
+    real.config, real.image_processor, real.dtype = Kosmos25Config(), kosmos2_5.ImageProcessor(4096), torch.bfloat16
     assert 2.9 * 2**30 < real.admission_bytes(2060) < 3.1 * 2**30
     assert engine.admission_bytes(40) < real.admission_bytes(40)
 

@@ -46,7 +46,7 @@ def oracle_generate(oracle, image, prompt, max_new_tokens, **kwargs):
 
 def our_logits(engine, image, prompt):
     """A full uncached forward of prompt ids through our model -> logits (T, V)."""
-    grid = kosmos2_5_patches(image, engine.max_patches)
+    grid = kosmos2_5_patches(image, engine.image_processor.max_patches)
     ids, mask = engine.tokenizer.prompt(prompt, engine.config.latent_query_num)
     return full_forward(engine, grid.patches[None], [ids], [mask])[0]
 
@@ -124,7 +124,7 @@ def test_cached_decoding_equals_uncached_forward(sharded):
     new = engine.generate([image], "<md>", max_new_tokens=20)[0]
     ids, mask = engine.tokenizer.prompt("<md>", engine.config.latent_query_num)
     full = ids + new
-    logits = full_forward(engine, kosmos2_5_patches(image, engine.max_patches).patches[None], [full], [mask + [0] * len(new)])
+    logits = full_forward(engine, kosmos2_5_patches(image, engine.image_processor.max_patches).patches[None], [full], [mask + [0] * len(new)])
     # Each generated token is the argmax of the uncached logits at the position before it.
     assert logits[0, len(ids) - 1 : -1].argmax(-1).tolist() == new
 

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import kosmos_cli
-from kosmos_cli.models.config import Kosmos25Config, read_config
+from kosmos_cli.engine import read_config
+from kosmos_cli.models.config import Kosmos25Config
 from kosmos_cli.models.loading import ModelLoadError, resolve_model_dir
 
 
@@ -48,7 +49,7 @@ def test_weights_are_cast_while_loading(kosmos25_tied):
 def test_processor_config_layout_loads_like_preprocessor_layout(kosmos25_tied, kosmos25_processor_layout):
     a = kosmos_cli.load(kosmos25_tied, device="cpu")
     b = kosmos_cli.load(kosmos25_processor_layout, device="cpu")
-    assert a.max_patches == b.max_patches
+    assert a.image_processor.max_patches == b.image_processor.max_patches
 
 
 def test_missing_tensor_is_named(tied_copy):

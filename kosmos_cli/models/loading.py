@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors import safe_open
@@ -112,9 +112,11 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def rename(name: str, prefixes: list[tuple[str, str]], leaves: list[tuple[str, str]]) -> str | None:
+def rename(name: str, prefixes: Sequence[tuple[str, str]], leaves: Sequence[tuple[str, str]]) -> str | None:
     """Checkpoint tensor name -> our parameter name (None when no prefix rule matches).
-    The longest matching prefix wins, so the rules can be listed in any order."""
+
+    The longest matching prefix of `prefixes` is replaced (so their order does not matter), then
+    every (old, new) pair of `leaves` is replaced wherever it occurs, in order."""
     matches = [(old, new) for old, new in prefixes if name.startswith(old)]
     if not matches:
         return None
@@ -128,8 +130,8 @@ def rename(name: str, prefixes: list[tuple[str, str]], leaves: list[tuple[str, s
 def load_weights(
     model: nn.Module,
     model_dir: Path,
-    prefixes: list[tuple[str, str]],
-    leaves: list[tuple[str, str]],
+    prefixes: Sequence[tuple[str, str]],
+    leaves: Sequence[tuple[str, str]],
     *,
     dtype: torch.dtype,
     device: torch.device,

@@ -241,23 +241,12 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
 
 def _check_device(value: str) -> None:
     """Refuse, in our words and before any work, a device this run cannot use."""
-    import torch
+    from .engine import pick_device
 
-    if value == "auto":
-        return
     try:
-        device = torch.device(value)
-    except RuntimeError:  # torch's message lists every device type it knows, most not ours
-        device = None
-    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
-        _fail_usage(f"--device must be auto, cpu, cuda or cuda:N, not {value!r}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            _fail_usage(f"--device {value}: PyTorch sees no CUDA GPU (use --device cpu)")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            names = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
-            _fail_usage(f"--device {value}: PyTorch sees {count} CUDA GPU{'s' * (count != 1)} ({names})")
+        pick_device(value, name="--device")
+    except ValueError as err:
+        _fail_usage(str(err))
 
 
 def _check_dtype(value: str) -> None:

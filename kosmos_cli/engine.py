@@ -55,13 +55,26 @@ class Output:
         return self.stop != "eos"
 
 
-def pick_device(device: str | torch.device = "auto") -> torch.device:
+def pick_device(device: str | torch.device = "auto", name: str = "device") -> torch.device:
+    """"auto" (the GPU where PyTorch sees one, else the CPU), "cpu", "cuda" or "cuda:N" as a torch
+    device. Anything else, or a GPU this machine lacks, raises ValueError in words that call the
+    choice `name` (the CLI passes "--device")."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("--device cuda was asked for, but PyTorch sees no CUDA GPU (use --device cpu)")
-    return device
+    try:
+        picked = torch.device(device)
+    except RuntimeError:  # torch's message lists every device type it knows, most not ours
+        picked = None
+    if picked is None or picked.type not in ("cpu", "cuda") or (picked.type == "cpu" and picked.index):
+        raise ValueError(f"{name} must be auto, cpu, cuda or cuda:N, not {device!r}")
+    if picked.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {device}: PyTorch sees no CUDA GPU (use {name} cpu)")
+        count = torch.cuda.device_count()
+        if picked.index is not None and picked.index >= count:
+            names = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            raise ValueError(f"{name} {device}: PyTorch sees {count} CUDA GPU{'s' * (count != 1)} ({names})")
+    return picked
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

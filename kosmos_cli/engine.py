@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -193,7 +194,8 @@ class Engine:
         """Like generate(), with decoded text, stop reasons and model-space sizes, in input order.
         `loop_check` ends rows that have fallen into a loop (see LoopCheck); `batch_size` caps the
         slots decoded together (default: as many as fit, see auto_batch_size; halved on running out
-        of memory, down to one image at a time)."""
+        of memory, down to one image at a time: see stream_backing_off). An image that runs out of
+        memory alone raises torch.OutOfMemoryError."""
         images = list(images)
         prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         limits = [max_new_tokens] * len(images) if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -207,17 +209,11 @@ class Engine:
             longest = max(prompts, key=self.prompt_length)
             batch_size = min(len(images), self.auto_batch_size(longest, max(limits)))
         results: dict[int, Output] = {}
-        while True:  # out of memory: release it, halve the slots, redo the unfinished images
-            try:
-                for key, out in self.stream([job for job in jobs if job.key not in results], slots=batch_size,
-                                            no_repeat_ngram_size=no_repeat_ngram_size, loop_check=loop_check):
-                    results[key] = out
-                break
-            except torch.OutOfMemoryError:
-                if batch_size == 1:
-                    raise
-            self.release_memory()
-            batch_size //= 2
+        for key, out in self.stream_backing_off(jobs, slots=batch_size, no_repeat_ngram_size=no_repeat_ngram_size,
+                                                loop_check=loop_check):
+            if out is None:
+                raise torch.OutOfMemoryError(f"out of memory on image {key} alone: lower max_new_tokens or use the CPU")
+            results[key] = out
         return [results[i] for i in range(len(images))]
 
     def stream(
@@ -245,6 +241,39 @@ class Engine:
             yield from self._stream(jobs, slots, max_prompt_tokens, max_new_tokens, no_repeat_ngram_size, loop_check)
         finally:
             self.streaming = False
+
+    def stream_backing_off(self, jobs: Iterable[Job], *, slots: int, **options) -> Iterator[tuple[Any, Output | None]]:
+        """`stream` (with `options`) that survives running out of memory: it releases the memory,
+        halves the slots and queues the jobs in flight again, first and in their order (greedy
+        decoding is deterministic: their results do not change). A job that runs out of memory
+        alone (one slot) comes out as (job.key, None), and the next ones go on."""
+        source = iter(jobs)
+        waiting: deque[Job] = deque()  # the jobs in flight when memory ran out, to be admitted first
+        in_flight: dict[Any, Job] = {}  # the jobs the stream has taken, in the order it took them
+
+        def pending() -> Iterator[Job]:
+            while waiting or (fresh := next(source, None)) is not None:
+                job = waiting.popleft() if waiting else fresh
+                in_flight[job.key] = job  # before the stream sees it: running out of memory may follow
+                yield job
+
+        while True:
+            try:
+                for key, out in self.stream(pending(), slots=slots, **options):
+                    del in_flight[key]
+                    yield key, out
+                return
+            except torch.OutOfMemoryError:
+                pass
+            # Outside the except block, so that its traceback no longer holds the failed batch's
+            # tensors when the memory is released.
+            self.release_memory()
+            waiting.extendleft(reversed(in_flight.values()))
+            in_flight.clear()
+            if slots > 1:
+                slots //= 2
+            else:
+                yield waiting.popleft().key, None
 
     def _stream(self, jobs, slots, max_prompt_tokens, max_new_tokens, no_repeat_ngram_size, loop_check):
         encoded: dict[str, Prompt] = {}  # every page of a run usually shares one prompt: tokenize it once

@@ -12,10 +12,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-import torch
-
 from .documents import ErrorJob, PageJob
-from .engine import Engine, Job, Output, Prepared
+from .engine import Engine, Job, Output
 from .tasks import grounding, markdown, ocr
 from .models import kosmos2, kosmos2_5
 from .models.generation import LoopCheck
@@ -72,19 +70,15 @@ def transcribe(
     (item, result) in input order. Error items and skipped pages come out with result None.
 
     Images are preprocessed up to `lookahead` pages ahead in background threads. On out-of-memory
-    the engine's memory is released, the slots are halved and the pages in flight go back to the
-    front of the queue (greedy decoding is deterministic, so their results do not change); a page
-    that runs out of memory alone gets an error result. Every item that goes in comes out: the end
-    checks it. `on_page(result, new_tokens)` is called as each page finishes (progress reporting)."""
+    the engine backs off (see Engine.stream_backing_off): nothing is lost, and a page that runs out
+    of memory alone gets an error result. Every item that goes in comes out: the end checks it.
+    `on_page(result, new_tokens)` is called as each page finishes (progress reporting)."""
     prompt = task.prompt if prompt is None else prompt
     limit = task.max_new_tokens if max_new_tokens is None else max_new_tokens
     order: deque[PageJob | ErrorJob] = deque()  # items pulled, waiting for their turn
     results: dict[int, PageResult] = {}
     source = _prepared(engine, items, lookahead, order)
-    # Pages taken from the source but not finished: `waiting` to be admitted (first the ones that were
-    # in flight when memory ran out, in their order), `in_flight` admitted (in admission order).
-    waiting: deque[tuple[PageJob, Prepared]] = deque()
-    in_flight: dict[int, tuple[PageJob, Prepared]] = {}
+    pages: dict[int, PageJob] = {}  # pages taken from the source and not finished
 
     def ready() -> Iterator[tuple[PageJob | ErrorJob, PageResult | None]]:
         while order and (not _needs_model(order[0]) or id(order[0]) in results):
@@ -92,34 +86,19 @@ def transcribe(
             yield item, results.pop(id(item), None)
 
     def jobs() -> Iterator[Job]:
-        while waiting or (fresh := next(source, None)) is not None:
-            page, prepared = waiting.popleft() if waiting else fresh
-            in_flight[id(page)] = (page, prepared)  # before the engine sees it: an OOM may follow
+        for page, prepared in source:
+            pages[id(page)] = page
             yield Job(id(page), prepared, prompt, limit)
 
-    slots, prompt_tokens = batch_size, engine.prompt_length(prompt)
-    while True:
-        try:
-            for key, out in engine.stream(jobs(), slots=slots, max_prompt_tokens=prompt_tokens,
-                                          max_new_tokens=limit, loop_check=LOOP_GUARD):
-                page, _ = in_flight.pop(key)
-                results[key] = _result(engine, task, page, out, prompt)
-                if on_page is not None:
-                    on_page(results[key], len(out.ids))
-                yield from ready()
-            break
-        except torch.OutOfMemoryError:
-            pass
-        # Out of memory. Outside the except block, so that its traceback no longer holds the failed
-        # batch's tensors when the memory is released.
-        engine.release_memory()
-        waiting.extendleft(reversed(in_flight.values()))
-        in_flight.clear()
-        if slots > 1:
-            slots //= 2
-            continue
-        page, _ = waiting.popleft()
-        results[id(page)] = PageResult.failed(page.source, page.page, task.name, engine.name, OUT_OF_MEMORY)
+    for key, out in engine.stream_backing_off(jobs(), slots=batch_size, max_prompt_tokens=engine.prompt_length(prompt),
+                                              max_new_tokens=limit, loop_check=LOOP_GUARD):
+        page = pages.pop(key)
+        if out is None:
+            results[key] = PageResult.failed(page.source, page.page, task.name, engine.name, OUT_OF_MEMORY)
+        else:
+            results[key] = _result(engine, task, page, out, prompt)
+            if on_page is not None:
+                on_page(results[key], len(out.ids))
         yield from ready()
     yield from ready()
     if order:  # every item pulled is in `order` until it is yielded: a leftover would be a lost page

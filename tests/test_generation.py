@@ -257,6 +257,22 @@ def test_the_library_caps_its_slots_and_backs_off_out_of_memory(engine, alone, m
     assert [(o.ids, o.stop) for o in outputs] == [(o.ids, o.stop) for o in alone]
 
 
+def test_the_library_raises_when_one_image_alone_runs_out_of_memory(engine, monkeypatch):
+    """run() halves its slots down to one; an image that runs out of memory alone is an error."""
+    seen = []
+
+    def always_oom(jobs, *, slots, **kwargs):
+        seen.append(slots)
+        for _ in jobs:  # any image in flight runs out of memory
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        yield from ()
+
+    monkeypatch.setattr(engine, "stream", always_oom)
+    with pytest.raises(torch.OutOfMemoryError, match="image 0 alone"):
+        engine.run(IMAGES[:3], "<ocr>", 5, batch_size=2)
+    assert seen == [2, 1]
+
+
 def test_the_callers_code_between_results_is_not_in_inference_mode(engine):
     jobs = [Job(i, engine.prepare(im), "<ocr>", 3) for i, im in enumerate(IMAGES[:3])]
     stream = engine.stream(iter(jobs), slots=2, max_prompt_tokens=engine.prompt_length("<ocr>"), max_new_tokens=3)

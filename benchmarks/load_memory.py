@@ -28,7 +28,8 @@ def write_checkpoint(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         model = kosmos2_5.Kosmos25(Kosmos25Config())
-    back = [(new, old) for old, new in kosmos2_5.CHECKPOINT_NAMES], [(new, old) for old, new in kosmos2_5.CHECKPOINT_LEAF_NAMES]
+    arch = kosmos2_5.ARCHITECTURE
+    back = [(new, old) for old, new in arch.checkpoint_names], [(new, old) for old, new in arch.checkpoint_leaf_names]
     params = [(rename(name, *back), p.shape) for name, p in model.named_parameters()]
     half, seen, shards = sum(s.numel() for _, s in params) // 2, 0, ([], [])
     for name, shape in params:
@@ -46,15 +47,15 @@ def write_checkpoint(out: Path) -> None:
 MEASURE = """
 import sys, torch
 from pathlib import Path
-from kosmos_cli.models import kosmos2_5
-from kosmos_cli.models.config import read_config
+from kosmos_cli.engine import read_config
 from kosmos_cli.models.loading import load_weights
 status = lambda key: int(open('/proc/self/status').read().split(key + ':')[1].split()[0]) / 1024
 path, dtype = Path(sys.argv[1]), getattr(torch, sys.argv[2])
+arch, config = read_config(path)
 with torch.device('meta'):
-    model = kosmos2_5.Kosmos25(read_config(path))
+    model = arch.module(config)
 base = status('VmRSS')
-load_weights(model, path, kosmos2_5.CHECKPOINT_NAMES, kosmos2_5.CHECKPOINT_LEAF_NAMES, dtype=dtype,
+load_weights(model, path, arch.checkpoint_names, arch.checkpoint_leaf_names, dtype=dtype,
              device=torch.device('cpu'), ignore=('text_model.lm_head.',))
 weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 peak = status('VmHWM')

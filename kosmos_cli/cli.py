@@ -253,23 +253,12 @@ def _deliver(sink, report: Report, item, result: PageResult | None) -> None:
 
 def _check_device(value: str) -> None:
     """Refuse, in our words and before any work, a device this run cannot use."""
-    import torch
+    from .engine import pick_device
 
-    if value == "auto":
-        return
     try:
-        device = torch.device(value)
-    except RuntimeError:  # torch's message lists every device type it knows, most not ours
-        device = None
-    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
-        _fail_usage(f"--device must be auto, cpu, cuda or cuda:N, not {value!r}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            _fail_usage(f"--device {value}: PyTorch sees no CUDA GPU (use --device cpu)")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            names = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
-            _fail_usage(f"--device {value}: PyTorch sees {count} CUDA GPU{'s' * (count != 1)} ({names})")
+        pick_device(value, name="--device")
+    except ValueError as err:
+        _fail_usage(str(err))
 
 
 def _check_dtype(value: str) -> None:
@@ -317,12 +306,11 @@ def _batch_size(value: str) -> int | None:
 def _load_engine(task, model_name: str, opts: Options):
     """Load the model (once the first page needs it: a run whose pages are all done loads nothing)."""
     from . import engine as engine_module
-    from .models.loading import ModelLoadError
 
     try:
         engine = engine_module.load(model_name, device=opts.device, dtype=opts.dtype,
                                     compile="auto" if opts.compile is None else opts.compile, attention=opts.attention)
-    except (ModelLoadError, ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:  # ModelLoadError is a ValueError too
         raise _Fatal(f"cannot load model {model_name}: {err}", 1) from err
     interrupt.check()
     if engine.kind != task.model_kind:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -11,13 +11,14 @@ import torch
 from PIL import Image
 
 from .models import kosmos2, kosmos2_5
-from .models.config import Kosmos25Config, read_config
+from .models.config import Architecture
 from .models.generation import ADMIT_CHUNK, CompiledDecodeStep, DecodeSettings, LoopCheck, Prompt, Request, stream
 from .models.layers import MultiheadAttention, check_attention, cuda_capability, flash_available
-from .models.loading import ModelLoadError, load_weights, resolve_model_dir
-from .processing.images import clip_pixels, kosmos2_5_patches, read_image_processor_config
-from .processing.kosmos2 import Kosmos2Tokenizer
-from .processing.kosmos2_5 import Kosmos25Tokenizer
+from .models.loading import ModelLoadError, load_weights, read_json, resolve_model_dir
+from .processing.images import read_image_processor_config
+
+# Every model this package runs, by config.json's model_type.
+ARCHITECTURES = {arch.name: arch for arch in (kosmos2_5.ARCHITECTURE, kosmos2.ARCHITECTURE)}
 
 
 @dataclass
@@ -59,13 +60,26 @@ class Output:
         return self.stop != "eos"
 
 
-def pick_device(device: str | torch.device = "auto") -> torch.device:
+def pick_device(device: str | torch.device = "auto", name: str = "device") -> torch.device:
+    """"auto" (the GPU where PyTorch sees one, else the CPU), "cpu", "cuda" or "cuda:N" as a torch
+    device. Anything else, or a GPU this machine lacks, raises ValueError in words that call the
+    choice `name` (the CLI passes "--device")."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("--device cuda was asked for, but PyTorch sees no CUDA GPU (use --device cpu)")
-    return device
+    try:
+        picked = torch.device(device)
+    except RuntimeError:  # torch's message lists every device type it knows, most not ours
+        picked = None
+    if picked is None or picked.type not in ("cpu", "cuda") or (picked.type == "cpu" and picked.index):
+        raise ValueError(f"{name} must be auto, cpu, cuda or cuda:N, not {device!r}")
+    if picked.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {device}: PyTorch sees no CUDA GPU (use {name} cpu)")
+        count = torch.cuda.device_count()
+        if picked.index is not None and picked.index >= count:
+            names = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            raise ValueError(f"{name} {device}: PyTorch sees {count} CUDA GPU{'s' * (count != 1)} ({names})")
+    return picked
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -88,6 +102,17 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}") from None
 
 
+def read_config(model_dir: Path) -> tuple[Architecture, Any]:
+    """The architecture config.json's model_type names, and the config it reads from the file."""
+    data = read_json(model_dir, "config.json")
+    model_type = str(data.get("model_type", "")).replace("_", "-")
+    if model_type not in ARCHITECTURES:
+        raise ModelLoadError(f"{Path(model_dir) / 'config.json'} has model_type {data.get('model_type')!r}; "
+                             f"supported: {', '.join(ARCHITECTURES)}")
+    architecture = ARCHITECTURES[model_type]
+    return architecture, architecture.config.from_hf(data)
+
+
 class Engine:
     """A loaded model with its tokenizer and image preprocessing. Build it with `kosmos_cli.load()`.
 
@@ -97,30 +122,20 @@ class Engine:
     def __init__(self, name: str, model_dir: Path, device: torch.device, dtype: torch.dtype, compile: bool = False,
                  attention: str = "auto"):
         self.name, self.device, self.dtype, self.attention = name, device, dtype, check_attention(attention)
-        self.config = config = read_config(model_dir)
+        arch, config = read_config(model_dir)
+        self.architecture, self.config = arch, config
         # The decode step, compiled once per engine (see CompiledDecodeStep), or None for plain eager. A
         # compiled engine keeps its KV cache between calls: the graphs are tied to its addresses.
         head_dim = config.text.embed_dim // config.text.attention_heads
         self.compiled = CompiledDecodeStep(device, head_dim, attention) if compile else None
         self.kept_cache = None
         self.streaming = False  # one stream at a time: a compiled engine's streams share kept_cache
-        self.image_config = read_image_processor_config(model_dir)
-        if isinstance(config, Kosmos25Config):
-            arch, self.tokenizer = kosmos2_5, Kosmos25Tokenizer.from_dir(model_dir)
-            model_class = kosmos2_5.Kosmos25
-            self.max_patches = int(self.image_config.get("max_patches", config.vision.max_num_patches))
-            # The original Kosmos-2.5 decodes plainly: OCR legitimately repeats n-grams.
-            self.no_repeat_ngram_size = 0
-        else:
-            arch, self.tokenizer = kosmos2, Kosmos2Tokenizer.from_dir(model_dir)
-            model_class = kosmos2.Kosmos2
-            # The Kosmos-2 demo blocks repeated 3-grams; transformers 5 needs it passed explicitly.
-            self.no_repeat_ngram_size = 3
-        self.kind = model_class.kind
+        self.image_processor = arch.image_processor(config, read_image_processor_config(model_dir))
+        self.tokenizer = arch.tokenizer(model_dir)
         with torch.device("meta"):
-            model = model_class(config)
+            model = arch.module(config)
         ignore = ("text_model.lm_head.",) if config.tie_word_embeddings else ()
-        load_weights(model, model_dir, arch.CHECKPOINT_NAMES, arch.CHECKPOINT_LEAF_NAMES,
+        load_weights(model, model_dir, arch.checkpoint_names, arch.checkpoint_leaf_names,
                      dtype=dtype, device=device, ignore=ignore)
         self.model = model.eval()
         flash = flash_available(device, attention)
@@ -128,6 +143,11 @@ class Engine:
             if isinstance(module, MultiheadAttention):
                 module.flash = flash
         self.eos_ids = _eos_ids(model_dir, config.text.eos_token_id)
+
+    @property
+    def kind(self) -> str:
+        """"kosmos-2.5" or "kosmos-2": the architecture's name (config.json's model_type)."""
+        return self.architecture.name
 
     def __str__(self) -> str:
         """What runs where, for the log: model, device (GPU name and capability), dtype, decode step."""
@@ -146,11 +166,7 @@ class Engine:
     def prepare(self, image: Image.Image) -> Prepared:
         """Preprocess one image on the CPU (thread-safe: run it in background threads to overlap
         with the GPU): Kosmos-2.5 patches (P, 770) or CLIP pixels (3, H, W)."""
-        if self.kind == "kosmos-2.5":
-            grid = kosmos2_5_patches(image, self.max_patches)
-            return Prepared(grid.patches, (grid.width, grid.height))
-        pixels = clip_pixels(image, self.image_config)
-        return Prepared(pixels, (pixels.shape[2], pixels.shape[1]))
+        return Prepared(*self.image_processor(image))
 
     def generate(
         self,
@@ -182,7 +198,8 @@ class Engine:
         """Like generate(), with decoded text, stop reasons and model-space sizes, in input order.
         `loop_check` ends rows that have fallen into a loop (see LoopCheck); `batch_size` caps the
         slots decoded together (default: as many as fit, see auto_batch_size; halved on running out
-        of memory, down to one image at a time)."""
+        of memory, down to one image at a time: see stream_backing_off). An image that runs out of
+        memory alone raises torch.OutOfMemoryError."""
         images = list(images)
         prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         limits = [max_new_tokens] * len(images) if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -196,17 +213,11 @@ class Engine:
             longest = max(prompts, key=self.prompt_length)
             batch_size = min(len(images), self.auto_batch_size(longest, max(limits)))
         results: dict[int, Output] = {}
-        while True:  # out of memory: release it, halve the slots, redo the unfinished images
-            try:
-                for key, out in self.stream([job for job in jobs if job.key not in results], slots=batch_size,
-                                            no_repeat_ngram_size=no_repeat_ngram_size, loop_check=loop_check):
-                    results[key] = out
-                break
-            except torch.OutOfMemoryError:
-                if batch_size == 1:
-                    raise
-            self.release_memory()
-            batch_size //= 2
+        for key, out in self.stream_backing_off(jobs, slots=batch_size, no_repeat_ngram_size=no_repeat_ngram_size,
+                                                loop_check=loop_check):
+            if out is None:
+                raise torch.OutOfMemoryError(f"out of memory on image {key} alone: lower max_new_tokens or use the CPU")
+            results[key] = out
         return [results[i] for i in range(len(images))]
 
     def stream(
@@ -235,6 +246,39 @@ class Engine:
         finally:
             self.streaming = False
 
+    def stream_backing_off(self, jobs: Iterable[Job], *, slots: int, **options) -> Iterator[tuple[Any, Output | None]]:
+        """`stream` (with `options`) that survives running out of memory: it releases the memory,
+        halves the slots and queues the jobs in flight again, first and in their order (greedy
+        decoding is deterministic: their results do not change). A job that runs out of memory
+        alone (one slot) comes out as (job.key, None), and the next ones go on."""
+        source = iter(jobs)
+        waiting: deque[Job] = deque()  # the jobs in flight when memory ran out, to be admitted first
+        in_flight: dict[Any, Job] = {}  # the jobs the stream has taken, in the order it took them
+
+        def pending() -> Iterator[Job]:
+            while waiting or (fresh := next(source, None)) is not None:
+                job = waiting.popleft() if waiting else fresh
+                in_flight[job.key] = job  # before the stream sees it: running out of memory may follow
+                yield job
+
+        while True:
+            try:
+                for key, out in self.stream(pending(), slots=slots, **options):
+                    del in_flight[key]
+                    yield key, out
+                return
+            except torch.OutOfMemoryError:
+                pass
+            # Outside the except block, so that its traceback no longer holds the failed batch's
+            # tensors when the memory is released.
+            self.release_memory()
+            waiting.extendleft(reversed(in_flight.values()))
+            in_flight.clear()
+            if slots > 1:
+                slots //= 2
+            else:
+                yield waiting.popleft().key, None
+
     def _stream(self, jobs, slots, max_prompt_tokens, max_new_tokens, no_repeat_ngram_size, loop_check):
         encoded: dict[str, Prompt] = {}  # every page of a run usually shares one prompt: tokenize it once
 
@@ -260,7 +304,7 @@ class Engine:
                 sizes[job.key] = job.prepared.model_size
                 yield Request(tokens, job.max_new_tokens, job.prepared.vision_input, job.key, job.min_new_tokens)
 
-        ngram = self.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size
+        ngram = self.architecture.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size
         settings = DecodeSettings(tuple(self.eos_ids), self.config.text.pad_token_id, ngram, loop_check)
         for key, generated in stream(
             self.model.encode_images, self.model.text, requests(), slots=slots,
@@ -290,11 +334,7 @@ class Engine:
         FFN)), with half again for the allocator's fragmentation and 512 MiB for kernels' workspace.
         Kosmos-2.5 in bf16: ~150 MB per image, ~75 MB per prompt, 3.0 GiB in all."""
         vision, text = self.config.vision, self.config.text
-        if self.kind == "kosmos-2.5":
-            image_tokens = self.max_patches
-        else:
-            image_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-        per_image = image_tokens * (4 * vision.hidden_size + 3 * vision.intermediate_size)
+        per_image = self.image_processor.tokens * (4 * vision.hidden_size + 3 * vision.intermediate_size)
         per_prompt = prompt_tokens * (4 * text.embed_dim + 2 * text.ffn_dim)
         element = torch.finfo(self.dtype).bits // 8
         return int(ADMIT_CHUNK * (per_image + per_prompt) * element * 1.5) + 512 * 2**20
@@ -321,17 +361,9 @@ class Engine:
 
 
 def _eos_ids(model_dir: Path, configured: int | list[int]) -> list[int]:
-    """EOS ids from generation_config.json when present, else from config.json. A file that cannot
-    be read as such is a load error: guessing would silently change where pages end."""
-    path = model_dir / "generation_config.json"
-    if path.exists():
-        try:
-            settings = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ModelLoadError(f"{path} is not valid JSON ({err}); fix or delete it") from None
-        if not isinstance(settings, dict):
-            raise ModelLoadError(f"{path} must hold a JSON object")
-        configured = settings.get("eos_token_id", configured)
+    """EOS ids from generation_config.json when present, else from config.json."""
+    settings = read_json(model_dir, "generation_config.json", required=False) or {}
+    configured = settings.get("eos_token_id", configured)
     ids = [configured] if isinstance(configured, int) else configured
     if not (isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
         raise ModelLoadError(f"eos_token_id must be a token id or a list of them, not {configured!r}")

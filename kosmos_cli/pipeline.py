@@ -12,8 +12,6 @@ import itertools
 from collections import deque
 from typing import Callable, Iterable, Iterator
 
-import torch
-
 from .engine import Engine, Job, Output
 from .models.generation import LoopCheck
 from .pages import ErrorJob, PageJob, prefetch
@@ -53,10 +51,9 @@ def transcribe(
     the items before come out first and a run whose pages are all done or all failed loads nothing.
     Pages are rendered and preprocessed ahead in background threads, the run's one look-ahead stage
     (`pages.prefetch`: `lookahead` pages, default twice the slots and at least 4, and bounded in bytes).
-    On out-of-memory the engine's memory is released, the slots are halved and the pages in flight go
-    back to the front of the queue (greedy decoding is deterministic, so their results do not change);
-    a page that runs out of memory alone gets an error result. Every item that goes in comes out: the
-    end checks it. `on_page(result, new_tokens)` is called as each page finishes (progress reporting)."""
+    On out-of-memory the engine backs off (`Engine.stream_backing_off`): nothing is lost, and a page
+    that runs out of memory alone gets an error result. Every item that goes in comes out: the end
+    checks it. `on_page(result, new_tokens)` is called as each page finishes (progress reporting)."""
     prompt = task.prompt if prompt is None else prompt
     limit = task.max_new_tokens if max_new_tokens is None else max_new_tokens
     preparer = _Preparer(engine if isinstance(engine, Engine) else None)
@@ -75,10 +72,7 @@ def transcribe(
     order: deque[PageJob | ErrorJob] = deque()  # items pulled, waiting for their turn
     results: dict[int, PageResult] = {}
     source = _pages_for_model(itertools.chain([first], rendered), order)
-    # Pages taken from the source but not finished: `waiting` to be admitted (first the ones that were
-    # in flight when memory ran out, in their order), `in_flight` admitted (in admission order).
-    waiting: deque[PageJob] = deque()
-    in_flight: dict[int, PageJob] = {}
+    pages: dict[int, PageJob] = {}  # pages taken from the source and not finished
 
     def ready() -> Iterator[tuple[PageJob | ErrorJob, PageResult | None]]:
         while order and (not _needs_model(order[0]) or id(order[0]) in results):
@@ -86,38 +80,22 @@ def transcribe(
             yield item, results.pop(id(item), None)
 
     def jobs() -> Iterator[Job]:
-        while waiting or (fresh := next(source, None)) is not None:
-            page = waiting.popleft() if waiting else fresh
+        for page in source:
+            pages[id(page)] = page
             if page.prepared is None:  # rendered before the engine was loaded
                 page.prepared = engine.prepare(page.image)
-            in_flight[id(page)] = page  # before the engine sees it: an OOM may follow
-            yield Job(id(page), page.prepared, prompt, limit)
+            prepared, page.prepared = page.prepared, None  # the job holds it until the page is done
+            yield Job(id(page), prepared, prompt, limit)
 
-    prompt_tokens = engine.prompt_length(prompt)
-    while True:
-        try:
-            for key, out in engine.stream(jobs(), slots=slots, max_prompt_tokens=prompt_tokens,
-                                          max_new_tokens=limit, loop_check=LOOP_GUARD):
-                page = in_flight.pop(key)
-                page.prepared = None  # done with: let the model input go
-                results[key] = _result(engine, task, page, out, prompt)
-                if on_page is not None:
-                    on_page(results[key], len(out.ids))
-                yield from ready()
-            break
-        except torch.OutOfMemoryError:
-            pass
-        # Out of memory. Outside the except block, so that its traceback no longer holds the failed
-        # batch's tensors when the memory is released.
-        engine.release_memory()
-        waiting.extendleft(reversed(in_flight.values()))
-        in_flight.clear()
-        if slots > 1:
-            slots //= 2
-            continue
-        page = waiting.popleft()
-        page.prepared = None
-        results[id(page)] = PageResult.failed(page.source, page.page, task.name, engine.name, OUT_OF_MEMORY)
+    for key, out in engine.stream_backing_off(jobs(), slots=slots, max_prompt_tokens=engine.prompt_length(prompt),
+                                              max_new_tokens=limit, loop_check=LOOP_GUARD):
+        page = pages.pop(key)
+        if out is None:
+            results[key] = PageResult.failed(page.source, page.page, task.name, engine.name, OUT_OF_MEMORY)
+        else:
+            results[key] = _result(engine, task, page, out, prompt)
+            if on_page is not None:
+                on_page(results[key], len(out.ids))
         yield from ready()
     yield from ready()
     if order:  # every item pulled is in `order` until it is yielded: a leftover would be a lost page

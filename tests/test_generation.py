@@ -211,10 +211,11 @@ def test_auto_batch_size_fits_free_memory(engine, monkeypatch):
 def test_the_admission_reserve_follows_the_model(engine):
     """The vision encoder's activations for ADMIT_CHUNK images plus their prefill: the real
     Kosmos-2.5 in bf16 (4,096 patches of width 1,536, MLP 3,968; 2,060-token prompts) needs ~3 GiB."""
+    from kosmos_cli.models import kosmos2_5
     from kosmos_cli.models.config import Kosmos25Config
 
     real = kosmos_cli.engine.Engine.__new__(kosmos_cli.engine.Engine)
-    real.config, real.kind, real.max_patches, real.dtype = Kosmos25Config(), "kosmos-2.5", 4096, torch.bfloat16
+    real.config, real.image_processor, real.dtype = Kosmos25Config(), kosmos2_5.ImageProcessor(4096), torch.bfloat16
     assert 2.9 * 2**30 < real.admission_bytes(2060) < 3.1 * 2**30
     assert engine.admission_bytes(40) < real.admission_bytes(40)
 
@@ -250,6 +251,22 @@ def test_the_library_caps_its_slots_and_backs_off_out_of_memory(engine, alone, m
     outputs = engine.run(IMAGES, PROMPTS, LIMITS)
     assert slots == [4, 2]
     assert [(o.ids, o.stop) for o in outputs] == [(o.ids, o.stop) for o in alone]
+
+
+def test_the_library_raises_when_one_image_alone_runs_out_of_memory(engine, monkeypatch):
+    """run() halves its slots down to one; an image that runs out of memory alone is an error."""
+    seen = []
+
+    def always_oom(jobs, *, slots, **kwargs):
+        seen.append(slots)
+        for _ in jobs:  # any image in flight runs out of memory
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        yield from ()
+
+    monkeypatch.setattr(engine, "stream", always_oom)
+    with pytest.raises(torch.OutOfMemoryError, match="image 0 alone"):
+        engine.run(IMAGES[:3], "<ocr>", 5, batch_size=2)
+    assert seen == [2, 1]
 
 
 def test_the_callers_code_between_results_is_not_in_inference_mode(engine):

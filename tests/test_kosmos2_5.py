@@ -87,7 +87,7 @@ def test_cached_decoding_equals_uncached_forward(sharded):
     new = engine.generate([image], "<md>", max_new_tokens=20)[0]
     ids, mask = engine.tokenizer.prompt("<md>", engine.config.latent_query_num)
     full = ids + new
-    logits = full_forward(engine, kosmos2_5_patches(image, engine.max_patches).patches[None], [full], [mask + [0] * len(new)])
+    logits = full_forward(engine, kosmos2_5_patches(image, engine.image_processor.max_patches).patches[None], [full], [mask + [0] * len(new)])
     # Each generated token is the argmax of the uncached logits at the position before it.
     assert logits[0, len(ids) - 1 : -1].argmax(-1).tolist() == new
 

@@ -1,14 +1,17 @@
 """Finding and loading checkpoints: layouts, dtypes and every error a user can hit."""
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import kosmos_cli
-from kosmos_cli.models.config import Kosmos25Config, read_config
+from kosmos_cli.engine import read_config
+from kosmos_cli.models.config import Kosmos25Config
 from kosmos_cli.models.loading import ModelLoadError, resolve_model_dir
 
 
@@ -46,7 +49,7 @@ def test_weights_are_cast_while_loading(kosmos25_tied):
 def test_processor_config_layout_loads_like_preprocessor_layout(kosmos25_tied, kosmos25_processor_layout):
     a = kosmos_cli.load(kosmos25_tied, device="cpu")
     b = kosmos_cli.load(kosmos25_processor_layout, device="cpu")
-    assert a.max_patches == b.max_patches
+    assert a.image_processor.max_patches == b.image_processor.max_patches
 
 
 def test_missing_tensor_is_named(tied_copy):
@@ -103,6 +106,39 @@ def test_config_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type 'llama'"):
         read_config(tmp_path)
+
+
+# Every JSON file a model directory may hold, in a checkpoint that has it: (fixture, file).
+JSON_FILES = [
+    ("kosmos25_tied", "config.json"),
+    ("kosmos25_tied", "generation_config.json"),
+    ("kosmos25_tied", "tokenizer.json"),
+    ("kosmos25_tied", "tokenizer_config.json"),
+    ("kosmos25_tied", "preprocessor_config.json"),
+    ("kosmos25_processor_layout", "processor_config.json"),
+    ("kosmos25_sharded", "model.safetensors.index.json"),
+    ("k2", "tokenizer.json"),
+    ("k2", "tokenizer_config.json"),
+    ("k2", "special_tokens_map.json"),
+    ("k2", "added_tokens.json"),
+]
+DAMAGE = {"not JSON": b"{not json", "not an object": b"[1, 2]", "not UTF-8": b'{"a": "\xff"}', "a directory": None}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+@pytest.mark.parametrize("checkpoint, name", JSON_FILES)
+def test_a_damaged_json_file_is_a_load_error_naming_it(request, tmp_path, checkpoint, name, damage):
+    model = tmp_path / "model"
+    model.mkdir()
+    for path in Path(request.getfixturevalue(checkpoint)).iterdir():
+        if path.name != name:
+            (model / path.name).symlink_to(path)
+    if DAMAGE[damage] is None:
+        (model / name).mkdir()
+    else:
+        (model / name).write_bytes(DAMAGE[damage])
+    with pytest.raises(ModelLoadError, match=re.escape(str(model / name))):
+        kosmos_cli.load(model, device="cpu")
 
 
 def test_config_is_lenient():

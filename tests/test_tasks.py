@@ -230,3 +230,12 @@ def test_cheap_on_long_sequences():
     t_short = (time.perf_counter() - t0) / 50
     assert t_long < 5e-3  # O(tail): the sequence length does not matter
     assert t_long < 3 * t_short + 1e-3
+
+
+def test_every_task_needs_an_architecture_the_engine_knows():
+    from kosmos_cli.engine import ARCHITECTURES
+    from kosmos_cli.tasks import TASKS
+
+    assert {name: task.model_kind for name, task in TASKS.items()} == {
+        "ocr": "kosmos-2.5", "md": "kosmos-2.5", "ground": "kosmos-2"}
+    assert {task.model_kind for task in TASKS.values()} <= set(ARCHITECTURES)

@@ -1,4 +1,5 @@
-"""Model configs as dataclasses with the Hugging Face field names, built leniently from config.json.
+"""Model configs as dataclasses with the Hugging Face field names, built leniently from config.json,
+and `Architecture`, the record of what differs between the two models.
 
 The Hub config.json files predate transformers 5.x, so unknown keys are ignored and a few older
 spellings are accepted as aliases. Defaults are the released models' values."""
@@ -6,10 +7,9 @@ spellings are accepted as aliases. Defaults are the released models' values."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
@@ -120,21 +120,19 @@ def _tie(data: dict[str, Any]) -> bool:
     return bool(data.get("tie_word_embeddings", text.get("tie_word_embeddings", True)))
 
 
-MODEL_TYPES = {"kosmos-2.5": Kosmos25Config, "kosmos-2": Kosmos2Config}
+@dataclass(frozen=True)
+class Architecture:
+    """Everything that differs between Kosmos-2.5 and Kosmos-2: one record per model, at the end of
+    models/kosmos2_5.py and models/kosmos2.py. The engine looks one up by config.json's model_type
+    and takes every model-specific choice from it."""
 
-
-def read_config(model_dir: Path) -> Kosmos25Config | Kosmos2Config:
-    """Parse `model_dir/config.json` into the config of the model type it names."""
-    path = Path(model_dir) / "config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path} is missing: is {model_dir} a Kosmos model directory?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from None
-    model_type = str(data.get("model_type", "")).replace("_", "-")
-    if model_type not in MODEL_TYPES:
-        raise ValueError(
-            f"{path} has model_type {data.get('model_type')!r}; supported: {', '.join(MODEL_TYPES)}"
-        )
-    return MODEL_TYPES[model_type].from_hf(data)
+    name: str  # config.json's model_type, and Engine.kind: "kosmos-2.5" or "kosmos-2"
+    config: type  # the config class; its from_hf(config.json's dict) builds the config
+    module: type  # module(config) -> the model (an nn.Module with encode_images and text, the decoder)
+    tokenizer: Callable[[Path], Any]  # model directory -> the tokenizer (prompt, decode)
+    # (config, image-processor settings) -> the preprocessing: image -> (vision input, the (width,
+    # height) the model sees it at); its `tokens` is the vision encoder's tokens per image.
+    image_processor: Callable[[Any, dict], Any]
+    checkpoint_names: tuple[tuple[str, str], ...]  # checkpoint tensor names -> ours (see loading.rename)
+    checkpoint_leaf_names: tuple[tuple[str, str], ...]
+    no_repeat_ngram_size: int  # the default of greedy decoding's n-gram ban (0: none)

@@ -119,9 +119,10 @@ def stream(
     """Yield (request.key, Generated) as sequences finish (not in request order).
 
     slots: sequences decoded together; capacity: the longest prompt + max_new_tokens any request
-    may need. encode_images(stacked vision inputs) -> image embeddings (n, Q, D). decode: the decode
-    step function (decode_step, or a compiled version of it). cache(slots, capacity): the KV cache
-    to use (default: a new one)."""
+    may need (the caller checks every request against it, as Engine.stream does).
+    encode_images(stacked vision inputs) -> image embeddings (n, Q, D). decode: the decode step
+    function (decode_step, or a compiled version of it). cache(slots, capacity): the KV cache to
+    use (default: a new one)."""
     cache = cache or (lambda n, c: decoder.new_cache(n, c, dtype=dtype, device=device))
     batch = _Batch(encode_images, decoder, slots, capacity, settings, dtype, device, decode or decode_step, cache)
     yield from batch.drain(iter(requests))
@@ -185,9 +186,6 @@ class _Batch:
             except StopIteration:
                 exhausted = True
                 break
-            n = len(request.prompt.ids)
-            if n + request.max_new_tokens > self.capacity - self.schedule.sync_every - 1:
-                raise ValueError(f"prompt of {n} tokens + {request.max_new_tokens} new tokens exceeds the cache capacity")
             newcomers.append(request)
         if not newcomers:
             return exhausted

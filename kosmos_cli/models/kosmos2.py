@@ -4,15 +4,22 @@ self-attention has an extra LayerNorm over the merged heads (`inner_attn_ln`).
 Shapes: B images, N = (224/14)^2 = 256 patches, Q = latent_query_num (64), D = text embed_dim.
     pixels (B, 3, 224, 224) -> CLIP (B, 1 + N, Dv) -> post_layernorm on all tokens -> L2 norm
     -> resampler (B, Q, D) -> inserted at the 64 placeholders between <image> and </image>.
+
+At the end, ARCHITECTURE: the record the engine builds a Kosmos-2 from.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
-from .config import Kosmos2Config, Kosmos2VisionConfig
+from ..processing.images import clip_pixels
+from ..processing.kosmos2 import Kosmos2Tokenizer
+from .config import Architecture, Kosmos2Config, Kosmos2VisionConfig
 from .decoder import TextDecoder
 from .layers import MultiheadAttention, Resampler, activation
 
@@ -65,8 +72,6 @@ class CLIPVision(nn.Module):
 
 
 class Kosmos2(nn.Module):
-    kind = "kosmos-2"
-
     def __init__(self, cfg: Kosmos2Config):
         super().__init__()
         t = cfg.text
@@ -81,13 +86,37 @@ class Kosmos2(nn.Module):
         return self.resampler(F.normalize(features, dim=-1))
 
 
-# Checkpoint name -> our name, applied in order by prefix; every tensor's shape is checked on load.
-CHECKPOINT_NAMES = [
-    ("text_model.model.", "text."),
-    ("text_model.lm_head.", "text.lm_head."),
-    ("vision_model.model.embeddings.", "vision."),
-    ("vision_model.model.encoder.layers.", "vision.layers."),
-    ("vision_model.model.", "vision."),
-    ("image_to_text_projection.", "resampler."),
-]
-CHECKPOINT_LEAF_NAMES: list[tuple[str, str]] = []
+@dataclass(frozen=True)
+class ImageProcessor:
+    """An image -> CLIP pixels (3, 224, 224) and that size: the model sees every image at it."""
+
+    image_config: dict  # the checkpoint's image-processor settings (see read_image_processor_config)
+    tokens: int  # the vision encoder's tokens per image: its patches and the class token
+
+    @classmethod
+    def from_config(cls, config: Kosmos2Config, image_config: dict) -> "ImageProcessor":
+        vision = config.vision
+        return cls(image_config, (vision.image_size // vision.patch_size) ** 2 + 1)
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        pixels = clip_pixels(image, self.image_config)
+        return pixels, (pixels.shape[2], pixels.shape[1])
+
+
+ARCHITECTURE = Architecture(
+    name="kosmos-2",
+    config=Kosmos2Config,
+    module=Kosmos2,
+    tokenizer=Kosmos2Tokenizer.from_dir,
+    image_processor=ImageProcessor.from_config,
+    checkpoint_names=(
+        ("text_model.model.", "text."),
+        ("text_model.lm_head.", "text.lm_head."),
+        ("vision_model.model.embeddings.", "vision."),
+        ("vision_model.model.encoder.layers.", "vision.layers."),
+        ("vision_model.model.", "vision."),
+        ("image_to_text_projection.", "resampler."),
+    ),
+    checkpoint_leaf_names=(),
+    no_repeat_ngram_size=3,  # as the Kosmos-2 demo; transformers 5 needs it passed explicitly
+)

@@ -4,15 +4,22 @@ Shapes: B images, P = max_num_patches, Q = latent_query_num, D = text embed_dim.
     flattened patches (B, P, 2 + 768) -> vision encoder (B, P, Dv) -> L2 norm -> dense (B, P, D)
     -> resampler: Q latent queries attend over [projected patches; latent queries] -> (B, Q, D)
     -> inserted at the <s> placeholders between <image> and </image> of the prompt -> decoder.
+
+At the end, ARCHITECTURE: the record the engine builds a Kosmos-2.5 from.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
-from .config import Kosmos25Config, Kosmos25VisionConfig
+from ..processing.images import kosmos2_5_patches
+from ..processing.kosmos2_5 import Kosmos25Tokenizer
+from .config import Architecture, Kosmos25Config, Kosmos25VisionConfig
 from .decoder import TextDecoder
 from .layers import MultiheadAttention, Resampler, RMSNorm, activation
 
@@ -69,8 +76,6 @@ class VisionEncoder(nn.Module):
 
 
 class Kosmos25(nn.Module):
-    kind = "kosmos-2.5"
-
     def __init__(self, cfg: Kosmos25Config):
         super().__init__()
         t = cfg.text
@@ -85,18 +90,46 @@ class Kosmos25(nn.Module):
         return self.resampler(F.normalize(features, dim=-1))
 
 
-# Checkpoint name -> our name, applied in order by prefix; every tensor's shape is checked on load.
-CHECKPOINT_NAMES = [
-    ("text_model.model.", "text."),
-    ("text_model.lm_head.", "text.lm_head."),
-    ("vision_model.embeddings.", "vision."),
-    ("vision_model.encoder.layer.", "vision.layers."),
-    ("vision_model.layernorm.", "vision.layernorm."),
-    ("image_to_text_projection.", "resampler."),
-]
-CHECKPOINT_LEAF_NAMES = [  # vision attention uses T5 names in the checkpoint
-    (".attention.query.", ".attention.q_proj."),
-    (".attention.key.", ".attention.k_proj."),
-    (".attention.value.", ".attention.v_proj."),
-    (".attention.output.", ".attention.out_proj."),
-]
+@dataclass(frozen=True)
+class ImageProcessor:
+    """An image -> flattened patches (max_patches, 770) and the size (width, height) of the patch grid
+    it was resized to, where the model's OCR boxes live."""
+
+    max_patches: int
+
+    @classmethod
+    def from_config(cls, config: Kosmos25Config, image_config: dict) -> "ImageProcessor":
+        return cls(int(image_config.get("max_patches", config.vision.max_num_patches)))
+
+    @property
+    def tokens(self) -> int:
+        """The vision encoder's tokens per image: every patch row, padding included."""
+        return self.max_patches
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        grid = kosmos2_5_patches(image, self.max_patches)
+        return grid.patches, (grid.width, grid.height)
+
+
+ARCHITECTURE = Architecture(
+    name="kosmos-2.5",
+    config=Kosmos25Config,
+    module=Kosmos25,
+    tokenizer=Kosmos25Tokenizer.from_dir,
+    image_processor=ImageProcessor.from_config,
+    checkpoint_names=(
+        ("text_model.model.", "text."),
+        ("text_model.lm_head.", "text.lm_head."),
+        ("vision_model.embeddings.", "vision."),
+        ("vision_model.encoder.layer.", "vision.layers."),
+        ("vision_model.layernorm.", "vision.layernorm."),
+        ("image_to_text_projection.", "resampler."),
+    ),
+    checkpoint_leaf_names=(  # the vision attention has T5 names in the checkpoint
+        (".attention.query.", ".attention.q_proj."),
+        (".attention.key.", ".attention.k_proj."),
+        (".attention.value.", ".attention.v_proj."),
+        (".attention.output.", ".attention.out_proj."),
+    ),
+    no_repeat_ngram_size=0,  # the original decodes plainly: OCR legitimately repeats n-grams
+)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from safetensors import safe_open
@@ -29,8 +30,31 @@ HUB_FILES = [
 ]
 
 
-class ModelLoadError(RuntimeError):
-    """A model could not be found or does not match what we expect; the message says what to do."""
+class ModelLoadError(RuntimeError, ValueError):
+    """A model could not be found or does not match what we expect; the message says what to do.
+    Also a ValueError: a bad file in the model directory is a bad value, and the readers of
+    config.json and the image processor's config are documented to raise ValueError."""
+
+
+def read_json(model_dir: str | os.PathLike, name: str, *, required: bool = True) -> dict[str, Any] | None:
+    """The JSON object in `model_dir/name`, or None for an optional file that is absent.
+
+    A required file that is absent, a file that cannot be read, is not JSON or does not hold an
+    object raises ModelLoadError naming it: a guess in its place would silently change the model."""
+    path = Path(model_dir) / name
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if not required:
+            return None
+        raise ModelLoadError(f"{path} is missing: is {model_dir} a Kosmos model directory?") from None
+    except OSError as err:
+        raise ModelLoadError(f"{path} cannot be read ({err.strerror or err})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return data
 
 
 def resolve_model_dir(model: str | os.PathLike) -> Path:
@@ -67,12 +91,12 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
 
 def safetensors_files(model_dir: Path) -> list[Path]:
     """The checkpoint's shard files, from model.safetensors.index.json or the single model.safetensors."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ModelLoadError(f"{index} is not a valid safetensors index ({err})") from None
+    index = read_json(model_dir, "model.safetensors.index.json", required=False)
+    if index is not None:
+        weight_map = index.get("weight_map")
+        if not (isinstance(weight_map, dict) and all(isinstance(name, str) for name in weight_map.values())):
+            raise ModelLoadError(f"{model_dir / 'model.safetensors.index.json'} is not a valid safetensors index "
+                                 f"(it needs a weight_map from tensor names to file names)")
         files = [model_dir / name for name in dict.fromkeys(weight_map.values())]
     elif (model_dir / "model.safetensors").exists():
         files = [model_dir / "model.safetensors"]
@@ -88,9 +112,11 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def rename(name: str, prefixes: list[tuple[str, str]], leaves: list[tuple[str, str]]) -> str | None:
+def rename(name: str, prefixes: Sequence[tuple[str, str]], leaves: Sequence[tuple[str, str]]) -> str | None:
     """Checkpoint tensor name -> our parameter name (None when no prefix rule matches).
-    The longest matching prefix wins, so the rules can be listed in any order."""
+
+    The longest matching prefix of `prefixes` is replaced (so their order does not matter), then
+    every (old, new) pair of `leaves` is replaced wherever it occurs, in order."""
     matches = [(old, new) for old, new in prefixes if name.startswith(old)]
     if not matches:
         return None
@@ -104,8 +130,8 @@ def rename(name: str, prefixes: list[tuple[str, str]], leaves: list[tuple[str, s
 def load_weights(
     model: nn.Module,
     model_dir: Path,
-    prefixes: list[tuple[str, str]],
-    leaves: list[tuple[str, str]],
+    prefixes: Sequence[tuple[str, str]],
+    leaves: Sequence[tuple[str, str]],
     *,
     dtype: torch.dtype,
     device: torch.device,

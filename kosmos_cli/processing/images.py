@@ -7,7 +7,6 @@ are needed; numpy is not used.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from ..models.loading import ModelLoadError, read_json
 
 __all__ = [
     "KOSMOS2_IMAGE_PROCESSOR_DEFAULTS",
@@ -357,16 +358,6 @@ def _per_channel(value) -> list[float]:
 # --------------------------------------------------------------------------------------------
 
 
-def _load_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read image processor config {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"cannot read image processor config {path}: expected a JSON object")
-    return data
-
-
 def read_image_processor_config(model_dir: str | Path) -> dict:
     """The flat image-processor dict of a model directory.
 
@@ -376,28 +367,22 @@ def read_image_processor_config(model_dir: str | Path) -> dict:
     and come back as dicts (`size` int -> {"shortest_edge": n}, `crop_size` int -> a square);
     `patch_size` int -> {"height": n, "width": n}. Missing fields stay missing: callers fill them
     from KOSMOS2_IMAGE_PROCESSOR_DEFAULTS / KOSMOS2_5_IMAGE_PROCESSOR_DEFAULTS.
-    Raises ValueError naming the file when neither file exists or one cannot be parsed.
+    Raises ModelLoadError (a ValueError) naming the file when neither file exists or one cannot be
+    read (see read_json).
     """
-    model_dir = Path(model_dir)
-    processor_file = model_dir / "processor_config.json"
-    preprocessor_file = model_dir / "preprocessor_config.json"
-
     config = None
-    processor = None
-    if processor_file.is_file():
-        processor = _load_json(processor_file)
-        nested = processor.get("image_processor")
-        if isinstance(nested, dict):
-            config = nested
-    if config is None and preprocessor_file.is_file():
-        flat = _load_json(preprocessor_file)
-        nested = flat.get("image_processor")
-        config = nested if isinstance(nested, dict) else flat
+    processor = read_json(model_dir, "processor_config.json", required=False)
+    if processor is not None and isinstance(processor.get("image_processor"), dict):
+        config = processor["image_processor"]
+    if config is None:
+        flat = read_json(model_dir, "preprocessor_config.json", required=False)
+        if flat is not None:
+            nested = flat.get("image_processor")
+            config = nested if isinstance(nested, dict) else flat
     if config is None:
         if processor is None:
-            raise ValueError(
-                f"no image processor config in {model_dir}: expected {preprocessor_file.name} "
-                f"or {processor_file.name}"
+            raise ModelLoadError(
+                f"no image processor config in {model_dir}: expected preprocessor_config.json or processor_config.json"
             )
         # An old-style processor_config.json without the image processor in it: nothing to read.
         config = processor
@@ -411,5 +396,5 @@ def read_image_processor_config(model_dir: str | Path) -> dict:
         if "patch_size" in config and config["patch_size"] is not None:
             config["patch_size"] = _size_dict(config["patch_size"], default_to_square=True)
     except ValueError as exc:
-        raise ValueError(f"bad image processor config in {model_dir}: {exc}") from exc
+        raise ModelLoadError(f"bad image processor config in {model_dir}: {exc}") from exc
     return config

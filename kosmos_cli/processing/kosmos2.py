@@ -18,10 +18,10 @@ re-registers the tag tokens):
   the whitespace on their left (the processor registers them with ``lstrip=True``); special tokens take
   their ``lstrip``/``rstrip`` flags from the files (``<mask>`` strips left in the released files).
 * Each remaining piece of text goes through the normaliser and pre-tokenizer declared in
-  ``tokenizer.json`` (the reference loads that file as is for model type ``kosmos-2``).  For the
-  released files that is: the model's own character map (NFKC-like, the sentencepiece
-  ``precompiled_charsmap``), runs of spaces collapsed to one, spaces turned into ``▁``, a ``▁``
-  prepended, and a split before every ``▁``.  Every resulting ``▁word`` is encoded with the unigram
+  ``tokenizer.json`` (``pretokenizer.py``; the reference loads that file as is for model type
+  ``kosmos-2``).  For the released files that is: the model's own character map (NFKC-like, the
+  sentencepiece ``precompiled_charsmap``), runs of spaces collapsed to one, spaces turned into ``▁``,
+  a ``▁`` prepended, and a split before every ``▁``.  Every resulting ``▁word`` is encoded with the unigram
   model.  So a leading space is absorbed, but a trailing space becomes a lone ``▁`` token.
 * Decoding drops special tokens (if asked), keeps tag tokens verbatim, turns ``▁`` into spaces, drops the
   one leading space of the first token and, when ``clean_up_tokenization_spaces`` is set in
@@ -30,12 +30,13 @@ re-registers the tag tokens):
 
 from __future__ import annotations
 
-import json
 import re
-import unicodedata
 from pathlib import Path
 
 import sentencepiece as spm
+
+from ..models.loading import read_json
+from .pretokenizer import DEFAULT_NORMALIZER, DEFAULT_PRE_TOKENIZER, SPIECE_UNDERLINE, WHITESPACE_CHARS, PreTokenizer
 
 __all__ = ["Kosmos2Tokenizer", "TAG_TOKENS", "NUM_PATCH_INDEX_TOKENS", "patch_index_token"]
 
@@ -55,26 +56,6 @@ TAG_TOKENS = (
 )
 NUM_PATCH_INDEX_TOKENS = 1024
 
-# Characters with the Unicode White_Space property (what the reference splits words and strips on).
-_WHITESPACE = frozenset(
-    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
-    "\u2028\u2029\u202f\u205f\u3000"
-)
-_WHITESPACE_CHARS = "".join(sorted(_WHITESPACE))
-_SPLIT_WS = re.compile("[" + re.escape(_WHITESPACE_CHARS) + "]+")
-_SPIECE_UNDERLINE = "\u2581"
-
-# What the Hub's tokenizer.json declares (the 2023 sentencepiece conversion of XLM-RoBERTa), used when a
-# checkpoint has no tokenizer.json.
-_DEFAULT_NORMALIZER = {
-    "type": "Sequence",
-    "normalizers": [
-        {"type": "Precompiled"},
-        {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "},
-    ],
-}
-_DEFAULT_PRE_TOKENIZER = {"type": "Metaspace", "replacement": _SPIECE_UNDERLINE, "prepend_scheme": "always", "split": True}
-
 # The fairseq layout of the first four ids (fixed by the model, checked against the files if present).
 _FAIRSEQ_SPECIALS = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
 
@@ -90,13 +71,6 @@ def _token_content(value, default: str) -> str:
     if isinstance(value, str):
         return value
     return default
-
-
-def _read_json(path: Path) -> dict | list | None:
-    if not path.is_file():
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 class _Added:
@@ -143,12 +117,11 @@ class Kosmos2Tokenizer:
             escape_whitespaces=False,
             remove_extra_whitespaces=False,
         )
-        self._normalize_steps = self._build_normalizer(normalizer or _DEFAULT_NORMALIZER)
-        self._whitespace_split, self._metaspace_split = self._build_pre_tokenizer(
-            pre_tokenizer or _DEFAULT_PRE_TOKENIZER
+        self._pretokenizer = PreTokenizer(
+            normalizer or DEFAULT_NORMALIZER, pre_tokenizer or DEFAULT_PRE_TOKENIZER, self._charmap.normalize
         )
         # sentencepiece id of a lone "▁" (its unk id if the model has no such piece).
-        self._sp_underline = self._sp.piece_to_id(_SPIECE_UNDERLINE)
+        self._sp_underline = self._sp.piece_to_id(SPIECE_UNDERLINE)
         n_pieces = self._sp.get_piece_size()
         names = {"bos": "<s>", "pad": "<pad>", "eos": "</s>", "unk": "<unk>", "mask": "<mask>"}
         names.update(special_names or {})
@@ -238,8 +211,8 @@ class Kosmos2Tokenizer:
         sp_path = model_dir / "sentencepiece.bpe.model"
         if not sp_path.is_file():
             raise FileNotFoundError(f"{sp_path} not found (Kosmos-2 needs its sentencepiece model)")
-        config = _read_json(model_dir / "tokenizer_config.json") or {}
-        special_map = _read_json(model_dir / "special_tokens_map.json") or {}
+        config = read_json(model_dir, "tokenizer_config.json", required=False) or {}
+        special_map = read_json(model_dir, "special_tokens_map.json", required=False) or {}
 
         names = {}
         for key in ("bos", "eos", "pad", "unk", "mask"):
@@ -248,7 +221,7 @@ class Kosmos2Tokenizer:
                 names[key] = _token_content(value, "")
 
         added: dict[str, dict] = {}
-        legacy = _read_json(model_dir / "added_tokens.json") or {}
+        legacy = read_json(model_dir, "added_tokens.json", required=False) or {}
         for content, id_ in legacy.items():
             added[content] = {"id": int(id_)}
         # Flags given for the special tokens in special_tokens_map.json (e.g. <mask> lstrip).
@@ -257,18 +230,15 @@ class Kosmos2Tokenizer:
             if isinstance(value, dict) and "content" in value:
                 entry = added.setdefault(value["content"], {})
                 entry.update({k: value[k] for k in ("lstrip", "rstrip", "normalized") if k in value}, special=True)
-        tok_json = _read_json(model_dir / "tokenizer.json")
-        if not isinstance(tok_json, dict):
-            tok_json = {}
-        if tok_json:
-            for tok in tok_json.get("added_tokens", []):
-                added.setdefault(tok["content"], {}).update(
-                    id=int(tok["id"]),
-                    lstrip=bool(tok.get("lstrip", False)),
-                    rstrip=bool(tok.get("rstrip", False)),
-                    special=bool(tok.get("special", False)),
-                    normalized=bool(tok.get("normalized", False)),
-                )
+        tok_json = read_json(model_dir, "tokenizer.json", required=False) or {}
+        for tok in tok_json.get("added_tokens", []):
+            added.setdefault(tok["content"], {}).update(
+                id=int(tok["id"]),
+                lstrip=bool(tok.get("lstrip", False)),
+                rstrip=bool(tok.get("rstrip", False)),
+                special=bool(tok.get("special", False)),
+                normalized=bool(tok.get("normalized", False)),
+            )
         for id_, tok in (config.get("added_tokens_decoder") or {}).items():
             added.setdefault(tok["content"], {}).update(
                 id=int(id_),
@@ -308,64 +278,6 @@ class Kosmos2Tokenizer:
     def _piece_to_fairseq(self, p: int) -> int:
         return self.unk_id if p == self._sp_unk else p + 1
 
-    # The text pipeline: the subset of tokenizers' normalizers / pre-tokenizers that sentencepiece
-    # conversions use.  Anything else is refused loudly rather than tokenized differently.
-    def _build_normalizer(self, spec: dict) -> list:
-        kind = spec.get("type")
-        if kind == "Sequence":
-            return [step for sub in spec.get("normalizers", []) for step in self._build_normalizer(sub)]
-        if kind == "Precompiled":
-            return [self._charmap.normalize]
-        if kind == "Replace":
-            pattern = spec["pattern"]
-            regex = re.compile(pattern["Regex"]) if "Regex" in pattern else re.compile(re.escape(pattern["String"]))
-            content = spec["content"]
-            return [lambda t, r=regex, c=content: r.sub(lambda _m: c, t)]
-        if kind == "Strip":
-            left, right = spec.get("strip_left", spec.get("left", True)), spec.get("strip_right", spec.get("right", True))
-            def strip(t, left=left, right=right):
-                if left:
-                    t = t.lstrip(_WHITESPACE_CHARS)
-                if right:
-                    t = t.rstrip(_WHITESPACE_CHARS)
-                return t
-            return [strip]
-        if kind in ("NFC", "NFD", "NFKC", "NFKD"):
-            return [lambda t, form=kind: unicodedata.normalize(form, t)]
-        raise NotImplementedError(f"tokenizer.json normalizer {kind!r} is not supported")
-
-    @staticmethod
-    def _build_pre_tokenizer(spec: dict) -> tuple[bool, bool]:
-        """(split on whitespace first?, split before each ▁?) for Metaspace-style pre-tokenizers."""
-        steps = spec.get("pretokenizers", []) if spec.get("type") == "Sequence" else [spec]
-        kinds = [step.get("type") for step in steps]
-        whitespace_split = kinds[:-1] == ["WhitespaceSplit"]
-        meta = steps[-1] if steps else {}
-        if meta.get("type") != "Metaspace" or kinds[:-1] not in ([], ["WhitespaceSplit"]):
-            raise NotImplementedError(f"tokenizer.json pre_tokenizer {kinds} is not supported")
-        scheme = meta.get("prepend_scheme", "always" if meta.get("add_prefix_space", True) else "never")
-        if scheme != "always" or meta.get("replacement", _SPIECE_UNDERLINE) != _SPIECE_UNDERLINE:
-            raise NotImplementedError(f"Metaspace with prepend_scheme={scheme!r} is not supported")
-        return whitespace_split, bool(meta.get("split", True))
-
-    def _pre_tokenize(self, text: str) -> list[str]:
-        """Normalised text -> '▁'-prefixed words (tokenizers' Metaspace with prepend_scheme 'always')."""
-        chunks = [w for w in _SPLIT_WS.split(text) if w] if self._whitespace_split else [text]
-        words: list[str] = []
-        for chunk in chunks:
-            if not chunk:
-                continue
-            chunk = chunk.replace(" ", _SPIECE_UNDERLINE)
-            if not chunk.startswith(_SPIECE_UNDERLINE):
-                chunk = _SPIECE_UNDERLINE + chunk
-            if not self._metaspace_split:
-                words.append(chunk)
-                continue
-            # Split before every ▁, each ▁ staying with what follows it.
-            starts = [i for i, c in enumerate(chunk) if c == _SPIECE_UNDERLINE] + [len(chunk)]
-            words.extend(chunk[a:b] for a, b in zip(starts, starts[1:]))
-        return words
-
     @staticmethod
     def _alternation(tokens: list[str]):
         if not tokens:
@@ -383,16 +295,16 @@ class Kosmos2Tokenizer:
             tok = self._added[m.group(0)]
             chunk = text[pos : m.start()]
             if pending_rstrip:
-                chunk = chunk.lstrip(_WHITESPACE_CHARS)
+                chunk = chunk.lstrip(WHITESPACE_CHARS)
             if tok.lstrip:
-                chunk = chunk.rstrip(_WHITESPACE_CHARS)
+                chunk = chunk.rstrip(WHITESPACE_CHARS)
             ids.extend(encode_rest(chunk))
             ids.append(tok.id)
             pos = m.end()
             pending_rstrip = tok.rstrip
         chunk = text[pos:]
         if pending_rstrip:
-            chunk = chunk.lstrip(_WHITESPACE_CHARS)
+            chunk = chunk.lstrip(WHITESPACE_CHARS)
         ids.extend(encode_rest(chunk))
         return ids
 
@@ -400,18 +312,17 @@ class Kosmos2Tokenizer:
         """Text between raw-matched added tokens: normalise, then split out normalised added tokens."""
         if not text:
             return []
-        for step in self._normalize_steps:
-            text = step(text)
+        text = self._pretokenizer.normalize(text)
         return self._split_added(text, self._normalized_re, self._encode_normalized)
 
     def _encode_normalized(self, text: str) -> list[int]:
         """Normalised text without added tokens -> ids: pre-tokenize, unigram-encode each word."""
-        words = self._pre_tokenize(text) if text else []
+        words = self._pretokenizer.words(text) if text else []
         ids: list[int] = []
         # sentencepiece re-applies its (idempotent) character map and adds the ▁ back itself.
-        encoded = iter(self._sp.encode([w.replace(_SPIECE_UNDERLINE, " ") for w in words if w != _SPIECE_UNDERLINE]))
+        encoded = iter(self._sp.encode([w.replace(SPIECE_UNDERLINE, " ") for w in words if w != SPIECE_UNDERLINE]))
         for w in words:
-            if w == _SPIECE_UNDERLINE:  # a lone ▁ (e.g. from a trailing space): that piece, or <unk>
+            if w == SPIECE_UNDERLINE:  # a lone ▁ (e.g. from a trailing space): that piece, or <unk>
                 ids.append(self._piece_to_fairseq(self._sp_underline))
             else:
                 ids.extend(self._piece_to_fairseq(p) for p in next(encoded))
@@ -454,7 +365,7 @@ class Kosmos2Tokenizer:
             p = i - 1
             if not 3 <= p < self._sp.get_piece_size():
                 continue  # unknown id: nothing to show (the reference drops it as well)
-            parts.append(self._sp.id_to_piece(p).replace(_SPIECE_UNDERLINE, " "))
+            parts.append(self._sp.id_to_piece(p).replace(SPIECE_UNDERLINE, " "))
         if parts and parts[0].startswith(" "):
             parts[0] = parts[0][1:]
         text = "".join(parts)

@@ -11,10 +11,11 @@ A prompt is `<s><image>` + N placeholder tokens + `</image>` + task text, with a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer
+
+from ..models.loading import ModelLoadError, read_json
 
 OCR_PROMPT = "<ocr>"
 MARKDOWN_PROMPT = "<md>"
@@ -98,12 +99,14 @@ class Kosmos25Tokenizer:
         """Load from a checkpoint directory holding tokenizer.json (+ tokenizer_config.json)."""
         model_dir = Path(model_dir)
         tokenizer_file = model_dir / "tokenizer.json"
-        if not tokenizer_file.is_file():
+        if not tokenizer_file.exists():
             raise FileNotFoundError(f"{tokenizer_file} not found: a Kosmos-2.5 checkpoint needs tokenizer.json")
-        tok = Tokenizer.from_file(str(tokenizer_file))
+        try:
+            tok = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as err:  # what the tokenizers package raises for a file it cannot read
+            raise ModelLoadError(f"{tokenizer_file} cannot be read as a tokenizer ({err})") from None
 
-        config_file = model_dir / "tokenizer_config.json"
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        config = read_json(model_dir, "tokenizer_config.json", required=False) or {}
         names = {}
         for role in ("bos_token", "eos_token", "pad_token", "unk_token"):
             if (content := _token_content(config.get(role))) is not None:

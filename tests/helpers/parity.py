@@ -24,7 +24,7 @@ def oracle_generate(oracle, image, prompt, max_new_tokens, **kwargs):
 
 def our_logits(engine, image, prompt):
     """A full uncached forward of prompt ids through our model -> logits (T, V)."""
-    grid = kosmos2_5_patches(image, engine.max_patches)
+    grid = kosmos2_5_patches(image, engine.image_processor.max_patches)
     ids, mask = engine.tokenizer.prompt(prompt, engine.config.latent_query_num)
     return full_forward(engine, grid.patches[None], [ids], [mask])[0]
 

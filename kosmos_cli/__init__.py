@@ -6,11 +6,6 @@
     text = engine.decode(ids[0])
 """
 
-import warnings
-
-# torch warns at import when NumPy is missing; NumPy is not a dependency of ours and nothing here needs it.
-warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
-
 __version__ = "0.1.0"
 __all__ = ["load", "Engine"]
 

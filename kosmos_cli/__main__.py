@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 
 from . import interrupt
 
@@ -13,13 +12,8 @@ from . import interrupt
 def main() -> None:
     interrupt.install()
     try:
-        from PIL import Image
-
         from .cli import app
 
-        # The command owns its process's warnings: Pillow's bomb warning is for an image we refuse
-        # with our own message anyway (see kosmos_cli.rasters); the library leaves it to its callers.
-        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
         app()
     except KeyboardInterrupt:  # while importing, before the command handles it
         sys.stderr.write("kosmos: interrupted\n")

@@ -26,13 +26,13 @@ from kosmos_cli.writers.formats import PAGE_SEPARATOR
 from kosmos_cli.cli import app
 from tests.helpers import ROOT
 from tests.helpers.cli import (
-    run_kosmos,
     FAST,
     PAGE_COMMENT,
     assert_no_temp_files,
     jsonl,
     kosmos,
     needs_script,
+    run_kosmos,
     state_file,
 )
 from tests.helpers.images import png_header_only

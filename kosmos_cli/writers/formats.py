@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 
 from ..results import PageResult, source_text, valid_utf8
 from ..tasks import Task
+from .alto import alto_document
+from .hocr import hocr_document
 
 __all__ = ["FORMATS", "PAGE_SEPARATOR", "page_comment"]
 
@@ -72,4 +74,6 @@ FORMATS: dict[str, Callable[[Task, Sequence[PageResult]], str]] = {
     ".md": markdown_document,
     ".txt": text_document,
     ".json": json_document,
+    ".hocr": hocr_document,
+    ".alto.xml": alto_document,
 }

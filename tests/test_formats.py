@@ -1,0 +1,202 @@
+"""The hOCR and ALTO documents of `kosmos ocr -o`: boxes and texts survive a round trip, the files are
+valid (hocr-spec; the official ALTO 4.4 schema), bad pages and bad text still give well-formed files."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hocr_spec import HocrValidator
+from lxml import etree
+
+from kosmos_cli.results import PageResult
+from kosmos_cli.tasks import TASKS
+from kosmos_cli.writers.formats import FORMATS
+
+ALTO_DIR = Path(__file__).parent / "data" / "alto"
+ALTO = "{http://www.loc.gov/standards/alto/ns-v4#}"
+XHTML = "{http://www.w3.org/1999/xhtml}"
+MODEL = "microsoft/kosmos-2.5"
+OCR = TASKS["ocr"]
+
+
+def page(number: int, lines: list[tuple[str, tuple[int, int, int, int]]], *, source="scans/a.pdf",
+         size=(1700, 2200), **fields) -> PageResult:
+    """An OCR page result with the given (text, (x0, y0, x1, y1)) lines."""
+    return PageResult(source, number, "ocr", MODEL, *size, text="\n".join(t for t, _ in lines),
+                      lines=[{"text": t, "polygon": [x0, y0, x1, y0, x1, y1, x0, y1]} for t, (x0, y0, x1, y1) in lines],
+                      **fields)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the files back
+# --------------------------------------------------------------------------------------------------
+
+
+def _numbers(title: str, name: str) -> list[int]:
+    (value,) = [part.split()[1:] for part in title.split(";") if part.split()[0] == name]
+    return [int(v) for v in value]
+
+
+def read_hocr(text: str) -> list[dict]:
+    """Pages of an hOCR file: size, ppageno, image, and lines as (box, text, [(word, box)])."""
+    root = etree.fromstring(text.encode("utf-8"))  # XHTML: it must be well-formed XML
+    pages = []
+    for div in root.iter(f"{XHTML}div"):
+        assert div.get("class") == "ocr_page"
+        title = div.get("title")
+        lines = []
+        for span in div.findall(f"{XHTML}span[@class='ocr_line']"):
+            words = [(w.text, tuple(_numbers(w.get("title"), "bbox"))) for w in span.findall(f"{XHTML}span")]
+            assert all(w.get("class") == "ocrx_word" for w in span.findall(f"{XHTML}span"))
+            assert "".join(span.itertext()) == " ".join(w for w, _ in words)
+            lines.append((tuple(_numbers(span.get("title"), "bbox")), " ".join(w for w, _ in words), words))
+        image = re.search(r'image "([^"]*)"', title).group(1)
+        pages.append({"bbox": _numbers(title, "bbox"), "ppageno": _numbers(title, "ppageno")[0], "image": image,
+                      "lines": lines})
+    return pages
+
+
+def _box(el) -> tuple[int, int, int, int]:
+    x, y, w, h = (int(el.get(k)) for k in ("HPOS", "VPOS", "WIDTH", "HEIGHT"))
+    return x, y, x + w, y + h
+
+
+def read_alto(text: str) -> list[dict]:
+    """Pages of an ALTO file: size, PHYSICAL_IMG_NR, and lines as (box, text, [(word, box)])."""
+    root = etree.fromstring(text.encode("utf-8"))
+    pages = []
+    for el in root.iter(f"{ALTO}Page"):
+        lines = []
+        for line in el.iter(f"{ALTO}TextLine"):
+            children = list(line)
+            words = [(s.get("CONTENT"), _box(s)) for s in children if s.tag == f"{ALTO}String"]
+            # String, SP, String, ...: one SP between each two words
+            assert [c.tag for c in children] == [f"{ALTO}String", f"{ALTO}SP"] * (len(words) - 1) + [f"{ALTO}String"]
+            lines.append((_box(line), " ".join(w for w, _ in words), words))
+        pages.append({"size": [int(el.get("WIDTH")), int(el.get("HEIGHT"))],
+                      "number": int(el.get("PHYSICAL_IMG_NR")), "lines": lines})
+    return pages
+
+
+class _LocalSchemas(etree.Resolver):
+    """The ALTO schema imports XLink from loc.gov: read the copy in tests/data instead (no network)."""
+
+    def resolve(self, url, pubid, context):
+        if url == "http://www.loc.gov/standards/xlink/xlink.xsd":
+            return self.resolve_filename(str(ALTO_DIR / "xlink.xsd"), context)
+        return None
+
+
+@pytest.fixture(scope="module")
+def alto_schema() -> etree.XMLSchema:
+    parser = etree.XMLParser(no_network=True)
+    parser.resolvers.add(_LocalSchemas())
+    return etree.XMLSchema(etree.parse(str(ALTO_DIR / "alto-4-4.xsd"), parser))
+
+
+def assert_valid_alto(schema: etree.XMLSchema, text: str) -> None:
+    doc = etree.fromstring(text.encode("utf-8"))
+    assert schema.validate(doc), schema.error_log
+
+
+def assert_valid_hocr(path: Path) -> None:
+    report = HocrValidator("standard").validate(str(path))
+    problems = [str(item) for item in report.items if item.level in ("ERROR", "FATAL", "WARN")]
+    assert report.is_valid() and problems == [], problems
+
+
+# --------------------------------------------------------------------------------------------------
+# The writers
+# --------------------------------------------------------------------------------------------------
+
+LINES_1 = [("Total 50,000", (24, 872, 827, 921)), ("Invoice", (100, 100, 400, 160)),
+           ("a  b   c", (0, 0, 9, 5))]  # several spaces; a line as narrow as its characters
+LINES_2 = [("Page two, one line", (10, 20, 1190, 80))]
+
+
+def test_boxes_and_texts_survive_every_format(tmp_path, alto_schema):
+    results = [page(1, LINES_1), page(3, LINES_2, size=(1200, 900))]
+    expected = [[(box, " ".join(text.split())) for text, box in lines] for lines in (LINES_1, LINES_2)]
+
+    hocr = FORMATS[".hocr"](OCR, results)
+    (tmp_path / "a.hocr").write_text(hocr, encoding="utf-8")
+    assert_valid_hocr(tmp_path / "a.hocr")
+    pages = read_hocr(hocr)
+    assert [p["bbox"] for p in pages] == [[0, 0, 1700, 2200], [0, 0, 1200, 900]]
+    assert [p["ppageno"] for p in pages] == [0, 2] and {p["image"] for p in pages} == {"scans/a.pdf"}
+    assert [[(box, text) for box, text, _ in p["lines"]] for p in pages] == expected
+
+    alto = FORMATS[".alto.xml"](OCR, results)
+    assert_valid_alto(alto_schema, alto)
+    pages = read_alto(alto)
+    assert [(p["size"], p["number"]) for p in pages] == [([1700, 2200], 1), ([1200, 900], 3)]
+    assert [[(box, text) for box, text, _ in p["lines"]] for p in pages] == expected
+    assert read_alto(alto) == [{"size": p["size"], "number": p["number"], "lines": h["lines"]}
+                               for p, h in zip(pages, read_hocr(hocr))]  # the same words and boxes in both
+
+    # Words tile their line left to right, in proportion to their characters (spaces included).
+    (box, _, words), *_ = read_hocr(hocr)[0]["lines"]
+    assert words == [("Total", (24, 872, 24 + round(803 * 5 / 12), 921)), ("50,000", (24 + round(803 * 6 / 12), 872, 827, 921))]
+    for p in read_hocr(hocr):
+        for (x0, y0, x1, y1), _, words in p["lines"]:
+            edges = [x for _, (a, _, b, _) in words for x in (a, b)]
+            assert edges == sorted(edges) and edges[0] == x0 and edges[-1] == x1
+            assert all((b, d) == (y0, y1) for _, (_, b, _, d) in words)
+
+
+def test_the_files_say_what_made_them_and_that_words_are_estimated():
+    results = [page(1, LINES_2)]
+    hocr = etree.fromstring(FORMATS[".hocr"](OCR, results).encode())
+    meta = {m.get("name"): m.get("content") for m in hocr.iter(f"{XHTML}meta") if m.get("name")}
+    assert meta["ocr-system"].startswith("kosmos ") and MODEL in meta["ocr-system"]
+    assert meta["ocr-capabilities"] == "ocr_page ocr_line ocrx_word" and meta["ocr-number-of-pages"] == "1"
+    assert "not words" in meta["description"]
+    alto = etree.fromstring(FORMATS[".alto.xml"](OCR, results).encode())
+    assert alto.findtext(f"{ALTO}Description/{ALTO}MeasurementUnit") == "pixel"
+    assert alto.findtext(f".//{ALTO}sourceImageInformation/{ALTO}fileName") == "scans/a.pdf"
+    software = alto.find(f".//{ALTO}OCRProcessing//{ALTO}processingSoftware")
+    assert software.findtext(f"{ALTO}softwareName") == "kosmos"
+    assert MODEL in software.findtext(f"{ALTO}applicationDescription")
+    assert "not words" in software.findtext(f"{ALTO}applicationDescription")
+
+
+def test_failed_and_truncated_pages_keep_their_place(tmp_path, alto_schema):
+    results = [page(1, LINES_2), PageResult.failed("scans/a.pdf", 2, "ocr", MODEL, "page 2: cannot render"),
+               page(3, LINES_2[:1], truncated=True)]
+    hocr = FORMATS[".hocr"](OCR, results)
+    (tmp_path / "a.hocr").write_text(hocr, encoding="utf-8")
+    assert_valid_hocr(tmp_path / "a.hocr")
+    assert [(p["ppageno"], len(p["lines"])) for p in read_hocr(hocr)] == [(0, 1), (1, 0), (2, 1)]
+    alto = FORMATS[".alto.xml"](OCR, results)
+    assert_valid_alto(alto_schema, alto)
+    assert [(p["number"], len(p["lines"])) for p in read_alto(alto)] == [(1, 1), (2, 0), (3, 1)]
+
+
+def test_any_text_gives_well_formed_files(tmp_path, alto_schema):
+    nasty = "<b>&amp; \"quoted\" 'single' \x00\x07\x1b bell \ud800 lone \ufffe\uffff é 𝄞 ]]>"
+    source = "dir/<&> \"name\";\ud800.pdf"
+    results = [page(1, [(nasty, (5, 5, 600, 40)), ("tab\there", (5, 50, 100, 80))], source=source)]
+    hocr = FORMATS[".hocr"](OCR, results)
+    alto = FORMATS[".alto.xml"](OCR, results)
+    (tmp_path / "a.hocr").write_text(hocr, encoding="utf-8")
+    assert_valid_hocr(tmp_path / "a.hocr")
+    assert_valid_alto(alto_schema, alto)
+    for pages in (read_hocr(hocr), read_alto(alto)):
+        (first, _, words), (_, second, _) = pages[0]["lines"]
+        texts = [w for w, _ in words]
+        # What XML can hold comes back unchanged; what it cannot is U+FFFD; a lone surrogate is escaped
+        assert texts[:4] == ["<b>&amp;", '"quoted"', "'single'", "\ufffd\ufffd\ufffd"]
+        assert "\\ud800" in texts and "\ufffd\ufffd" in texts and texts[-3:] == ["é", "𝄞", "]]>"]
+        assert second == "tab here"
+    assert etree.fromstring(alto.encode()).findtext(f".//{ALTO}fileName") == results[0].to_dict()["source"]
+
+
+def test_the_validators_catch_a_broken_file(tmp_path, alto_schema):
+    results = [page(1, LINES_2)]
+    alto = FORMATS[".alto.xml"](OCR, results).replace(' PHYSICAL_IMG_NR="1"', "")
+    assert not alto_schema.validate(etree.fromstring(alto.encode()))
+    hocr = FORMATS[".hocr"](OCR, results).replace('<meta name="ocr-system"', '<meta name="x-system"')
+    (tmp_path / "a.hocr").write_text(hocr, encoding="utf-8")
+    assert not HocrValidator("standard").validate(str(tmp_path / "a.hocr")).is_valid()

@@ -26,6 +26,7 @@ from .report import Progress, Report, say
 from .results import PageResult
 from .tasks import TASKS
 from .writers.directory import OutputDir
+from .writers.formats import choose_documents
 from .writers.sinks import DirectorySink, JsonlSink, TextSink
 
 
@@ -56,6 +57,7 @@ class Options:
     password: Optional[str] = None
     format: str = "text"
     overlay: bool = False
+    outputs: Optional[str] = None
     overwrite: bool = False
     quiet: bool = False
     debug: bool = False
@@ -77,6 +79,7 @@ Dpi = Annotated[float, typer.Option(min=36, max=1200, help="PDF rendering resolu
 Password = Annotated[Optional[str], typer.Option(help="Password for encrypted PDFs.")]
 Format = Annotated[str, typer.Option("--format", "-f", help="stdout format: text (markdown, OCR lines x0,y0,x1,y0,x1,y1,x0,y1,text, or the caption; a line <!-- SOURCE, page N --> starts each page when the run has several documents or a document several pages) or jsonl (one JSON object per page, failed inputs included).")]
 Overlay = Annotated[bool, typer.Option(help="With -o: also write a PNG per page with the boxes drawn.")]
+Outputs = Annotated[Optional[str], typer.Option(help="With -o: the document files to write, a comma list: for ocr any of txt,json,hocr,alto (hOCR 1.2 <stem>.hocr, ALTO 4.4 <stem>.alto.xml, word boxes estimated from line boxes); md writes md, ground txt,json. A re-run that adds one builds it from the finished pages. [default: txt,json for ocr and ground, md for md]", show_default=False)]
 Overwrite = Annotated[bool, typer.Option(help="With -o: redo pages that are already written.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, notes or summary: only errors.")]
 Debug = Annotated[bool, typer.Option(help="Show Python tracebacks for errors.")]
@@ -87,7 +90,8 @@ Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help=
 def ocr(inputs: Inputs, output: Output = None, model: Model = None, device: Device = "auto", dtype: DType = "auto",
         batch_size: BatchSize = "auto", max_new_tokens: MaxNewTokens = None, pages: Pages = None,
         dpi: Dpi = documents.DEFAULT_DPI, password: Password = None, format: Format = "text", overlay: Overlay = False,
-        overwrite: Overwrite = False, quiet: Quiet = False, debug: Debug = False, compile: Compile = None) -> None:
+        outputs: Outputs = None, overwrite: Overwrite = False, quiet: Quiet = False, debug: Debug = False,
+        compile: Compile = None) -> None:
     """Kosmos-2.5 OCR: text lines with 8-point polygons (x0,y0,x1,y0,x1,y1,x0,y1) in page pixels."""
     _command("ocr", **locals())
 
@@ -96,7 +100,8 @@ def ocr(inputs: Inputs, output: Output = None, model: Model = None, device: Devi
 def md(inputs: Inputs, output: Output = None, model: Model = None, device: Device = "auto", dtype: DType = "auto",
        batch_size: BatchSize = "auto", max_new_tokens: MaxNewTokens = None, pages: Pages = None,
        dpi: Dpi = documents.DEFAULT_DPI, password: Password = None, format: Format = "text", overlay: Overlay = False,
-       overwrite: Overwrite = False, quiet: Quiet = False, debug: Debug = False, compile: Compile = None,
+       outputs: Outputs = None, overwrite: Overwrite = False, quiet: Quiet = False, debug: Debug = False,
+       compile: Compile = None,
        ask: Annotated[Optional[str], typer.Option("--ask", help="Ask a question about each page with microsoft/kosmos-2.5-chat (the default model then).")] = None) -> None:
     """Kosmos-2.5 markdown of each page (or answers with --ask)."""
     _command("md", **locals())
@@ -106,8 +111,8 @@ def md(inputs: Inputs, output: Output = None, model: Model = None, device: Devic
 def ground(inputs: GroundInputs, output: Output = None, model: Model = None, device: Device = "auto",
            dtype: DType = "auto", batch_size: BatchSize = "auto", max_new_tokens: MaxNewTokens = None,
            pages: Pages = None, dpi: Dpi = documents.DEFAULT_DPI, password: Password = None, format: Format = "text",
-           overlay: Overlay = False, overwrite: Overwrite = False, quiet: Quiet = False, debug: Debug = False,
-           compile: Compile = None,
+           overlay: Overlay = False, outputs: Outputs = None, overwrite: Overwrite = False, quiet: Quiet = False,
+           debug: Debug = False, compile: Compile = None,
            prompt: Annotated[Optional[str], typer.Option("--prompt", help="Prompt to ground, e.g. \"<grounding> An image of\" or \"<grounding><phrase> a dog</phrase>\".")] = None) -> None:
     """Kosmos-2 grounded caption of each image: caption, phrases and their boxes."""
     if inputs[-1].startswith("<"):  # PROMPT_RULE: by spelling only, never by the file system
@@ -194,6 +199,12 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
         _fail_usage(f"--format must be text or jsonl, not {opts.format!r}")
     if (opts.overlay or opts.overwrite) and opts.output is None:
         _fail_usage("--overlay and --overwrite need -o/--output DIR")
+    if opts.outputs is not None and opts.output is None:
+        _fail_usage("--outputs needs -o/--output DIR")
+    try:
+        document_suffixes = choose_documents(task, opts.outputs) if opts.outputs is not None else None
+    except ValueError as err:
+        _fail_usage(f"--outputs: {err}")
     try:
         selection = parse_pages(opts.pages) if opts.pages is not None else None
     except ValueError as err:
@@ -213,7 +224,8 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
     report = Report(task, model_name, quiet=opts.quiet)
     out = None
     if opts.output is not None:
-        out = OutputDir(opts.output, task, model=model_name, overwrite=opts.overwrite, warn=report.note)
+        out = OutputDir(opts.output, task, model=model_name, overwrite=opts.overwrite, warn=report.note,
+                        documents=document_suffixes)
         sink = DirectorySink(out, overlay=opts.overlay)
     elif opts.format == "jsonl":
         sink = JsonlSink()

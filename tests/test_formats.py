@@ -1,10 +1,13 @@
-"""The hOCR and ALTO documents of `kosmos ocr -o`: boxes and texts survive a round trip, the files are
-valid (hocr-spec; the official ALTO 4.4 schema), bad pages and bad text still give well-formed files."""
+"""The hOCR and ALTO documents of `kosmos ocr -o`, and `--outputs`: boxes and texts survive a round trip,
+the files are valid (hocr-spec; the official ALTO 4.4 schema), bad pages and bad text still give
+well-formed files, and a re-run that adds a format builds it from the stored pages alone."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from hocr_spec import HocrValidator
@@ -12,7 +15,10 @@ from lxml import etree
 
 from kosmos_cli.results import PageResult
 from kosmos_cli.tasks import TASKS
-from kosmos_cli.writers.formats import FORMATS
+from kosmos_cli.writers.directory import OutputDir
+from kosmos_cli.writers.formats import FORMATS, choose_documents
+from tests.helpers.cli import FAST, kosmos
+from tests.helpers.pdfs import make_image_pdf
 
 ALTO_DIR = Path(__file__).parent / "data" / "alto"
 ALTO = "{http://www.loc.gov/standards/alto/ns-v4#}"
@@ -200,3 +206,108 @@ def test_the_validators_catch_a_broken_file(tmp_path, alto_schema):
     hocr = FORMATS[".hocr"](OCR, results).replace('<meta name="ocr-system"', '<meta name="x-system"')
     (tmp_path / "a.hocr").write_text(hocr, encoding="utf-8")
     assert not HocrValidator("standard").validate(str(tmp_path / "a.hocr")).is_valid()
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing the documents
+# --------------------------------------------------------------------------------------------------
+
+
+def test_choose_documents():
+    assert choose_documents(OCR, "txt,json") == OCR.documents == (".txt", ".json")
+    assert choose_documents(OCR, "alto, hocr,txt,hocr") == (".txt", ".hocr", ".alto.xml")  # the task's order
+    assert choose_documents(TASKS["md"], "md") == (".md",)
+    with pytest.raises(ValueError, match=r"md cannot write 'hocr' \(it writes md\)"):
+        choose_documents(TASKS["md"], "hocr")
+    with pytest.raises(ValueError, match=r"ground cannot write 'alto', 'pdf' \(it writes txt,json\)"):
+        choose_documents(TASKS["ground"], "txt,alto,pdf")
+    with pytest.raises(ValueError, match="no format given"):
+        choose_documents(OCR, " ")
+    with pytest.raises(ValueError, match="''"):
+        choose_documents(OCR, "txt,,json")
+
+
+def test_output_dir_writes_the_chosen_documents(tmp_path):
+    out = OutputDir(tmp_path, "ocr", model=MODEL, documents=(".hocr", ".alto.xml"))
+    out.write_page("a", page(1, LINES_2))
+    assert out.assemble("a", [1]) == [tmp_path / "a.hocr", tmp_path / "a.alto.xml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".kosmos", "a.alto.xml", "a.hocr"]
+    with pytest.raises(ValueError, match="md writes .md, not .hocr"):
+        OutputDir(tmp_path, "md", documents=(".hocr",))
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------------
+
+
+def test_ocr_writes_every_format_in_page_pixels(k25, tmp_path, fixed_answers, alto_schema):
+    pdf = make_image_pdf(tmp_path / "doc.pdf", 2)
+    out = tmp_path / "out"
+    result = kosmos("ocr", pdf, "-o", out, "--outputs", "txt,json,hocr,alto", "--model", k25, *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".kosmos", "doc.alto.xml", "doc.hocr", "doc.json", "doc.txt"]
+    pages = json.loads((out / "doc.json").read_text())["pages"]
+    expected = [[(tuple(ln["polygon"][:2] + ln["polygon"][4:6]), ln["text"]) for ln in p["lines"]] for p in pages]
+    assert all(len(lines) == 2 for lines in expected)
+
+    hocr = read_hocr((out / "doc.hocr").read_text())
+    assert [p["bbox"] for p in hocr] == [[0, 0, p["width"], p["height"]] for p in pages]
+    assert [[(box, text) for box, text, _ in p["lines"]] for p in hocr] == expected
+    assert {p["image"] for p in hocr} == {quote(pages[0]["source"], safe="/")}
+    assert_valid_hocr(out / "doc.hocr")
+
+    alto_text = (out / "doc.alto.xml").read_text()
+    assert_valid_alto(alto_schema, alto_text)
+    alto = read_alto(alto_text)
+    assert [p["size"] for p in alto] == [[p["width"], p["height"]] for p in pages]
+    assert [[(box, text) for box, text, _ in p["lines"]] for p in alto] == expected
+
+
+def test_a_rerun_that_adds_formats_needs_no_model(k25, tmp_path, fixed_answers, monkeypatch):
+    pdf = make_image_pdf(tmp_path / "doc.pdf", 2)
+    out = tmp_path / "out"
+    assert kosmos("ocr", pdf, "-o", out, "--model", k25, *FAST).exit_code == 0
+    assert sorted(p.name for p in out.glob("doc.*")) == ["doc.json", "doc.txt"]
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("doc.*")}
+
+    monkeypatch.setattr("kosmos_cli.engine.load", _refuse)
+    result = kosmos("ocr", pdf, "-o", out, "--outputs", "txt,json,hocr,alto", "--model", k25, *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert re.search(r"0 pages in .*; 2 already done", result.stderr), result.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("doc.*") if p.name in before} == before
+    stored = [PageResult.from_dict(p) for p in json.loads((out / "doc.json").read_text())["pages"]]
+    assert (out / "doc.hocr").read_text() == FORMATS[".hocr"](OCR, stored)
+    assert (out / "doc.alto.xml").read_text() == FORMATS[".alto.xml"](OCR, stored)
+
+    # Only hOCR asked for: only it is (re)built; the files of other formats stay as they are.
+    (out / "doc.hocr").unlink()
+    result = kosmos("ocr", pdf, "-o", out, "--outputs", "hocr", "--model", k25, *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert (out / "doc.hocr").read_text() == FORMATS[".hocr"](OCR, stored)
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("the model was loaded")
+
+
+@pytest.mark.parametrize("command, args, message", [
+    ("md", ["--outputs", "hocr"], "--outputs: md cannot write 'hocr' (it writes md)"),
+    ("ocr", ["--outputs", "txt,pdf"], "--outputs: ocr cannot write 'pdf' (it writes txt,json,hocr,alto)"),
+    ("ground", ["--outputs", "alto"], "--outputs: ground cannot write 'alto' (it writes txt,json)"),
+    ("ocr", ["--outputs", ""], "--outputs: no format given (ocr writes txt,json,hocr,alto)"),
+])
+def test_an_output_the_task_cannot_write_is_a_usage_error(k25, png, tmp_path, monkeypatch, command, args, message):
+    monkeypatch.setattr("kosmos_cli.engine.load", _refuse)
+    out = tmp_path / "out"
+    result = kosmos(command, png, "-o", out, *args, "--model", k25)
+    assert result.exit_code == 2 and result.stderr == f"kosmos: {message}\n" and result.stdout == ""
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_outputs_without_an_output_folder_is_a_usage_error(k25, png, monkeypatch):
+    monkeypatch.setattr("kosmos_cli.engine.load", _refuse)
+    result = kosmos("ocr", png, "--outputs", "hocr", "--model", k25)
+    assert result.exit_code == 2 and result.stderr == "kosmos: --outputs needs -o/--output DIR\n"
+    assert result.stdout == ""
+

@@ -23,9 +23,15 @@ class Task:
     parse: Callable[[str, tuple[int, int], tuple[int, int]], dict]
     # A page result as plain text: what stdout shows and what a .txt document holds for the page.
     text: Callable[[PageResult], str]
-    documents: tuple[str, ...]  # the document files written under -o, by suffix (see writers.formats)
+    documents: tuple[str, ...]  # the document files written under -o by default, by suffix (see writers.formats)
     caption_task: bool = False  # the prompt is the start of the caption (Kosmos-2 grounding)
     aliases: tuple[str, ...] = ()  # other names `find_task` accepts
+    optional_documents: tuple[str, ...] = ()  # the document files it writes only when asked (--outputs)
+
+    @property
+    def possible_documents(self) -> tuple[str, ...]:
+        """Every document file the task can write: its defaults, then the optional ones."""
+        return self.documents + self.optional_documents
 
 
 def result_text(result: PageResult) -> str:

@@ -8,6 +8,7 @@ Output layout under ``-o OUT`` (``<stem>`` is the document's relative stem from
     ├── <stem>.txt                       ocr:    "x0,y0,x1,y0,x1,y1,x0,y1,text" lines
     │                                    ground: the caption
     ├── <stem>.json                      ocr, ground: {"source", "task", "model", "pages": [page objects]}
+    ├── <stem>.hocr, <stem>.alto.xml     ocr with --outputs: hOCR 1.2 and ALTO 4.4 (writers.hocr, writers.alto)
     ├── <stem>.overlay-0003.png          --overlay: page 3 with OCR polygons / labelled grounding boxes
     └── .kosmos/<task>/<stem>/0003.json  resume state: finished page 3, one page object (JSONL schema)
 
@@ -17,7 +18,8 @@ comment. ``ocr`` and ``ground`` both write ``.txt``/``.json``: give them differe
 
 A page that failed keeps its place in the document: ``.md`` gets ``<!-- page N: error: reason -->``
 instead of its text, ``.txt`` an empty page section (the form feeds stay aligned with the pages),
-``.json`` the page object with ``"error"`` set (`OutputDir.failed_pages` lists such pages).
+``.json`` the page object with ``"error"`` set (`OutputDir.failed_pages` lists such pages), ``.hocr``
+and ``.alto.xml`` an empty page element.
 
 Names always fit the file system: a component longer than NAME_MAX (255 bytes, counted in the
 file-system encoding) cannot be created. When a stem's last component plus the longest suffix
@@ -26,7 +28,7 @@ hex digits of the SHA-1 of the whole component are appended; every file of the d
 state folder) uses that one shortened name, which is the same in every run (only an overlay of page
 10000 or later, with a longer suffix, may be cut further). Names that fit are used as they are.
 
-Every text written (``.md``, ``.txt``, ``.json``, page files) is valid UTF-8: a result's ``source``
+Every text written (``.md``, ``.txt``, ``.json``, ``.hocr``, ``.alto.xml``, page files) is valid UTF-8: a result's ``source``
 is `display_path` text (an undecodable byte of a file name as ``\\xHH``), and any other string with
 lone surrogates has them written out as ``\\udcXX``.
 

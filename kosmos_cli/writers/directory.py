@@ -36,14 +36,19 @@ class OutputDir:
         for job in prefetch(jobs):
             ... out.write_page(job.stem, result); out.assemble(job.stem, job.selected)
 
-    ``warn`` is called with a message, once per page file that exists but cannot be read back
-    (the page is then redone); writes that fail raise `OutputError`.
+    ``documents`` are the document files to write, by suffix (default: the task's defaults; any of
+    `Task.possible_documents`, else ValueError). ``warn`` is called with a message, once per page file
+    that exists but cannot be read back (the page is then redone); writes that fail raise `OutputError`.
     """
 
     def __init__(self, root: str | os.PathLike, task: Task | str, *, model: str | None = None, overwrite: bool = False,
-                 warn: Callable[[str], None] | None = None):
+                 warn: Callable[[str], None] | None = None, documents: Sequence[str] | None = None):
         self.root = Path(root)
         self.task = find_task(task) if isinstance(task, str) else task
+        self.documents = tuple(self.task.documents if documents is None else documents)
+        if not set(self.documents) <= set(self.task.possible_documents):
+            raise ValueError(f"{self.task.name} writes {', '.join(self.task.possible_documents)}, "
+                             f"not {', '.join(sorted(set(self.documents) - set(self.task.possible_documents)))}")
         self.model = model
         self.overwrite = overwrite
         self.warn = warn or (lambda message: None)
@@ -69,7 +74,7 @@ class OutputDir:
 
     def document_files(self, stem: str) -> list[Path]:
         """The files `assemble` writes for ``stem``."""
-        return [self._name(self.root, stem, suffix) for suffix in self.task.documents]
+        return [self._name(self.root, stem, suffix) for suffix in self.documents]
 
     # pages
     def read_page(self, stem: str, page: int) -> PageResult | None:
@@ -137,7 +142,7 @@ class OutputDir:
         if not results:
             return []
         paths = self.document_files(stem)
-        for suffix, path in zip(self.task.documents, paths):
+        for suffix, path in zip(self.documents, paths):
             store(path, FORMATS[suffix](self.task, results).encode("utf-8"))
         return paths
 

@@ -1,8 +1,10 @@
 """Document formats: a document's page results → the text of one of its files under -o.
 
 A format is a function ``(task, results) -> str`` registered in `FORMATS` by file suffix; a task lists
-the suffixes it writes (`Task.documents`). ``results`` are the selected pages in page order; a page
-whose ``error`` is set keeps its place with a placeholder.
+the suffixes it writes by default (`Task.documents`) and those it writes when asked
+(`Task.optional_documents`). ``results`` are the selected pages in page order; a page whose ``error``
+is set keeps its place with a placeholder. A format's name (what ``--outputs`` takes) is its suffix's
+first part: ``txt`` for ``.txt``, ``alto`` for ``.alto.xml``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from ..tasks import Task
 from .alto import alto_document
 from .hocr import hocr_document
 
-__all__ = ["FORMATS", "PAGE_SEPARATOR", "page_comment"]
+__all__ = ["FORMATS", "PAGE_SEPARATOR", "choose_documents", "format_name", "page_comment"]
 
 PAGE_SEPARATOR = "\f\n"  # between pages in .txt files, as pdftotext does
 
@@ -77,3 +79,22 @@ FORMATS: dict[str, Callable[[Task, Sequence[PageResult]], str]] = {
     ".hocr": hocr_document,
     ".alto.xml": alto_document,
 }
+
+
+def format_name(suffix: str) -> str:
+    """What ``--outputs`` calls the format of ``suffix``: ``.alto.xml`` → ``alto``."""
+    return suffix.split(".")[1]
+
+
+def choose_documents(task: Task, names: str) -> tuple[str, ...]:
+    """The suffixes of the comma list of format names ``names`` (``"txt,hocr"``), in the task's order.
+
+    ValueError, saying what the task can write, for an empty list or a name the task cannot write."""
+    possible = {format_name(suffix): suffix for suffix in task.possible_documents}
+    wanted = [name.strip() for name in names.split(",")]
+    unknown = [name for name in wanted if name not in possible]
+    if not names.strip():
+        raise ValueError(f"no format given ({task.name} writes {','.join(possible)})")
+    if unknown:
+        raise ValueError(f"{task.name} cannot write {', '.join(map(repr, unknown))} (it writes {','.join(possible)})")
+    return tuple(suffix for name, suffix in possible.items() if name in wanted)

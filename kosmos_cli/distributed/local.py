@@ -207,9 +207,8 @@ class _Driver:
             if not live and failures and all(slot.pages == 0 for slot in self.slots):
                 raise WorkersLost(f"cannot load model {self.specs[0].model}: {failures[0]}")
             if not live:
-                missing = sum(key is not None for key, _ in order)
-                raise WorkersLost(f"every worker stopped; {missing} pages not done (finished pages are saved, "
-                                  "a re-run with -o continues)")
+                raise WorkersLost("every worker stopped before the run was done (the pages written so far are "
+                                  "kept; a re-run with -o continues)")
             ready = wait([slot.conn for slot in live] + [slot.process.sentinel for slot in live])
             for slot in live:
                 if slot.conn not in ready and slot.process.sentinel not in ready:

@@ -5,6 +5,7 @@ written); 2 usage error (bad flag, nothing to do); 130 interrupted; 141 stdout c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ from PIL import Image
 
 from . import documents, interrupt
 from .inputs import collect_inputs, parse_pages
+from .distributed.local import WorkersLost
 from .pages import PageJob, iter_pages
 from .paths import display_path, os_reason
 from .report import Progress, Report, say
@@ -70,7 +72,7 @@ Inputs = Annotated[list[str], typer.Argument(help=INPUTS_HELP, show_default=Fals
 GroundInputs = Annotated[list[str], typer.Argument(help=INPUTS_HELP + " " + PROMPT_RULE, show_default=False)]
 Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Write files under this directory (mirrors input subfolders) instead of stdout; re-runs skip finished pages.")]
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Hugging Face repo id or local checkpoint directory. [default: microsoft/kosmos-2.5 for ocr/md, microsoft/kosmos-2-patch14-224 for ground]")]
-Device = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda, cuda:N.")]
+Device = Annotated[str, typer.Option(help="auto (every visible GPU when there are several, one worker process each; the GPU when there is one; else the CPU), all (every visible GPU), cpu, cuda, cuda:N, or a list: cuda:0,cuda:2.")]
 DType = Annotated[str, typer.Option(help="auto (bf16 on Ampere and newer GPUs, fp16 on older ones, fp32 on CPU), bfloat16, float16, float32.")]
 BatchSize = Annotated[str, typer.Option("--batch-size", "-b", help="Pages decoded together: a number, or auto (as many as fit in free GPU memory, up to 64; 4 on CPU).")]
 MaxNewTokens = Annotated[Optional[int], typer.Option(min=1, help="Token budget per page; a page that hits it is marked truncated. [default: 3072 for ocr/md, 128 for ground]")]
@@ -210,7 +212,7 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
     except ValueError as err:
         _fail_usage(f"--pages: {err}")
     batch_size = _batch_size(opts.batch_size)
-    _check_device(opts.device)
+    devices = _check_device(opts.device)
     _check_dtype(opts.dtype)
     if opts.output is not None:
         _check_output(opts.output)
@@ -238,17 +240,19 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
             return 1
         _fail_usage("no supported input files found (PDF, PNG, JPEG, TIFF, WebP, BMP, GIF)")
     skip = (lambda job: out.is_done(job.stem, job.page)) if out is not None else None
-    jobs = iter_pages(files, selection, opts.dpi, opts.password, skip=skip)
+    jobs = iter_pages(files, selection, opts.dpi, opts.password, skip=skip, render=len(devices) == 1)
+    if len(devices) == 1:
+        results = transcribe(lambda: _load_engine(task, model_name, opts), task, jobs, prompt=prompt,
+                             batch_size=batch_size, max_new_tokens=opts.max_new_tokens, on_page=report.page_done)
+    else:
+        results = _on_devices(devices, task, model_name, jobs, opts, report, prompt=prompt, batch_size=batch_size)
 
     show_progress = not opts.quiet and sys.stderr.isatty()
     progress = Progress(show_progress, _count_pages(files, selection, opts) if show_progress else None, report)
     started = time.monotonic()
     try:
-        with progress:
-            for item, result in transcribe(
-                lambda: _load_engine(task, model_name, opts), task, jobs, prompt=prompt, batch_size=batch_size,
-                max_new_tokens=opts.max_new_tokens, on_page=report.page_done,
-            ):
+        with progress, contextlib.closing(results):  # closed at once on Ctrl-C: no worker process outlives us
+            for item, result in results:
                 interrupt.check()
                 _deliver(sink, report, item, report.account(item, result))
                 progress.advance(item)
@@ -257,6 +261,9 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
     except KeyboardInterrupt:
         say("interrupted; finished pages are saved and a re-run with -o continues where it stopped")
         return 130
+    except WorkersLost as err:
+        say(str(err))
+        return 1
     except _Fatal as err:
         say(str(err.__cause__ if opts.debug else err))
         if opts.debug:
@@ -275,14 +282,26 @@ def _deliver(sink, report: Report, item, result: PageResult | None) -> None:
         report.write_failed(item, err)
 
 
-def _check_device(value: str) -> None:
-    """Refuse, in our words and before any work, a device this run cannot use."""
-    from .engine import pick_device
+def _check_device(value: str) -> list:
+    """The run's devices; refuses, in our words and before any work, one this run cannot use."""
+    from .engine import pick_devices
 
     try:
-        pick_device(value, name="--device")
+        return pick_devices(value, name="--device")
     except ValueError as err:
         _fail_usage(str(err))
+
+
+def _on_devices(devices, task, model_name: str, jobs, opts: Options, report: Report, **options):
+    """The run on one worker process a device (`kosmos_cli.distributed.local`)."""
+    from .distributed.local import transcribe_on_devices
+    from .distributed.worker import EngineSpec
+
+    compile = "auto" if opts.compile is None else opts.compile
+    specs = [EngineSpec(model_name, str(device), opts.dtype, compile, opts.attention) for device in devices]
+    return transcribe_on_devices(specs, task.name, jobs, dpi=opts.dpi, password=opts.password,
+                                 max_new_tokens=opts.max_new_tokens, keep_images=opts.overlay,
+                                 on_page=report.page_done, log=None if opts.quiet else say, **options)
 
 
 def _check_dtype(value: str) -> None:

@@ -82,6 +82,30 @@ def pick_device(device: str | torch.device = "auto", name: str = "device") -> to
     return picked
 
 
+def pick_devices(value: str = "auto", name: str = "device") -> list[torch.device]:
+    """The devices a run uses, one worker each: "auto" (every visible GPU when PyTorch sees several,
+    else the one `pick_device("auto")` picks), "all" (every visible GPU), or a comma-separated list of
+    what `pick_device` accepts ("cpu,cpu" is two CPU workers; a GPU listed twice is refused).
+    Raises ValueError in words that call the choice `name`."""
+    value = str(value).strip()
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if value == "all":
+        if count == 0:
+            raise ValueError(f"{name} all: PyTorch sees no CUDA GPU (use {name} cpu)")
+        return [torch.device("cuda", i) for i in range(count)]
+    if value == "auto":
+        return [torch.device("cuda", i) for i in range(count)] if count > 1 else [pick_device("auto", name)]
+    parts = [part.strip() for part in value.split(",")]
+    if len(parts) > 1 and any(part in ("", "auto", "all") for part in parts):
+        raise ValueError(f"{name} {value}: a list names devices (cpu, cuda, cuda:N), not {name} auto or all")
+    devices = [pick_device(part, name) for part in parts]
+    gpus = [torch.device("cuda", d.index or 0) for d in devices if d.type == "cuda"]
+    if len(set(gpus)) < len(gpus):
+        twice = next(g for g in gpus if gpus.count(g) > 1)
+        raise ValueError(f"{name} {value}: {twice} is listed twice (one worker a GPU)")
+    return devices
+
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 

@@ -127,6 +127,7 @@ def iter_pages(
     *,
     skip: Callable[[PageJob], bool] | None = None,
     max_pixels: int = MAX_PIXELS,
+    render: bool = True,
 ) -> Iterator[PageJob | ErrorJob]:
     """Lazily yield one PageJob per selected page, in order, opening one document at a time.
 
@@ -136,6 +137,8 @@ def iter_pages(
     ``skip(job)`` → True marks a page as already done: it is yielded with ``skipped=True`` and never
     rendered. Bare paths get stems from `assign_stems` over all given inputs.
     A document is closed when its last page job has been loaded, or when this generator is closed early.
+    ``render=False`` lists the pages only: each document is closed once its jobs are built, and the
+    jobs hold none (`kosmos_cli.distributed` sends them as page references to workers that render).
     """
     items = list(inputs)
     bare = [i for i, x in enumerate(items) if not isinstance(x, InputFile)]
@@ -176,7 +179,11 @@ def iter_pages(
                 if skip is not None and skip(job):
                     job.skipped = True
             renders = sum(not j.skipped for j in jobs)
-            if renders == 0:
+            if not render:  # listing only: whoever renders opens the document again
+                doc.close()
+                for job in jobs:
+                    job.document = None
+            elif renders == 0:
                 doc.close()
             else:
                 doc.claim(renders)  # one claim a page to render, given back by its load

@@ -28,6 +28,7 @@ class Report:
         self.task, self.model, self.quiet = task, model, quiet
         self.pages = self.failed = self.skipped = self.tokens = self.truncated = 0
         self.failed_inputs: set[str] = set()
+        self.devices: dict[str, int] = {}  # pages per worker's device, when several share the run
 
     def note(self, message: str) -> None:
         if not self.quiet:
@@ -76,12 +77,20 @@ class Report:
         what = f"cannot write {display_path(target)}" if target else "cannot write its output"
         say(f"{display_path(item.source)}: {what}: {os_reason(err)}")
 
-    def page_done(self, result: PageResult, new_tokens: int) -> None:
+    def page_done(self, result: PageResult, new_tokens: int, device: str | None = None) -> None:
         self.tokens += new_tokens
+        if device is not None:
+            self.devices[device] = self.devices.get(device, 0) + 1
+
+    def per_device(self) -> str:
+        """Pages per device, "cuda:0 12, cuda:1 11" (empty for a run on one device)."""
+        return ", ".join(f"{device} {pages}" for device, pages in self.devices.items())
 
     def summary(self, seconds: float) -> None:
         rate = f"{self.pages / seconds:.2f} pages/s, {self.tokens / seconds:.0f} tokens/s" if seconds > 0 else ""
         parts = [f"{self.pages} page{'s' * (self.pages != 1)} in {seconds:.1f}s ({rate})"]
+        if self.devices:
+            parts.append(f"on {len(self.devices)} device{'s' * (len(self.devices) != 1)}: {self.per_device()}")
         if self.truncated:
             parts.append(f"{self.truncated} truncated")
         if self.skipped:
@@ -124,4 +133,6 @@ class Progress:
             return
         elapsed = max(time.monotonic() - self.started, 1e-9)
         done = self.bar.tasks[0].completed + 1
-        self.bar.update(self.task, advance=1, rate=f"{done / elapsed:.2f} pages/s, {self.report.tokens / elapsed:.0f} tok/s")
+        devices = f" ({self.report.per_device()})" if self.report.devices else ""
+        self.bar.update(self.task, advance=1,
+                        rate=f"{done / elapsed:.2f} pages/s, {self.report.tokens / elapsed:.0f} tok/s{devices}")

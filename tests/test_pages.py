@@ -368,3 +368,10 @@ def test_cli_page_errors_name_the_page_once(tmp_path):
     assert result.exit_code == 1
     assert f"kosmos: {path}: page 2: 40000×40000 = 1,600,000,000 pixels at 200 dpi" in result.stderr
     assert "page 2: page 2" not in result.stderr and "page 1: page 1" not in result.stderr
+
+
+def test_iter_pages_without_render_lists_only(tmp_path):
+    path = make_image_pdf(tmp_path / "a.pdf", 2)
+    items = list(iter_pages([path], render=False))
+    assert [(i.page, i.selected, i.document) for i in items] == [(1, (1, 2), None), (2, (1, 2), None)]
+    assert items[0].load() is items[0] and items[0].image is None

@@ -1,0 +1,299 @@
+"""Several devices of one machine: one worker process a device, pages handed out as workers ask.
+
+    iter_pages(..., render=False) -> transcribe_on_devices(specs, ...) -> (item, PageResult), in input order
+
+The parent only lists pages (each document opened for its page count and the resume check) and sends
+page references; each worker process (`worker.Worker`) renders, prepares and decodes. Messages, one
+pipe a worker (no lock shared between processes, so a killed worker cannot block the others):
+
+    worker -> parent   ("ready", description)  engine loaded
+                       ("failed", message)     engine not loaded; the worker exits
+                       ("want",)               its look-ahead has room: send one more page
+                       ("done", Record)        a page finished (records come in the order sent)
+    parent -> worker   (key, PageRef)          one page; to an idle worker it starts a run
+                       None                    no more pages for this run: finish those in flight
+                       "stop"                  exit (to an idle worker)
+
+Hand-out is dynamic: a running worker asks for a page whenever its batch slots and look-ahead have
+room, so a worker on long pages takes fewer. A worker that dies (killed, crashed, CUDA error) has its
+pages in flight requeued as suspects; a suspect runs alone on a worker (one drained for it), so a
+page that takes down a second worker is the culprit and becomes an error record. Workers ignore
+SIGINT: the parent stops them on Ctrl-C (or on any early end), and each exits if the parent is gone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Callable, Iterable, Iterator
+
+from ..pages import ErrorJob, PageJob
+from ..results import PageResult
+from .worker import EngineSpec, PageRef, Worker
+
+__all__ = ["WorkersLost", "transcribe_on_devices"]
+
+CRASHED_TWICE = "the page stopped two workers (killed, crashed or out of memory): skipped"
+
+
+class WorkersLost(RuntimeError):
+    """Every worker is gone (none could load the model, or all died): the run cannot go on."""
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One worker process as the parent sees it."""
+
+    label: str
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
+    state: str = "starting"  # starting -> idle <-> running; dead
+    inflight: dict = field(default_factory=dict)  # key -> PageJob sent and not done
+    solo: bool = False  # running one suspect page alone
+    pages: int = 0
+
+
+def transcribe_on_devices(
+    specs: list[EngineSpec],
+    task: str,
+    items: Iterable[PageJob | ErrorJob],
+    *,
+    dpi: float,
+    password: str | None = None,
+    prompt: str | None = None,
+    batch_size: int | None = None,
+    max_new_tokens: int | None = None,
+    keep_images: bool = False,
+    on_page: Callable[[PageResult, int, str], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    worker: Callable[..., Worker] = Worker,
+) -> Iterator[tuple[PageJob | ErrorJob, PageResult | None]]:
+    """`pipeline.transcribe` on one worker process per spec: the same (item, result) pairs in input
+    order, from ``items`` listed with `iter_pages(..., render=False)`.
+
+    Workers start once a page needs the model (a run whose pages are all done starts none).
+    ``worker`` builds the Worker in each process (picklable; tests pass a subclass that crashes).
+    ``on_page(result, new_tokens, label)`` is called as each page arrives, ``label`` naming its
+    worker's device; ``log`` gets the workers' start and loss. Raises WorkersLost when no worker is
+    left with pages to do: the pairs before the first missing page have come out."""
+    listing = iter(items)
+    for first in listing:
+        if isinstance(first, PageJob) and not first.skipped:
+            break
+        yield first, None
+    else:
+        return
+    driver = _Driver(specs, task, dict(prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                       keep_images=keep_images), worker, log or (lambda message: None))
+    driver.start()
+    finished = False
+    try:
+        yield from driver.run(first, listing, dpi, password, on_page)
+        finished = True
+    finally:
+        driver.stop(politely=finished)
+
+
+class _Driver:
+    def __init__(self, specs, task, options, worker, log):
+        labels = [spec.device if [s.device for s in specs].count(spec.device) == 1 else f"{spec.device}#{k}"
+                  for k, spec in enumerate(specs)]
+        self.specs, self.labels, self.task, self.options, self.worker, self.log = specs, labels, task, options, worker, log
+        self.slots: list[_Slot] = []
+
+    def start(self) -> None:
+        context = multiprocessing.get_context("spawn")  # torch and fork do not mix
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // len(self.specs))
+        # Children inherit an ignored SIGINT through exec and Python keeps it ignored: a Ctrl-C while a
+        # worker imports torch must not kill it with a traceback; the parent stops the workers.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            for spec, label in zip(self.specs, self.labels):
+                ours, theirs = context.Pipe()
+                process = context.Process(target=_serve, name=f"kosmos-worker-{label}", daemon=True,
+                                          args=(theirs, os.getpid(), threads, self.worker, spec, self.task, self.options))
+                process.start()
+                theirs.close()
+                self.slots.append(_Slot(label, process, ours))
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
+
+    def stop(self, politely: bool) -> None:
+        """End every worker process; none is left behind (after a Ctrl-C too)."""
+        for slot in self.slots:
+            if politely and slot.state == "idle":
+                _send(slot, "stop")
+            elif slot.process.is_alive():
+                slot.process.terminate()
+        for slot in self.slots:
+            slot.process.join(5 if politely else 2)
+            if slot.process.is_alive():
+                slot.process.kill()
+                slot.process.join()
+            slot.conn.close()
+
+    def run(self, first: PageJob, listing: Iterator, dpi: float, password: str | None, on_page):
+        order: deque = deque()  # (key or None, item) in input order
+        done: dict[int, tuple] = {}  # key -> (item, result) not yet yielded
+        suspects: deque[int] = deque()  # keys of pages a dead worker had in flight
+        crashes: dict[int, int] = {}
+        jobs: dict[int, PageJob] = {}  # key -> the page job, until its record is in
+        pending = [first]
+        keys = itertools.count()
+        exhausted = False
+        failures: list[str] = []  # why workers could not load their engine
+
+        def fresh() -> int | None:
+            """The next page of the listing for a worker (items that need none join the order)."""
+            nonlocal exhausted
+            while not exhausted:
+                item = pending.pop() if pending else next(listing, None)
+                if item is None:
+                    exhausted = True
+                elif isinstance(item, PageJob) and not item.skipped:
+                    key = next(keys)
+                    jobs[key] = item
+                    order.append((key, item))
+                    return key
+                else:
+                    order.append((None, item))
+            return None
+
+        def hand(slot: _Slot, key: int) -> None:
+            slot.inflight[key] = jobs[key]
+            _send(slot, (key, PageRef.of(jobs[key], dpi, password)))
+
+        def end_run(slot: _Slot) -> None:
+            _send(slot, None)
+            slot.state = "idle"
+
+        def lost(slot: _Slot, why: str) -> None:
+            slot.state = "dead"
+            requeued = 0
+            for key in slot.inflight:
+                crashes[key] = crashes.get(key, 0) + 1
+                if crashes[key] >= 2:
+                    job = jobs.pop(key)
+                    done[key] = (job, PageResult.failed(job.source, job.page, self.task, self.specs[0].model, CRASHED_TWICE))
+                else:
+                    suspects.append(key)
+                    requeued += 1
+            slot.inflight.clear()
+            self.log(f"worker {slot.label} {why}" + (f"; its {requeued} pages in flight go to the others" if requeued else ""))
+
+        while True:
+            while order and (order[0][0] is None or order[0][0] in done):
+                key, item = order.popleft()
+                yield done.pop(key) if key is not None else (item, None)
+            for slot in self.slots:  # idle workers with nothing in flight: start a run
+                if slot.state == "idle" and not slot.inflight:
+                    key = suspects.popleft() if suspects else fresh()
+                    if key is not None:
+                        slot.state, slot.solo = "running", key in crashes
+                        hand(slot, key)
+            if exhausted and not order:
+                return
+            live = [slot for slot in self.slots if slot.state != "dead"]
+            if not live and failures and all(slot.pages == 0 for slot in self.slots):
+                raise WorkersLost(f"cannot load model {self.specs[0].model}: {failures[0]}")
+            if not live:
+                raise WorkersLost("every worker stopped before the run was done (the pages written so far are "
+                                  "kept; a re-run with -o continues)")
+            ready = wait([slot.conn for slot in live] + [slot.process.sentinel for slot in live])
+            for slot in live:
+                if slot.conn not in ready and slot.process.sentinel not in ready:
+                    continue
+                while slot.state != "dead":
+                    try:
+                        if not slot.conn.poll():
+                            break
+                        message = slot.conn.recv()
+                    except (EOFError, OSError):
+                        break
+                    kind = message[0]
+                    if kind == "ready":
+                        slot.state = "idle"
+                        self.log(f"running {message[1]}")
+                    elif kind == "failed":
+                        slot.state = "dead"
+                        failures.append(message[1])
+                        self.log(f"worker {slot.label} cannot load the model: {message[1]}")
+                    elif kind == "want":
+                        key = None if slot.solo or suspects else fresh()
+                        if key is None:
+                            end_run(slot)
+                        else:
+                            hand(slot, key)
+                    else:  # "done"
+                        record = message[1]
+                        del slot.inflight[record.key], jobs[record.key]
+                        slot.solo = slot.solo and bool(slot.inflight)
+                        slot.pages += 1
+                        done[record.key] = (record.item, record.result)
+                        if on_page is not None and record.result is not None:
+                            on_page(record.result, record.new_tokens, slot.label)
+                if slot.state != "dead" and not slot.process.is_alive():
+                    slot.process.join()
+                    lost(slot, f"stopped (exit code {slot.process.exitcode})")
+
+
+def _send(slot: _Slot, message) -> None:
+    try:
+        slot.conn.send(message)
+    except (BrokenPipeError, OSError):  # it died: its sentinel says so next
+        pass
+
+
+# ------------------------------------------------------------------------------------------------
+# In the worker process
+# ------------------------------------------------------------------------------------------------
+
+
+def _serve(conn: Connection, parent: int, threads: int, make_worker, spec: EngineSpec, task: str, options: dict) -> None:
+    """A worker process: load the engine, then run page after page as the parent hands them out."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        worker = make_worker(spec, task, **options)
+    except Exception as err:  # the parent reports it; the traceback would say no more to a user
+        conn.send(("failed", f"{type(err).__name__}: {err}" if not isinstance(err, ValueError) else str(err)))
+        return
+    conn.send(("ready", str(worker.engine)))
+    lock = threading.Lock()  # the look-ahead's thread asks for pages while this one sends records
+
+    def send(message) -> None:
+        with lock:
+            conn.send(message)
+
+    def refs(first) -> Iterator:
+        yield first
+        while True:
+            send(("want",))
+            message = conn.recv()
+            if message is None:
+                return
+            yield message
+
+    while (first := conn.recv()) != "stop":
+        for record in worker.run(refs(first)):
+            send(("done", record))
+
+
+def _exit_with(parent: int) -> None:
+    """Leave when the parent is gone (killed before it could stop us): no orphan keeps a GPU busy."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)

@@ -29,6 +29,7 @@ from .results import PageResult
 from .tasks import TASKS
 from .writers.directory import OutputDir
 from .writers.formats import choose_documents
+from .writers.atomic import check_writable
 from .writers.sinks import DirectorySink, JsonlSink, TextSink
 
 
@@ -313,13 +314,9 @@ def _check_dtype(value: str) -> None:
 
 def _check_output(folder: Path) -> None:
     """Create the -o folder and prove it writable now, not after the model has loaded and a page is done."""
-    import tempfile
-
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".kosmos-probe-")
-        os.close(fd)
-        os.unlink(probe)
+        check_writable(folder)
     except (FileExistsError, NotADirectoryError):  # a file (or /dev/null) where the folder should be
         _fail_usage(f"-o {display_path(folder)}: not a directory")
     except OSError as err:

@@ -94,20 +94,20 @@ def test_output_that_is_not_a_folder_is_a_usage_error(k25, png, tmp_path, no_wor
 
 
 def test_output_folder_without_write_permission_is_a_usage_error(k25, png, tmp_path, no_work, monkeypatch):
-    import tempfile
+    from kosmos_cli.writers import atomic
 
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
     if os.geteuid() == 0:  # root writes anywhere: make creating a file there fail as it would for a user
-        real = tempfile.mkstemp
+        real = atomic._open_temp
 
-        def refusing_mkstemp(*args, dir=None, **kwargs):
-            if dir is not None and Path(dir) == locked:
-                raise PermissionError(13, "Permission denied", str(locked / "probe"))
-            return real(*args, dir=dir, **kwargs)
+        def refusing_open(tmp):
+            if Path(tmp).parent == locked:
+                raise PermissionError(13, "Permission denied", tmp)
+            return real(tmp)
 
-        monkeypatch.setattr(tempfile, "mkstemp", refusing_mkstemp)
+        monkeypatch.setattr(atomic, "_open_temp", refusing_open)
     try:
         result = kosmos("md", png, "-o", locked, "--model", k25, *FAST)
     finally:

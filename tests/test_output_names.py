@@ -157,7 +157,7 @@ def test_a_failed_write_names_the_target_and_leaves_nothing(tmp_path, monkeypatc
             with atomic_open(target):
                 fail()
     else:
-        target_of = {"create": (atomic, "_create_temp"), "fsync": (atomic.os, "fsync"), "replace": (atomic.os, "replace")}
+        target_of = {"create": (atomic, "_open_temp"), "fsync": (atomic.os, "fsync"), "replace": (atomic.os, "replace")}
         monkeypatch.setattr(*target_of[where], fail)
         with pytest.raises(OutputError) as info:
             atomic_write_text(target, "new")
@@ -166,6 +166,23 @@ def test_a_failed_write_names_the_target_and_leaves_nothing(tmp_path, monkeypatc
     assert str(info.value) == "cannot write " + display_path(target) + ": No space left on device"
     str(info.value).encode("utf-8")
     assert [p.name for p in tmp_path.iterdir()] == [target.name] and target.read_text() == "old"
+
+
+@pytest.mark.parametrize("write", ["atomic_write_text", "check_writable"])
+def test_a_ctrl_c_right_after_the_temp_file_is_created_leaves_nothing(tmp_path, monkeypatch, write):
+    """The press lands after the file exists and before its descriptor reaches the caller."""
+    target = tmp_path / "doc.md"
+    target.write_text("old")
+    real = atomic._open_temp
+
+    def interrupted(tmp):
+        os.close(real(tmp))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic, "_open_temp", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_text(target, "new") if write == "atomic_write_text" else atomic.check_writable(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["doc.md"] and target.read_text() == "old"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import secrets
 from collections.abc import Iterator
@@ -15,7 +14,8 @@ from PIL import Image
 from ..paths import display_path
 from ..results import valid_utf8
 
-__all__ = ["OutputError", "atomic_open", "atomic_save_png", "atomic_write_bytes", "atomic_write_text", "store"]
+__all__ = ["OutputError", "atomic_open", "atomic_save_png", "atomic_write_bytes", "atomic_write_text", "check_writable",
+           "store"]
 
 
 class OutputError(OSError):
@@ -37,17 +37,36 @@ def _output_error(path: Path, err: OSError) -> OutputError:
     return OutputError(path, valid_utf8(err.strerror or str(err)), err.errno)
 
 
-def _create_temp(folder: Path) -> tuple[int, str]:
-    """A new empty file ``folder/.kosmos-XXXXXXXX.tmp`` open for writing: (fd, path). Created with
-    mode 0666 so that the process's umask applies as for a plain open() (mkstemp would make it 0600,
-    and reading the umask means setting it, which races with other threads)."""
-    for _ in range(100):
-        tmp = os.path.join(folder, f".kosmos-{secrets.token_hex(4)}.tmp")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(folder))
+def _temp_name(folder: Path) -> str:
+    """``folder/.kosmos-XXXXXXXX.tmp``: random, so that no other file has it."""
+    return os.path.join(folder, f".kosmos-{secrets.token_hex(4)}.tmp")
+
+
+def _open_temp(tmp: str) -> int:
+    """Create ``tmp`` (it must not exist) for writing, mode 0666 so that the process's umask applies as
+    for a plain open() (mkstemp would make it 0600, and reading the umask means setting it, which
+    races with other threads)."""
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+
+
+def _discard(tmp: str, err: BaseException) -> None:
+    """Remove our temp file after ``err``. The name is chosen before the file is created, so a Ctrl-C
+    at any moment (even between the creation and the next line) leaves nothing: whatever exists
+    under that name is ours, unless the creation itself failed because the name was taken."""
+    if not (isinstance(err, FileExistsError) and err.filename == tmp):
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def check_writable(folder: Path) -> None:
+    """Create and remove a file in ``folder``; OSError if that is not possible."""
+    tmp = _temp_name(folder)
+    try:
+        os.close(_open_temp(tmp))
+    except BaseException as err:
+        _discard(tmp, err)
+        raise
+    os.unlink(tmp)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -79,12 +98,9 @@ def atomic_open(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     except OSError as err:
         folder = display_path(err.filename if err.filename is not None else path.parent)
         raise OutputError(path, f"cannot create folder {folder}: {err.strerror or err}", err.errno) from err
+    tmp = _temp_name(path.parent)
     try:
-        fd, tmp = _create_temp(path.parent)
-    except OSError as err:
-        raise _output_error(path, err) from err
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(_open_temp(tmp), "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -96,8 +112,7 @@ def atomic_open(path: str | os.PathLike) -> Iterator[IO[bytes]]:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        _discard(tmp, err)
         if isinstance(err, OSError) and not isinstance(err, OutputError):
             raise _output_error(path, err) from err
         raise

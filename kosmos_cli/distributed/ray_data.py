@@ -8,8 +8,8 @@ skips finished ones), the actors do the model work, the driver writes every file
 
 A row carries a pickled `PageRef` (or, for an input that cannot be opened, its failure record), so no
 column mixes types. Each actor loads its engine once and runs one continuous batch over a Ray batch
-of `pages_per_call` pages; the slots drain only at the end of such a batch, so it is many times the
-decode slots (measured in tests/test_ray.py). A dead actor is restarted and its batch retried
+of `pages_per_call` pages; the slots drain only at the end of such a batch, so it is 16 times the
+decode slots by default (Ray queues the next batch at the actor meanwhile). A dead actor is restarted and its batch retried
 (`max_restarts`, `max_task_retries`): a batch's records come out once, from the attempt that finished.
 """
 
@@ -103,7 +103,7 @@ def _page_rows(row: dict, task: str, model: str, pages, dpi: float, password: st
             continue
         else:
             payload = PageResult.failed(item.source, item.page or 0, task, model, item.error)
-        rows.append({"key": 0, "ref": pickle.dumps(payload)})
+        rows.append({"key": 0, "ref": pickle.dumps(payload)})  # the key orders the CLI's pages only
     return rows
 
 

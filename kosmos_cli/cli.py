@@ -6,6 +6,8 @@ written); 2 usage error (bad flag, nothing to do); 130 interrupted; 141 stdout c
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import logging
 import os
 import sys
 import time
@@ -65,6 +67,8 @@ class Options:
     quiet: bool = False
     debug: bool = False
     compile: Optional[bool] = None
+    ray: bool = False
+    ray_address: Optional[str] = None
     attention: str = "auto"  # from KOSMOS_ATTENTION, not a flag: a setting for experiments (see README)
 
 
@@ -86,6 +90,8 @@ Outputs = Annotated[Optional[str], typer.Option(help="With -o: the document file
 Overwrite = Annotated[bool, typer.Option(help="With -o: redo pages that are already written.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, notes or summary: only errors.")]
 Debug = Annotated[bool, typer.Option(help="Show Python tracebacks for errors.")]
+Ray = Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (pip install \"kosmos-transcribe[ray]\"): the one at --ray-address or RAY_ADDRESS, else a local one; one actor per cluster GPU (with none: one per --device entry). The files are written here, as without --ray.")]
+RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="With --ray: the cluster to join, e.g. ray://head:10001.")]
 Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Compile the decode step with torch.compile (CUDA graphs on a GPU). KOSMOS_ATTENTION=auto|sdpa|flex picks its attention kernel (see README). [default: on for CUDA, off for CPU, where compiling takes a minute]")]
 
 
@@ -94,7 +100,7 @@ def ocr(inputs: Inputs, output: Output = None, model: Model = None, device: Devi
         batch_size: BatchSize = "auto", max_new_tokens: MaxNewTokens = None, pages: Pages = None,
         dpi: Dpi = documents.DEFAULT_DPI, password: Password = None, format: Format = "text", overlay: Overlay = False,
         outputs: Outputs = None, overwrite: Overwrite = False, quiet: Quiet = False, debug: Debug = False,
-        compile: Compile = None) -> None:
+        compile: Compile = None, ray: Ray = False, ray_address: RayAddress = None) -> None:
     """Kosmos-2.5 OCR: text lines with 8-point polygons (x0,y0,x1,y0,x1,y1,x0,y1) in page pixels."""
     _command("ocr", **locals())
 
@@ -104,7 +110,7 @@ def md(inputs: Inputs, output: Output = None, model: Model = None, device: Devic
        batch_size: BatchSize = "auto", max_new_tokens: MaxNewTokens = None, pages: Pages = None,
        dpi: Dpi = documents.DEFAULT_DPI, password: Password = None, format: Format = "text", overlay: Overlay = False,
        outputs: Outputs = None, overwrite: Overwrite = False, quiet: Quiet = False, debug: Debug = False,
-       compile: Compile = None,
+       compile: Compile = None, ray: Ray = False, ray_address: RayAddress = None,
        ask: Annotated[Optional[str], typer.Option("--ask", help="Ask a question about each page with microsoft/kosmos-2.5-chat (the default model then).")] = None) -> None:
     """Kosmos-2.5 markdown of each page (or answers with --ask)."""
     _command("md", **locals())
@@ -115,7 +121,7 @@ def ground(inputs: GroundInputs, output: Output = None, model: Model = None, dev
            dtype: DType = "auto", batch_size: BatchSize = "auto", max_new_tokens: MaxNewTokens = None,
            pages: Pages = None, dpi: Dpi = documents.DEFAULT_DPI, password: Password = None, format: Format = "text",
            overlay: Overlay = False, outputs: Outputs = None, overwrite: Overwrite = False, quiet: Quiet = False,
-           debug: Debug = False, compile: Compile = None,
+           debug: Debug = False, compile: Compile = None, ray: Ray = False, ray_address: RayAddress = None,
            prompt: Annotated[Optional[str], typer.Option("--prompt", help="Prompt to ground, e.g. \"<grounding> An image of\" or \"<grounding><phrase> a dog</phrase>\".")] = None) -> None:
     """Kosmos-2 grounded caption of each image: caption, phrases and their boxes."""
     if inputs[-1].startswith("<"):  # PROMPT_RULE: by spelling only, never by the file system
@@ -214,6 +220,10 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
         _fail_usage(f"--pages: {err}")
     batch_size = _batch_size(opts.batch_size)
     devices = _check_device(opts.device)
+    if opts.ray_address is not None and not opts.ray:
+        _fail_usage("--ray-address needs --ray")
+    if opts.ray and importlib.util.find_spec("ray") is None:
+        _fail_usage('--ray needs Ray: pip install "kosmos-transcribe[ray]"')
     _check_dtype(opts.dtype)
     if opts.output is not None:
         _check_output(opts.output)
@@ -241,8 +251,10 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
             return 1
         _fail_usage("no supported input files found (PDF, PNG, JPEG, TIFF, WebP, BMP, GIF)")
     skip = (lambda job: out.is_done(job.stem, job.page)) if out is not None else None
-    jobs = iter_pages(files, selection, opts.dpi, opts.password, skip=skip, render=len(devices) == 1)
-    if len(devices) == 1:
+    jobs = iter_pages(files, selection, opts.dpi, opts.password, skip=skip, render=len(devices) == 1 and not opts.ray)
+    if opts.ray:
+        results = _on_ray(devices, task, model_name, jobs, opts, report, prompt=prompt, batch_size=batch_size)
+    elif len(devices) == 1:
         results = transcribe(lambda: _load_engine(task, model_name, opts), task, jobs, prompt=prompt,
                              batch_size=batch_size, max_new_tokens=opts.max_new_tokens, on_page=report.page_done)
     else:
@@ -303,6 +315,28 @@ def _on_devices(devices, task, model_name: str, jobs, opts: Options, report: Rep
     return transcribe_on_devices(specs, task.name, jobs, dpi=opts.dpi, password=opts.password,
                                  max_new_tokens=opts.max_new_tokens, keep_images=opts.overlay,
                                  on_page=report.page_done, log=None if opts.quiet else say, **options)
+
+
+def _on_ray(devices, task, model_name: str, jobs, opts: Options, report: Report, **options):
+    """The run on a Ray actor pool (`kosmos_cli.distributed.ray_data`): one actor per GPU of the
+    cluster, or per --device entry on a cluster without GPUs."""
+    import ray
+
+    from .distributed.ray_data import transcribe_on_ray
+    from .distributed.worker import EngineSpec
+
+    if not ray.is_initialized():
+        ray.init(address=opts.ray_address, log_to_driver=False, logging_level="WARNING")
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # stderr is ours: our notes and progress bar
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    compile = "auto" if opts.compile is None else opts.compile
+    spec = EngineSpec(model_name, "cuda" if gpus else "cpu", opts.dtype, compile, opts.attention)
+    if not opts.quiet:
+        say(f"running on Ray: {gpus or len(devices)} {'GPU' if gpus else 'CPU'} actor{'s' * ((gpus or len(devices)) != 1)}")
+    return transcribe_on_ray(spec, gpus or len(devices), task.name, jobs, dpi=opts.dpi, password=opts.password,
+                             gpus=gpus > 0, max_new_tokens=opts.max_new_tokens, keep_images=opts.overlay,
+                             on_page=report.page_done, **options)
 
 
 def _check_dtype(value: str) -> None:

@@ -25,3 +25,22 @@ class CrashingWorker(Worker):
                 yield key, ref
 
         return super().run(watched())
+
+
+class OnceDyingWorker(Worker):
+    """Exits its process, as a killed Ray actor does, on the page ``dies_on`` (file name, page) the
+    first time any worker meets it (the file ``marker`` records that one did)."""
+
+    def __init__(self, *args, dies_on: tuple[str, int], marker: str, **options):
+        super().__init__(*args, **options)
+        self.dies_on, self.marker = dies_on, marker
+
+    def run(self, refs):
+        def watched():
+            for key, ref in refs:
+                if (ref.source.name, ref.page) == self.dies_on and not os.path.exists(self.marker):
+                    open(self.marker, "w").close()
+                    os._exit(1)
+                yield key, ref
+
+        return super().run(watched())

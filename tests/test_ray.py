@@ -1,0 +1,90 @@
+"""Ray (`--ray`, `transcribe_dataset`) on a local CPU cluster: the same records as a local run, page for
+page, and every page once when an actor dies mid-run."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.helpers.cli import FAST, jsonl, kosmos
+from tests.helpers.pdfs import make_image_pdf
+from tests.helpers.workers import OnceDyingWorker
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ray")
+    make_image_pdf(root / "a.pdf", 6)
+    make_image_pdf(root / "sub" / "b.pdf", 3)
+    Image.new("RGB", (80, 50), "white").save(root / "c.png")
+    (root / "d.pdf").write_bytes(b"%PDF-1.4 broken")
+    return root
+
+
+@pytest.fixture(scope="module")
+def local(folder, k25) -> list[dict]:
+    """The JSON records of a local one-device run."""
+    result = kosmos("ocr", folder, "--model", k25, "--device", "cpu", "-b", "2", "--dpi", "72", "-f", "jsonl", *FAST)
+    assert result.exit_code == 1, result.stderr  # d.pdf
+    return jsonl(result.stdout)
+
+
+def test_without_ray_the_flag_is_a_usage_error(folder, k25, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    result = kosmos("ocr", folder, "--model", k25, "--ray")
+    assert result.exit_code == 2 and 'pip install "kosmos-transcribe[ray]"' in result.stderr
+
+
+def test_the_command_on_ray_gives_what_a_local_run_gives(cluster, folder, k25, local, tmp_path):
+    common = ["--model", k25, "-b", "2", "--dpi", "72", *FAST]
+    result = kosmos("ocr", folder, *common, "--ray", "--device", "cpu,cpu", "-f", "jsonl")
+    assert result.exit_code == 1 and "d.pdf" in result.stderr
+    assert jsonl(result.stdout) == local  # in input order, the failed input included
+    trees = []
+    for how in (["--device", "cpu"], ["--ray", "--device", "cpu,cpu"]):
+        out = tmp_path / how[0]
+        assert kosmos("ocr", folder, *common, *how, "-o", out).exit_code == 1
+        trees.append({p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
+    assert trees[0] == trees[1]
+    again = kosmos("ocr", folder, *common, "--ray", "-o", tmp_path / "--ray")  # resume: all done, no page redone
+    assert again.exit_code == 1 and "0 pages in" in again.stderr and "10 already done" in again.stderr
+
+
+def _dataset_rows(folder: Path, k25: str, **options) -> list[dict]:
+    from kosmos_cli.distributed.ray_data import transcribe_dataset
+
+    paths = sorted(str(p) for p in folder.rglob("*") if p.is_file())
+    ds = transcribe_dataset(paths, "ocr", model=k25, workers=2, dpi=72, batch_size=2, max_new_tokens=8,
+                            dtype="float32", compile=False, **options)
+    return sorted(ds.take_all(), key=lambda row: (row["source"], row["page"]))
+
+
+def _plain(rows: list[dict]) -> list[dict]:
+    return sorted(({k: v for k, v in row.items()} for row in rows), key=lambda row: (row["source"], row["page"]))
+
+
+def test_the_dataset_holds_the_local_records(cluster, folder, k25, local, tmp_path):
+    rows = _dataset_rows(folder, k25)
+    assert _plain(rows) == _plain(local)
+    assert [row["page"] for row in rows if row["error"]] == [0]  # d.pdf, one row
+
+
+def test_an_actor_that_dies_mid_run_loses_no_page(cluster, folder, k25, local, tmp_path):
+    marker = tmp_path / "died"
+    worker = functools.partial(OnceDyingWorker, dies_on=("a.pdf", 4), marker=str(marker))
+    rows = _dataset_rows(folder, k25, worker=worker, pages_per_call=4)
+    assert marker.exists()  # an actor died, was restarted, and its batch retried
+    assert _plain(rows) == _plain(local)  # every page once

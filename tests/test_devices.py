@@ -13,23 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from kosmos_cli.distributed.local import CRASHED_TWICE, WorkersLost, transcribe_on_devices
 from kosmos_cli.distributed.worker import EngineSpec
 from kosmos_cli.engine import pick_devices
 from kosmos_cli.pages import iter_pages
 from tests.helpers.cli import FAST, KOSMOS, kosmos, needs_script
-from tests.helpers.pdfs import make_image_pdf
+from tests.helpers.pdfs import make_document_folder
 from tests.helpers.workers import CrashingWorker
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("devices")
-    make_image_pdf(root / "a.pdf", 6)
-    make_image_pdf(root / "sub" / "b.pdf", 3)
-    Image.new("RGB", (80, 50), "white").save(root / "c.png")
+    root = make_document_folder(tmp_path_factory.mktemp("devices"))
     return root
 
 

@@ -8,10 +8,9 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from tests.helpers.cli import FAST, jsonl, kosmos
-from tests.helpers.pdfs import make_image_pdf
+from tests.helpers.pdfs import make_document_folder
 from tests.helpers.workers import OnceDyingWorker
 
 
@@ -25,10 +24,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ray")
-    make_image_pdf(root / "a.pdf", 6)
-    make_image_pdf(root / "sub" / "b.pdf", 3)
-    Image.new("RGB", (80, 50), "white").save(root / "c.png")
+    root = make_document_folder(tmp_path_factory.mktemp("ray"))
     (root / "d.pdf").write_bytes(b"%PDF-1.4 broken")
     return root
 

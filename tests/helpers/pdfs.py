@@ -148,3 +148,12 @@ def make_image_pdf(path: Path, n_pages: int, size: tuple[float, float] = (144, 7
     finally:
         pdf.close()
     return Path(path)
+
+
+def make_document_folder(root: Path) -> Path:
+    """A folder of the runs spread over several workers: a 6-page PDF, a 3-page PDF in a subfolder
+    and a PNG."""
+    make_image_pdf(root / "a.pdf", 6)
+    make_image_pdf(root / "sub" / "b.pdf", 3)
+    Image.new("RGB", (80, 50), "white").save(root / "c.png")
+    return root

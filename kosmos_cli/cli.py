@@ -22,16 +22,16 @@ import typer
 from PIL import Image
 
 from . import documents, interrupt
-from .inputs import collect_inputs, parse_pages
 from .distributed.local import WorkersLost
+from .inputs import collect_inputs, parse_pages
 from .pages import PageJob, iter_pages
 from .paths import display_path, os_reason
 from .report import Progress, Report, say
 from .results import PageResult
 from .tasks import TASKS
+from .writers.atomic import check_writable
 from .writers.directory import OutputDir
 from .writers.formats import choose_documents
-from .writers.atomic import check_writable
 from .writers.sinks import DirectorySink, JsonlSink, TextSink
 
 
@@ -308,10 +308,8 @@ def _check_device(value: str) -> list:
 def _on_devices(devices, task, model_name: str, jobs, opts: Options, report: Report, **options):
     """The run on one worker process a device (`kosmos_cli.distributed.local`)."""
     from .distributed.local import transcribe_on_devices
-    from .distributed.worker import EngineSpec
 
-    compile = "auto" if opts.compile is None else opts.compile
-    specs = [EngineSpec(model_name, str(device), opts.dtype, compile, opts.attention) for device in devices]
+    specs = [_engine_spec(model_name, opts, str(device)) for device in devices]
     return transcribe_on_devices(specs, task.name, jobs, dpi=opts.dpi, password=opts.password,
                                  max_new_tokens=opts.max_new_tokens, keep_images=opts.overlay,
                                  on_page=report.page_done, log=None if opts.quiet else say, **options)
@@ -323,15 +321,13 @@ def _on_ray(devices, task, model_name: str, jobs, opts: Options, report: Report,
     import ray
 
     from .distributed.ray_data import transcribe_on_ray
-    from .distributed.worker import EngineSpec
 
     if not ray.is_initialized():
         ray.init(address=opts.ray_address, log_to_driver=False, logging_level="WARNING")
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # stderr is ours: our notes and progress bar
     ray.data.DataContext.get_current().enable_progress_bars = False
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    compile = "auto" if opts.compile is None else opts.compile
-    spec = EngineSpec(model_name, "cuda" if gpus else "cpu", opts.dtype, compile, opts.attention)
+    spec = _engine_spec(model_name, opts, "cuda" if gpus else "cpu")
     if not opts.quiet:
         say(f"running on Ray: {gpus or len(devices)} {'GPU' if gpus else 'CPU'} actor{'s' * ((gpus or len(devices)) != 1)}")
     return transcribe_on_ray(spec, gpus or len(devices), task.name, jobs, dpi=opts.dpi, password=opts.password,
@@ -377,13 +373,18 @@ def _batch_size(value: str) -> int | None:
     return size
 
 
+def _engine_spec(model_name: str, opts: Options, device: str):
+    """How an engine of this run is loaded (here, in a worker process or in a Ray actor)."""
+    from .distributed.worker import EngineSpec
+
+    return EngineSpec(model_name, device, opts.dtype, "auto" if opts.compile is None else opts.compile,
+                      opts.attention)
+
+
 def _load_engine(task, model_name: str, opts: Options):
     """Load the model (once the first page needs it: a run whose pages are all done loads nothing)."""
-    from . import engine as engine_module
-
     try:
-        engine = engine_module.load(model_name, device=opts.device, dtype=opts.dtype,
-                                    compile="auto" if opts.compile is None else opts.compile, attention=opts.attention)
+        engine = _engine_spec(model_name, opts, opts.device).load()
     except (ValueError, FileNotFoundError, RuntimeError) as err:  # ModelLoadError is a ValueError too
         raise _Fatal(f"cannot load model {model_name}: {err}", 1) from err
     interrupt.check()

@@ -29,7 +29,7 @@ from . import documents
 from .documents import DEFAULT_DPI, MAX_PIXELS, Document, DocumentError
 from .inputs import InputFile, PageSelection, assign_stems, format_ranges
 
-__all__ = ["PREFETCH_BYTES", "ErrorJob", "PageJob", "iter_pages", "prefetch"]
+__all__ = ["PREFETCH_BYTES", "ErrorJob", "InputOrder", "PageJob", "iter_pages", "prefetch"]
 
 # Rendered pages that `prefetch` may hold ahead of the consumer, in bytes: 15 working images at the
 # full WORK_PIXELS, far more small ones (the page count `depth` bounds those).
@@ -197,6 +197,36 @@ def iter_pages(
         for d in open_docs:
             d.close()
         raise
+
+
+class InputOrder:
+    """A run's items in the order they came, each held back until its result is in: what keeps
+    stdout and the documents in input order whoever finishes first (one engine, several workers,
+    Ray actors). An item added without a key needs no result and passes as soon as its turn comes."""
+
+    def __init__(self):
+        self._items: deque[tuple[Any, PageJob | ErrorJob]] = deque()  # (key or None, item)
+        self._done: dict[Any, tuple[PageJob | ErrorJob, Any]] = {}  # key -> (item, result), not yet out
+
+    def add(self, item: PageJob | ErrorJob, key: Any = None) -> None:
+        self._items.append((key, item))
+
+    def finish(self, key: Any, item: PageJob | ErrorJob, result) -> None:
+        """The result for ``key``; ``item`` replaces the one added (a worker returns its own copy)."""
+        self._done[key] = (item, result)
+
+    def ready(self) -> Iterator[tuple[PageJob | ErrorJob, Any]]:
+        """(item, result) for the items whose turn has come, in order (result None without a key)."""
+        while self._items and (self._items[0][0] is None or self._items[0][0] in self._done):
+            key, item = self._items.popleft()
+            yield self._done.pop(key) if key is not None else (item, None)
+
+    def __len__(self) -> int:
+        """Items not yet out."""
+        return len(self._items)
+
+    def first(self) -> PageJob | ErrorJob:
+        return self._items[0][1]
 
 
 # --------------------------------------------------------------------------------------------------

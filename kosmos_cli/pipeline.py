@@ -9,12 +9,11 @@ pass straight through with no result."""
 from __future__ import annotations
 
 import itertools
-from collections import deque
 from typing import Callable, Iterable, Iterator
 
 from .engine import Engine, Job, Output
 from .models.generation import LoopCheck
-from .pages import ErrorJob, PageJob, prefetch
+from .pages import ErrorJob, InputOrder, PageJob, prefetch
 from .results import PageResult
 from .tasks import Task
 from .tasks.repetition import WINDOW, find_loop, may_loop
@@ -69,15 +68,9 @@ def transcribe(
         preparer.engine = engine()
     engine = preparer.engine
     slots = batch_size or engine.auto_batch_size(prompt, limit)
-    order: deque[PageJob | ErrorJob] = deque()  # items pulled, waiting for their turn
-    results: dict[int, PageResult] = {}
+    order = InputOrder()  # items pulled, waiting for their turn
     source = _pages_for_model(itertools.chain([first], rendered), order)
     pages: dict[int, PageJob] = {}  # pages taken from the source and not finished
-
-    def ready() -> Iterator[tuple[PageJob | ErrorJob, PageResult | None]]:
-        while order and (not _needs_model(order[0]) or id(order[0]) in results):
-            item = order.popleft()
-            yield item, results.pop(id(item), None)
 
     def jobs() -> Iterator[Job]:
         for page in source:
@@ -91,26 +84,28 @@ def transcribe(
                                               max_new_tokens=limit, loop_check=LOOP_GUARD):
         page = pages.pop(key)
         if out is None:
-            results[key] = PageResult.failed(page.source, page.page, task.name, engine.name, OUT_OF_MEMORY)
+            result = PageResult.failed(page.source, page.page, task.name, engine.name, OUT_OF_MEMORY)
         else:
-            results[key] = _result(engine, task, page, out, prompt)
+            result = _result(engine, task, page, out, prompt)
             if on_page is not None:
-                on_page(results[key], len(out.ids))
-        yield from ready()
-    yield from ready()
+                on_page(result, len(out.ids))
+        order.finish(key, page, result)
+        yield from order.ready()
+    yield from order.ready()
     if order:  # every item pulled is in `order` until it is yielded: a leftover would be a lost page
-        raise RuntimeError(f"internal error: {order[0]} and {len(order) - 1} more items never came out")
+        raise RuntimeError(f"internal error: {order.first()} and {len(order) - 1} more items never came out")
 
 
 def _needs_model(item: PageJob | ErrorJob) -> bool:
     return isinstance(item, PageJob) and not item.skipped
 
 
-def _pages_for_model(items: Iterator[PageJob | ErrorJob], order: deque) -> Iterator[PageJob]:
-    """The pages of ``items`` that need the model; every item pulled is appended to ``order``."""
+def _pages_for_model(items: Iterator[PageJob | ErrorJob], order: InputOrder) -> Iterator[PageJob]:
+    """The pages of ``items`` that need the model; every item pulled is added to ``order``."""
     for item in items:
-        order.append(item)
-        if _needs_model(item):
+        needs_model = _needs_model(item)
+        order.add(item, id(item) if needs_model else None)
+        if needs_model:
             yield item
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Callable, Iterable, Iterator
 
-from ..pages import ErrorJob, PageJob
+from ..pages import ErrorJob, InputOrder, PageJob
 from ..results import PageResult
 from .worker import EngineSpec, PageRef, Worker
 
@@ -143,8 +143,7 @@ class _Driver:
             slot.conn.close()
 
     def run(self, first: PageJob, listing: Iterator, dpi: float, password: str | None, on_page):
-        order: deque = deque()  # (key or None, item) in input order
-        done: dict[int, tuple] = {}  # key -> (item, result) not yet yielded
+        order = InputOrder()
         suspects: deque[int] = deque()  # keys of pages a dead worker had in flight
         crashes: dict[int, int] = {}
         jobs: dict[int, PageJob] = {}  # key -> the page job, until its record is in
@@ -163,10 +162,10 @@ class _Driver:
                 elif isinstance(item, PageJob) and not item.skipped:
                     key = next(keys)
                     jobs[key] = item
-                    order.append((key, item))
+                    order.add(item, key)
                     return key
                 else:
-                    order.append((None, item))
+                    order.add(item)
             return None
 
         def hand(slot: _Slot, key: int) -> None:
@@ -184,7 +183,8 @@ class _Driver:
                 crashes[key] = crashes.get(key, 0) + 1
                 if crashes[key] >= 2:
                     job = jobs.pop(key)
-                    done[key] = (job, PageResult.failed(job.source, job.page, self.task, self.specs[0].model, CRASHED_TWICE))
+                    order.finish(key, job, PageResult.failed(job.source, job.page, self.task, self.specs[0].model,
+                                                             CRASHED_TWICE))
                 else:
                     suspects.append(key)
                     requeued += 1
@@ -192,9 +192,7 @@ class _Driver:
             self.log(f"worker {slot.label} {why}" + (f"; its {requeued} pages in flight go to the others" if requeued else ""))
 
         while True:
-            while order and (order[0][0] is None or order[0][0] in done):
-                key, item = order.popleft()
-                yield done.pop(key) if key is not None else (item, None)
+            yield from order.ready()
             for slot in self.slots:  # idle workers with nothing in flight: start a run
                 if slot.state == "idle" and not slot.inflight:
                     key = suspects.popleft() if suspects else fresh()
@@ -239,7 +237,7 @@ class _Driver:
                         del slot.inflight[record.key], jobs[record.key]
                         slot.solo = slot.solo and bool(slot.inflight)
                         slot.pages += 1
-                        done[record.key] = (record.item, record.result)
+                        order.finish(record.key, record.item, record.result)
                         if on_page is not None and record.result is not None:
                             on_page(record.result, record.new_tokens, slot.label)
                 if slot.state != "dead" and not slot.process.is_alive():

@@ -15,7 +15,6 @@ decode slots by default (Ray queues the next batch at the actor meanwhile). A de
 
 from __future__ import annotations
 
-import itertools
 import pickle
 import warnings
 from pathlib import Path
@@ -25,7 +24,7 @@ import ray
 
 from ..documents import DEFAULT_DPI
 from ..inputs import PageSelection
-from ..pages import ErrorJob, PageJob, iter_pages
+from ..pages import ErrorJob, InputOrder, PageJob, iter_pages
 from ..results import PageResult
 from ..tasks import TASKS
 from .worker import EngineSpec, PageRef, Worker
@@ -67,30 +66,25 @@ def transcribe_on_ray(spec: EngineSpec, workers: int, task: str, items: Iterable
     """`transcribe_on_devices` on a Ray actor pool: the same (item, result) pairs in input order, from
     ``items`` listed here with `iter_pages(..., render=False)`; ``spec.device`` is the actors' device
     type ("cuda" or "cpu"). Nothing starts when every page is done."""
-    order: list[tuple[int | None, PageJob | ErrorJob]] = []
+    order = InputOrder()
     refs = []
     for item in items:
         if isinstance(item, PageJob) and not item.skipped:
-            order.append((len(refs), item))
+            order.add(item, len(refs))
             refs.append({"key": len(refs), "ref": pickle.dumps(PageRef.of(item, dpi, password))})
         else:
-            order.append((None, item))
-    done: dict[int, tuple] = {}
+            order.add(item)
     records = iter(()) if not refs else _records(
         ray.data.from_items(refs), spec.model, task, workers, gpus,
         dict(prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens, keep_images=keep_images),
         spec.dtype, spec.compile, spec.attention, pages_per_call, worker, as_schema=False).iter_rows()
-    position = 0
-    for row in itertools.chain(records, [None]):
-        if row is not None:
-            record = pickle.loads(row["record"])
-            done[record.key] = (record.item, record.result)
-            if on_page is not None and record.result is not None:
-                on_page(record.result, record.new_tokens, "ray")
-        while position < len(order) and (order[position][0] is None or order[position][0] in done):
-            key, item = order[position]
-            yield done.pop(key) if key is not None else (item, None)
-            position += 1
+    yield from order.ready()  # the items before the first page that needs the model
+    for row in records:
+        record = pickle.loads(row["record"])
+        order.finish(record.key, record.item, record.result)
+        if on_page is not None and record.result is not None:
+            on_page(record.result, record.new_tokens, "ray")
+        yield from order.ready()
 
 
 def _page_rows(row: dict, task: str, model: str, pages, dpi: float, password: str | None) -> list[dict]:

@@ -28,7 +28,7 @@ from .pages import PageJob, iter_pages
 from .paths import display_path, os_reason
 from .report import Progress, Report, say
 from .results import PageResult
-from .tasks import TASKS
+from .tasks import TASKS, WrongModel
 from .writers.atomic import check_writable
 from .writers.directory import OutputDir
 from .writers.formats import choose_documents
@@ -276,7 +276,7 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
         return 130
     except WorkersLost as err:
         say(str(err))
-        return 1
+        return 2 if err.wrong_model else 1
     except _Fatal as err:
         say(str(err.__cause__ if opts.debug else err))
         if opts.debug:
@@ -388,8 +388,10 @@ def _load_engine(task, model_name: str, opts: Options):
     except (ValueError, FileNotFoundError, RuntimeError) as err:  # ModelLoadError is a ValueError too
         raise _Fatal(f"cannot load model {model_name}: {err}", 1) from err
     interrupt.check()
-    if engine.kind != task.model_kind:
-        raise _Fatal(f"`kosmos {task.name}` needs a {task.model_kind} model, but {model_name} is {engine.kind}", 2)
+    try:
+        task.check_model(engine.kind, model_name)
+    except WrongModel as err:
+        raise _Fatal(str(err), 2) from None
     if not opts.quiet:
         say(f"running {engine}")
     return engine

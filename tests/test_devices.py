@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kosmos_cli.distributed.local import CRASHED_TWICE, WorkersLost, transcribe_on_devices
+from kosmos_cli.distributed.local import CRASHED_TWICE, NO_WORKER, WorkersLost, transcribe_on_devices
 from kosmos_cli.distributed.worker import EngineSpec
 from kosmos_cli.engine import pick_devices
 from kosmos_cli.pages import iter_pages
@@ -108,6 +108,27 @@ def test_when_every_worker_is_gone_the_run_stops(folder, k25):
     with pytest.raises(WorkersLost, match="every worker stopped"):
         _records(folder, k25, worker=crash)
     assert time.monotonic() - started < 60 and multiprocessing.active_children() == []
+
+
+def test_when_every_worker_is_gone_the_pages_done_come_out(folder, k25, reference):
+    # One worker stalls on page 1 and then crashes; meanwhile the other delivers page 2 and exits with
+    # later pages in flight. Page 2 finished after page 1, which never will: it must still come out.
+    crash = functools.partial(CrashingWorker, crash_on=frozenset({("a.pdf", 1)}), delay=1.0,
+                              exit_after=frozenset({("a.pdf", 2)}))
+    delivered, records = [], []
+    runs = transcribe_on_devices([EngineSpec(k25, "cpu", "float32", False)] * 2, "ocr",
+                                 iter_pages(sorted(p for p in folder.rglob("*") if p.is_file()), render=False),
+                                 dpi=72, max_new_tokens=8, batch_size=2, worker=crash,
+                                 on_page=lambda result, tokens, device: delivered.append(result.to_dict()))
+    with pytest.raises(WorkersLost, match="every worker stopped"):
+        for _, result in runs:
+            records.append(result.to_dict())
+    assert delivered and all(r in records for r in delivered)  # every page done is out
+    done = [r for r in records if not r["error"]]
+    assert done == [r for r in reference if r in done]  # in input order, as a one-device run gives them
+    assert {r["error"] for r in records if r["error"]} <= {NO_WORKER, CRASHED_TWICE}
+    assert [(r["source"], r["page"]) for r in records] == [(r["source"], r["page"]) for r in reference[:len(records)]]
+    assert multiprocessing.active_children() == []
 
 
 @needs_script

@@ -7,7 +7,8 @@ page references; each worker process (`worker.Worker`) renders, prepares and dec
 pipe a worker (no lock shared between processes, so a killed worker cannot block the others):
 
     worker -> parent   ("ready", description)  engine loaded
-                       ("failed", message)     engine not loaded; the worker exits
+                       ("failed", message, wrong)  engine not loaded (``wrong``: the model does not fit
+                                               the task); the worker exits
                        ("want",)               its look-ahead has room: send one more page
                        ("done", Record)        a page finished (records come in the order sent)
     parent -> worker   (key, PageRef)          one page; to an idle worker it starts a run
@@ -36,15 +37,22 @@ from typing import Callable, Iterable, Iterator
 
 from ..pages import ErrorJob, InputOrder, PageJob
 from ..results import PageResult
+from ..tasks import WrongModel
 from .worker import EngineSpec, PageRef, Worker
 
 __all__ = ["WorkersLost", "transcribe_on_devices"]
 
 CRASHED_TWICE = "the page stopped two workers (killed, crashed or out of memory): skipped"
+NO_WORKER = "not done: every worker stopped"
 
 
 class WorkersLost(RuntimeError):
-    """Every worker is gone (none could load the model, or all died): the run cannot go on."""
+    """Every worker is gone (none could load the model, or all died): the run cannot go on.
+    ``wrong_model``: they could not, because the model does not fit the task (a usage error)."""
+
+    def __init__(self, message: str, wrong_model: bool = False):
+        super().__init__(message)
+        self.wrong_model = wrong_model
 
 
 @dataclass(eq=False)
@@ -150,7 +158,7 @@ class _Driver:
         pending = [first]
         keys = itertools.count()
         exhausted = False
-        failures: list[str] = []  # why workers could not load their engine
+        failures: list[tuple[str, bool]] = []  # why workers could not load their engine, and if the model is wrong
 
         def fresh() -> int | None:
             """The next page of the listing for a worker (items that need none join the order)."""
@@ -203,10 +211,17 @@ class _Driver:
                 return
             live = [slot for slot in self.slots if slot.state != "dead"]
             if not live and failures and all(slot.pages == 0 for slot in self.slots):
-                raise WorkersLost(f"cannot load model {self.specs[0].model}: {failures[0]}")
+                message, wrong = failures[0]
+                raise WorkersLost(message if wrong else f"cannot load model {self.specs[0].model}: {message}", wrong)
             if not live:
-                raise WorkersLost("every worker stopped before the run was done (the pages written so far are "
-                                  "kept; a re-run with -o continues)")
+                # The pages done so far come out (in order, those not done as failures), then the run stops.
+                for key in sorted(jobs):
+                    job = jobs.pop(key)
+                    order.finish(key, job, PageResult.failed(job.source, job.page, self.task, self.specs[0].model,
+                                                             NO_WORKER))
+                yield from order.ready()
+                raise WorkersLost("every worker stopped before the run was done (the pages done are saved; "
+                                  "a re-run with -o continues)")
             ready = wait([slot.conn for slot in live] + [slot.process.sentinel for slot in live])
             for slot in live:
                 if slot.conn not in ready and slot.process.sentinel not in ready:
@@ -224,7 +239,7 @@ class _Driver:
                         self.log(f"running {message[1]}")
                     elif kind == "failed":
                         slot.state = "dead"
-                        failures.append(message[1])
+                        failures.append((message[1], message[2]))
                         self.log(f"worker {slot.label} cannot load the model: {message[1]}")
                     elif kind == "want":
                         key = None if slot.solo or suspects else fresh()
@@ -267,7 +282,8 @@ def _serve(conn: Connection, parent: int, threads: int, make_worker, spec: Engin
     try:
         worker = make_worker(spec, task, **options)
     except Exception as err:  # the parent reports it; the traceback would say no more to a user
-        conn.send(("failed", f"{type(err).__name__}: {err}" if not isinstance(err, ValueError) else str(err)))
+        message = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+        conn.send(("failed", message, isinstance(err, WrongModel)))
         return
     conn.send(("ready", str(worker.engine)))
     lock = threading.Lock()  # the look-ahead's thread asks for pages while this one sends records

@@ -73,14 +73,13 @@ class Worker:
     ``task`` is a task name (ocr, md, ground); ``prompt``, ``batch_size`` and ``max_new_tokens`` are
     `pipeline.transcribe`'s. ``keep_images`` sends each page's working image back in its record
     (overlays are drawn by whoever writes the outputs). Raises ValueError if the model does not fit
-    the task, and what `kosmos_cli.load` raises if it cannot be loaded."""
+    the task (`WrongModel`), and what `kosmos_cli.load` raises if it cannot be loaded."""
 
     def __init__(self, spec: EngineSpec, task: str, *, prompt: str | None = None, batch_size: int | None = None,
                  max_new_tokens: int | None = None, keep_images: bool = False):
         self.task = TASKS[task]
         self.engine = spec.load()
-        if self.engine.kind != self.task.model_kind:
-            raise ValueError(f"`kosmos {task}` needs a {self.task.model_kind} model, but {spec.model} is {self.engine.kind}")
+        self.task.check_model(self.engine.kind, spec.model)
         self.prompt, self.batch_size, self.max_new_tokens = prompt, batch_size, max_new_tokens
         self.keep_images = keep_images
 

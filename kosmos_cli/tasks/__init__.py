@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from . import grounding, markdown, ocr
-from .base import Task
+from .base import Task, WrongModel
 
-__all__ = ["TASKS", "Task", "find_task"]
+__all__ = ["TASKS", "Task", "WrongModel", "find_task"]
 
 TASKS: dict[str, Task] = {task.name: task for task in (ocr.TASK, markdown.TASK, grounding.TASK)}
 

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from ..results import PageResult
 
 
+class WrongModel(ValueError):
+    """The model loaded is of another architecture than the task needs: a usage error (exit 2)."""
+
+
 @dataclass(frozen=True)
 class Task:
     name: str  # the command name and the JSONL "task" field
@@ -27,6 +31,11 @@ class Task:
     caption_task: bool = False  # the prompt is the start of the caption (Kosmos-2 grounding)
     aliases: tuple[str, ...] = ()  # other names `find_task` accepts
     optional_documents: tuple[str, ...] = ()  # the document files it writes only when asked (--outputs)
+
+    def check_model(self, kind: str, model: str) -> None:
+        """Raise `WrongModel` unless a model of architecture ``kind`` (named ``model``) can run this task."""
+        if kind != self.model_kind:
+            raise WrongModel(f"`kosmos {self.name}` needs a {self.model_kind} model, but {model} is {kind}")
 
     @property
     def possible_documents(self) -> tuple[str, ...]:

@@ -4,27 +4,34 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from kosmos_cli.distributed.worker import Worker
 
 
 class CrashingWorker(Worker):
     """Dies with SIGSEGV, as a crashing kernel would, when handed a page in ``crash_on`` (file name,
-    page). The driver builds it in the worker process from `functools.partial(CrashingWorker,
+    page), ``delay`` seconds after it was handed; exits right after a page in ``exit_after`` is
+    delivered. The driver builds it in the worker process from `functools.partial(CrashingWorker,
     crash_on=...)`, which pickles by reference: product code has no hook for it."""
 
-    def __init__(self, *args, crash_on: frozenset[tuple[str, int]] = frozenset(), **options):
+    def __init__(self, *args, crash_on: frozenset[tuple[str, int]] = frozenset(), delay: float = 0.0,
+                 exit_after: frozenset[tuple[str, int]] = frozenset(), **options):
         super().__init__(*args, **options)
-        self.crash_on = crash_on
+        self.crash_on, self.delay, self.exit_after = crash_on, delay, exit_after
 
     def run(self, refs):
         def watched():
             for key, ref in refs:
                 if (ref.source.name, ref.page) in self.crash_on:
+                    time.sleep(self.delay)
                     os.kill(os.getpid(), signal.SIGSEGV)
                 yield key, ref
 
-        return super().run(watched())
+        for record in super().run(watched()):
+            yield record  # sent to the parent before this generator resumes
+            if (record.item.source.name, record.item.page) in self.exit_after:
+                os._exit(1)
 
 
 class OnceDyingWorker(Worker):

@@ -235,7 +235,10 @@ class Engine:
         jobs = [Job(i, self.prepare(im), p, n, m) for i, (im, p, n, m) in enumerate(zip(images, prompts, limits, minimums))]
         if batch_size is None:
             longest = max(prompts, key=self.prompt_length)
-            batch_size = min(len(images), self.auto_batch_size(longest, max(limits)))
+            # A compiled step takes at least two rows where memory allows (the second empty for one
+            # image): a one-row step would be compiled apart, a second compile for this engine.
+            wanted = max(len(images), 2 if self.compiled is not None else 1)
+            batch_size = min(wanted, self.auto_batch_size(longest, max(limits)))
         results: dict[int, Output] = {}
         for key, out in self.stream_backing_off(jobs, slots=batch_size, no_repeat_ngram_size=no_repeat_ngram_size,
                                                 loop_check=loop_check):

@@ -283,7 +283,8 @@ def test_the_callers_code_between_results_is_not_in_inference_mode(engine):
 def test_compiled_decode_step_gives_identical_results(kosmos25_sharded, alone, attention, schedule, monkeypatch):
     """torch.compile of the decode step (CUDA graphs on a GPU; inductor here), attending with SDPA or
     FlexAttention, on the CPU's and the GPU's loop schedule: same ids, and one compile for a whole
-    draining run of varied lengths (rows in use from 3 down to 1, every span bucket up to the end)."""
+    draining run of varied lengths (rows in use from 3 down to 1, every span bucket up to the end),
+    then for runs on two slots and on one image (the rows a step takes never drop below two)."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(generation, "schedule_for", lambda device: schedule)
@@ -296,6 +297,9 @@ def test_compiled_decode_step_gives_identical_results(kosmos25_sharded, alone, a
     assert [(o.ids, o.stop) for o in outputs] == [(o.ids, o.stop) for o in alone]
     longer = compiled.run(IMAGES[:4], "<ocr>", [70, 3, 140, 9], min_new_tokens=[70, 3, 140, 9], batch_size=3)
     assert [len(o.ids) for o in longer] == [70, 3, 140, 9]
+    pair = compiled.run(IMAGES[:2], PROMPTS[:2], LIMITS[:2], batch_size=2)
+    single = compiled.run(IMAGES[:1], PROMPTS[:1], LIMITS[:1])
+    assert [(o.ids, o.stop) for o in pair + single] == [(o.ids, o.stop) for o in alone[:2] + alone[:1]]
     assert counters["stats"]["unique_graphs"] - compiles == 1, dict(counters["stats"])
 
 

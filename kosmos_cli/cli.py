@@ -86,7 +86,7 @@ Dpi = Annotated[float, typer.Option(min=36, max=1200, help="PDF rendering resolu
 Password = Annotated[Optional[str], typer.Option(help="Password for encrypted PDFs.")]
 Format = Annotated[str, typer.Option("--format", "-f", help="stdout format: text (markdown, OCR lines x0,y0,x1,y0,x1,y1,x0,y1,text, or the caption; a line <!-- SOURCE, page N --> starts each page when the run has several documents or a document several pages) or jsonl (one JSON object per page, failed inputs included).")]
 Overlay = Annotated[bool, typer.Option(help="With -o: also write a PNG per page with the boxes drawn.")]
-Outputs = Annotated[Optional[str], typer.Option(help="With -o: the document files to write, a comma list: for ocr any of txt,json,hocr,alto (hOCR 1.2 <stem>.hocr, ALTO 4.4 <stem>.alto.xml, word boxes estimated from line boxes); md writes md, ground txt,json. A re-run that adds one builds it from the finished pages. [default: txt,json for ocr and ground, md for md]", show_default=False)]
+Outputs = Annotated[Optional[str], typer.Option(help="With -o: the document files to write, a comma list: for ocr any of txt,json,pdf,hocr,alto (pdf: a searchable PDF, the input's pages or images with the OCR text as an invisible, selectable layer, needs the pdf extra; hOCR 1.2 <stem>.hocr, ALTO 4.4 <stem>.alto.xml, word boxes estimated from line boxes); md writes md, ground txt,json. A re-run that adds one builds it from the finished pages. [default: txt,json for ocr and ground, md for md]", show_default=False)]
 Overwrite = Annotated[bool, typer.Option(help="With -o: redo pages that are already written.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, notes or summary: only errors.")]
 Debug = Annotated[bool, typer.Option(help="Show Python tracebacks for errors.")]
@@ -214,6 +214,8 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
         document_suffixes = choose_documents(task, opts.outputs) if opts.outputs is not None else None
     except ValueError as err:
         _fail_usage(f"--outputs: {err}")
+    if document_suffixes and ".pdf" in document_suffixes and importlib.util.find_spec("pikepdf") is None:
+        _fail_usage('--outputs pdf needs pikepdf: pip install "kosmos-transcribe[pdf]"')
     try:
         selection = parse_pages(opts.pages) if opts.pages is not None else None
     except ValueError as err:
@@ -239,7 +241,7 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
     if opts.output is not None:
         out = OutputDir(opts.output, task, model=model_name, overwrite=opts.overwrite, warn=report.note,
                         documents=document_suffixes)
-        sink = DirectorySink(out, overlay=opts.overlay)
+        sink = DirectorySink(out, overlay=opts.overlay, password=opts.password)
     elif opts.format == "jsonl":
         sink = JsonlSink()
     else:

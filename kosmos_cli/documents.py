@@ -259,6 +259,31 @@ class Document:
                 page.close()
         return RenderedPage(image, size)
 
+    def pixel_to_page(self, index: int, size: tuple[int, int]) -> tuple[float, float, float, float, float, float]:
+        """The affine map ``(a, b, c, d, e, f)``, as a PDF matrix, from the pixels of PDF page ``index``
+        rendered at ``size`` (x right, y down) to the page's user space, exactly as pdfium renders it:
+        through the CropBox clipped to the MediaBox, their offsets and /Rotate."""
+        import ctypes
+
+        import pypdfium2.raw as pdfium_c
+
+        w, h = size
+        with PDFIUM_LOCK:
+            _close_orphans()
+            if self._closed or self.kind != "pdf":
+                raise DocumentError(self.source, "no open PDF page to map", index + 1)
+            page = self._pdf[index]
+            try:
+                corners = []
+                for x, y in ((0, 0), (w, 0), (0, h)):
+                    px, py = ctypes.c_double(), ctypes.c_double()
+                    pdfium_c.FPDF_DeviceToPage(page.raw, 0, 0, w, h, 0, x, y, ctypes.byref(px), ctypes.byref(py))
+                    corners.append((px.value, py.value))
+            finally:
+                page.close()
+        (e, f), (x1, y1), (x2, y2) = corners
+        return (x1 - e) / w, (y1 - f) / w, (x2 - e) / h, (y2 - f) / h, e, f
+
     def _read_image(self, index: int) -> RenderedPage:
         try:
             image, size, notes = rasters.read_frame(self.source, index, self.max_pixels, WORK_PIXELS)
@@ -315,8 +340,8 @@ def _open_pdf(source: Path, dpi: float, password: str | None, max_pixels: int) -
         # after FPDF_LoadDocument returned no document (which always sets it); a page-less PDF loads
         # and is told by its page count, never by a code left over from an earlier file.
         raw = code = None
-        for pw in [None] if password is None else _password_tries(password):
-            raw = pdfium_c.FPDF_LoadDocument(path, pw)
+        for pw in [None] if password is None else password_candidates(password):
+            raw = pdfium_c.FPDF_LoadDocument(path, None if pw is None else pw + b"\0")
             if raw:
                 break
             code = pdfium_c.FPDF_GetLastError()
@@ -355,15 +380,15 @@ def _pdf_failure(code: int, password: str | None) -> str:
     return "not a PDF, or a corrupt or truncated one"
 
 
-def _password_tries(password: str) -> list[bytes | None]:
+def password_candidates(password: str) -> list[bytes | None]:
     """Passwords to try, in order: as given; SASLprep'd when that differs (PDF 2.0 processes AES-256
     passwords so, then keeps 127 bytes); none, since a PDF with only an owner password opens without
     one and one --password for a batch must not break it."""
     given = password.encode("utf-8", "surrogateescape")
-    tries: list[bytes | None] = [given + b"\0"]
+    tries: list[bytes | None] = [given]
     prepared = _saslprep(password)
     if prepared is not None and prepared.encode()[:127] != given:
-        tries.append(prepared.encode()[:127] + b"\0")
+        tries.append(prepared.encode()[:127])
     tries.append(None)
     return tries
 

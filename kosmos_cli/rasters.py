@@ -2,6 +2,7 @@
 
     frame_count(path, max_pixels)  ->  (frames that are pages, format)
     read_frame(path, index, max_pixels, work_pixels)  ->  (8-bit RGB working image, full size, notes)
+    open_frame(path, index, max_pixels)  ->  (the frame as stored, its EXIF orientation), for copying
 
 Failures raise `Unreadable(reason)`; `kosmos_cli.documents` names the file and page.
 
@@ -53,7 +54,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .paths import os_reason
 
-__all__ = ["Unreadable", "frame_count", "read_frame", "working_size"]
+__all__ = ["Unreadable", "eight_bit", "frame_count", "open_frame", "read_frame", "working_size"]
 
 _MULTI_FRAME_FORMATS = frozenset({"TIFF"})  # formats whose frames are pages
 _DEEP_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
@@ -156,6 +157,40 @@ def read_frame(
         image = image.transpose(_ORIENTATION_FIX[orientation])
     size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
     return image, size, (_libtiff_note(messages),) if messages else ()
+
+
+@contextmanager
+def open_frame(path: Path, index: int, max_pixels: int) -> Iterator[tuple[Image.Image, int]]:
+    """Frame ``index`` (0-based) decoded at full size in its own mode, and its EXIF orientation (1-8),
+    for writers that copy an image (the searchable PDF); raises `Unreadable`."""
+    _allow_pixels(max_pixels)
+    im = None
+    try:
+        im = Image.open(path)
+        if index:
+            im.seek(index)
+        if im.width * im.height > max_pixels:
+            raise Unreadable(_too_big(im.width, im.height, max_pixels))
+        im.load()
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except BaseException as exc:
+        if im is not None:
+            im.close()
+        if isinstance(exc, Image.DecompressionBombError):
+            raise Unreadable(_bomb(exc, max_pixels)) from None
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise Unreadable(os_reason(exc)) from None
+        if isinstance(exc, (OSError, SyntaxError, ValueError, EOFError)):
+            raise Unreadable(f"corrupt or truncated image ({_read_reason(exc)})") from None
+        raise
+    with im:
+        yield im, orientation
+
+
+def eight_bit(im: Image.Image) -> Image.Image:
+    """``im`` as the 8-bit L or RGB image the model reads (the pixel rule of the module docstring,
+    before the EXIF orientation)."""
+    return _to_8bit(im, _depth_scale(im))
 
 
 def _too_big(w: int, h: int, limit: int) -> str:

@@ -1,6 +1,7 @@
-"""The hOCR and ALTO documents of `kosmos ocr -o`, and `--outputs`: boxes and texts survive a round trip,
-the files are valid (hocr-spec; the official ALTO 4.4 schema), bad pages and bad text still give
-well-formed files, and a re-run that adds a format builds it from the stored pages alone."""
+"""The hOCR, ALTO and searchable-PDF documents of `kosmos ocr -o`, and `--outputs`: boxes and texts
+survive a round trip, the files are valid (hocr-spec; the official ALTO 4.4 schema; the PDF renders as
+its input did), bad pages and bad text still give well-formed files, and a re-run that adds a format
+builds it from the stored pages alone. (`test_searchable_pdf.py` tests the PDF writer itself.)"""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ import re
 from pathlib import Path
 from urllib.parse import quote
 
+import pypdfium2 as pdfium
 import pytest
 from hocr_spec import HocrValidator
 from lxml import etree
 
 from kosmos_cli.results import PageResult
 from kosmos_cli.tasks import TASKS
+from kosmos_cli.writers.atomic import OutputError
 from kosmos_cli.writers.directory import OutputDir
-from kosmos_cli.writers.formats import FORMATS, choose_documents
+from kosmos_cli.writers.formats import FORMATS, Original, choose_documents
 from tests.helpers.cli import FAST, kosmos
+from tests.helpers.images import write_image
 from tests.helpers.pdfs import make_image_pdf
 
 ALTO_DIR = Path(__file__).parent / "data" / "alto"
@@ -272,13 +276,14 @@ def test_a_rerun_that_adds_formats_needs_no_model(k25, tmp_path, fixed_answers, 
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("doc.*")}
 
     monkeypatch.setattr("kosmos_cli.engine.load", _refuse)
-    result = kosmos("ocr", pdf, "-o", out, "--outputs", "txt,json,hocr,alto", "--model", k25, *FAST)
+    result = kosmos("ocr", pdf, "-o", out, "--outputs", "txt,json,pdf,hocr,alto", "--model", k25, *FAST)
     assert result.exit_code == 0, result.stderr
     assert re.search(r"0 pages in .*; 2 already done", result.stderr), result.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("doc.*") if p.name in before} == before
     stored = [PageResult.from_dict(p) for p in json.loads((out / "doc.json").read_text())["pages"]]
     assert (out / "doc.hocr").read_text() == FORMATS[".hocr"](OCR, stored)
     assert (out / "doc.alto.xml").read_text() == FORMATS[".alto.xml"](OCR, stored)
+    assert (out / "doc.pdf").read_bytes() == FORMATS[".pdf"](OCR, stored, Original(pdf))
 
     # Only hOCR asked for: only it is (re)built; the files of other formats stay as they are.
     (out / "doc.hocr").unlink()
@@ -287,15 +292,80 @@ def test_a_rerun_that_adds_formats_needs_no_model(k25, tmp_path, fixed_answers, 
     assert (out / "doc.hocr").read_text() == FORMATS[".hocr"](OCR, stored)
 
 
+def test_ocr_writes_a_searchable_pdf_of_a_pdf_and_of_an_image(k25, tmp_path, fixed_answers):
+    pdf = make_image_pdf(tmp_path / "in" / "doc.pdf", 2)
+    image = write_image(tmp_path / "in" / "scan.png", (300, 200), color="navy")
+    out = tmp_path / "out"
+    result = kosmos("ocr", tmp_path / "in", "-o", out, "--outputs", "json,pdf", "--model", k25, *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".kosmos", "doc.json", "doc.pdf", "scan.json", "scan.pdf"]
+    for stem, source in (("doc", pdf), ("scan", None)):
+        pages = json.loads((out / f"{stem}.json").read_text())["pages"]
+        made = pdfium.PdfDocument(out / f"{stem}.pdf")
+        assert len(made) == len(pages)
+        for number, stored in enumerate(pages):
+            text = made[number].get_textpage().get_text_range()
+            assert [ln["text"] for ln in stored["lines"]] == ["Total 50,000", "past the edge"]
+            assert text.split("\r\n") == [ln["text"] for ln in stored["lines"]]
+        if source is not None:  # the input's pages, drawn exactly as before
+            original = pdfium.PdfDocument(source)
+            assert all(_pixels(original[i]) == _pixels(made[i]) for i in range(len(made)))
+    scan = pdfium.PdfDocument(out / "scan.pdf")[0]
+    assert scan.get_size() == (72.0, 48.0)  # 300×200 px without a DPI: 300 dpi
+    assert scan.render(scale=300 / 72).to_pil().convert("RGB").getpixel((150, 100)) == (0, 0, 128)
+
+
+def _pixels(page) -> bytes:
+    return page.render(scale=1).to_pil().tobytes()
+
+
+def test_a_searchable_pdf_never_replaces_its_input(tmp_path):
+    # The command never reads inputs inside -o; a library caller may still aim the two at one file.
+    pdf = make_image_pdf(tmp_path / "doc.pdf", 1)
+    before = pdf.read_bytes()
+    out = OutputDir(tmp_path, "ocr", model=MODEL, documents=(".txt", ".pdf"))
+    out.write_page("doc", page(1, LINES_2, size=(144, 72)))
+    with pytest.raises(OutputError, match=r"doc\.pdf: it is the input file itself; choose another -o folder"):
+        out.assemble("doc", [1], Original(pdf))
+    assert pdf.read_bytes() == before and (tmp_path / "doc.txt").exists()  # the other files are written
+
+
+def test_an_input_pikepdf_cannot_read_fails_its_pdf_only(k25, tmp_path, fixed_answers, monkeypatch):
+    import pikepdf
+
+    def unreadable(*args, **kwargs):  # qpdf repairs almost anything pdfium opens: the failure is simulated
+        raise pikepdf.PdfError("unable to find trailer dictionary")
+
+    monkeypatch.setattr(pikepdf, "open", unreadable)
+    pdf = make_image_pdf(tmp_path / "doc.pdf", 2)
+    out = tmp_path / "out"
+    result = kosmos("ocr", pdf, "-o", out, "--outputs", "txt,pdf,hocr", "--model", k25, *FAST)
+    assert result.exit_code == 1
+    assert (f"{pdf}: cannot write {out / 'doc.pdf'}: pikepdf cannot read this PDF "
+            "(unable to find trailer dictionary)") in result.stderr
+    assert sorted(p.name for p in out.glob("doc.*")) == ["doc.hocr", "doc.txt"]
+
+
+def test_a_pdf_output_without_pikepdf_is_a_usage_error(k25, png, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pikepdf" else find_spec(name, *a))
+    monkeypatch.setattr("kosmos_cli.engine.load", _refuse)
+    result = kosmos("ocr", png, "-o", tmp_path / "out", "--outputs", "pdf", "--model", k25)
+    assert result.exit_code == 2
+    assert result.stderr == 'kosmos: --outputs pdf needs pikepdf: pip install "kosmos-transcribe[pdf]"\n'
+
+
 def _refuse(*args, **kwargs):
     raise AssertionError("the model was loaded")
 
 
 @pytest.mark.parametrize("command, args, message", [
     ("md", ["--outputs", "hocr"], "--outputs: md cannot write 'hocr' (it writes md)"),
-    ("ocr", ["--outputs", "txt,pdf"], "--outputs: ocr cannot write 'pdf' (it writes txt,json,hocr,alto)"),
+    ("ocr", ["--outputs", "txt,docx"], "--outputs: ocr cannot write 'docx' (it writes txt,json,pdf,hocr,alto)"),
     ("ground", ["--outputs", "alto"], "--outputs: ground cannot write 'alto' (it writes txt,json)"),
-    ("ocr", ["--outputs", ""], "--outputs: no format given (ocr writes txt,json,hocr,alto)"),
+    ("ocr", ["--outputs", ""], "--outputs: no format given (ocr writes txt,json,pdf,hocr,alto)"),
 ])
 def test_an_output_the_task_cannot_write_is_a_usage_error(k25, png, tmp_path, monkeypatch, command, args, message):
     monkeypatch.setattr("kosmos_cli.engine.load", _refuse)

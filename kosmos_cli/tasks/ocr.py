@@ -105,4 +105,4 @@ def page_text(result: PageResult) -> str:
 # A dense Kosmos-2.5 page runs past 2,000 tokens (6 box tokens per line): 3,072 fits full pages, and
 # the loop guard ends degenerate pages long before that.
 TASK = Task("ocr", "kosmos-2.5", "microsoft/kosmos-2.5", PROMPT, 3072, page_fields, page_text,
-            documents=(".txt", ".json"), optional_documents=(".hocr", ".alto.xml"))
+            documents=(".txt", ".json"), optional_documents=(".pdf", ".hocr", ".alto.xml"))

@@ -8,6 +8,7 @@ Output layout under ``-o OUT`` (``<stem>`` is the document's relative stem from
     ├── <stem>.txt                       ocr:    "x0,y0,x1,y0,x1,y1,x0,y1,text" lines
     │                                    ground: the caption
     ├── <stem>.json                      ocr, ground: {"source", "task", "model", "pages": [page objects]}
+    ├── <stem>.pdf                       ocr with --outputs: the searchable PDF (writers.pdf)
     ├── <stem>.hocr, <stem>.alto.xml     ocr with --outputs: hOCR 1.2 and ALTO 4.4 (writers.hocr, writers.alto)
     ├── <stem>.overlay-0003.png          --overlay: page 3 with OCR polygons / labelled grounding boxes
     └── .kosmos/<task>/<stem>/0003.json  resume state: finished page 3, one page object (JSONL schema)
@@ -19,7 +20,7 @@ comment. ``ocr`` and ``ground`` both write ``.txt``/``.json``: give them differe
 A page that failed keeps its place in the document: ``.md`` gets ``<!-- page N: error: reason -->``
 instead of its text, ``.txt`` an empty page section (the form feeds stay aligned with the pages),
 ``.json`` the page object with ``"error"`` set (`OutputDir.failed_pages` lists such pages), ``.hocr``
-and ``.alto.xml`` an empty page element.
+and ``.alto.xml`` an empty page element, ``.pdf`` its page without a text layer.
 
 Names always fit the file system: a component longer than NAME_MAX (255 bytes, counted in the
 file-system encoding) cannot be created. When a stem's last component plus the longest suffix
@@ -50,5 +51,6 @@ A file whose content would not change is left untouched (same inode and mtime): 
 finished command writes nothing, and make or rsync see nothing new.
 A page file that cannot be read back (torn, not a page object) is reported through ``warn``, once,
 and counts as missing: the page is redone.
-A file that cannot be written raises `OutputError`, which names it and says why.
+A file that cannot be written raises `OutputError`, which names it and says why; so does a document
+file that cannot be made from its input (a PDF pikepdf cannot read), after the document's other files.
 """

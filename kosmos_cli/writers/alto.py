@@ -11,11 +11,15 @@ schema (http://www.loc.gov/standards/alto/v4/alto-4-4.xsd; the tests check it).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..results import PageResult
 from ..tasks import Task
 from .markup import Box, ocr_lines, xml_attr, xml_text
+
+if TYPE_CHECKING:
+    from .pdf import Original
 
 __all__ = ["alto_document"]
 
@@ -23,7 +27,7 @@ NAMESPACE = "http://www.loc.gov/standards/alto/ns-v4#"
 SCHEMA = "http://www.loc.gov/standards/alto/v4/alto-4-4.xsd"
 
 
-def alto_document(task: Task, results: Sequence[PageResult]) -> str:
+def alto_document(task: Task, results: Sequence[PageResult], original: Original | None = None) -> str:
     first = results[0]
     description = (f"Kosmos-2.5 OCR with the model {first.model}: text lines with boxes. Kosmos-2.5 finds "
                    "lines, not words: each String box is the part of its line's box that the word's characters "

@@ -14,8 +14,8 @@ from PIL import Image
 from ..paths import display_path
 from ..results import PageResult, valid_utf8
 from ..tasks import Task, find_task
-from .atomic import store
-from .formats import FORMATS
+from .atomic import OutputError, store
+from .formats import FORMATS, FormatError, Original
 
 __all__ = ["NAME_MAX", "STATE_DIR", "OutputDir"]
 
@@ -127,11 +127,13 @@ class OutputDir:
         return path
 
     # documents
-    def assemble(self, stem: str, pages: Sequence[int]) -> list[Path]:
+    def assemble(self, stem: str, pages: Sequence[int], original: Original | None = None) -> list[Path]:
         """Write the document files if every page in ``pages`` is stored (rule 2).
 
         Returns the document's files (rewritten only where their content changed), or [] while
-        pages are missing. Failed pages get placeholders (see `kosmos_cli.writers`).
+        pages are missing. Failed pages get placeholders (see `kosmos_cli.writers`). ``original`` is
+        the input file, which a searchable PDF is made from. A file that cannot be made (`FormatError`)
+        or written raises `OutputError` once the document's other files are written.
         """
         results = []
         for page in sorted(set(pages)):
@@ -142,9 +144,27 @@ class OutputDir:
         if not results:
             return []
         paths = self.document_files(stem)
+        failure = None
         for suffix, path in zip(self.documents, paths):
-            store(path, FORMATS[suffix](self.task, results).encode("utf-8"))
+            try:
+                if original is not None and _same_file(original.path, path):
+                    raise FormatError("it is the input file itself; choose another -o folder")
+                content = FORMATS[suffix](self.task, results, original)
+                store(path, content.encode("utf-8") if isinstance(content, str) else content)
+            except FormatError as err:
+                failure = failure or OutputError(path, err.reason)
+            except OutputError as err:
+                failure = failure or err
+        if failure is not None:
+            raise failure
         return paths
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist (yet): not the same file
+        return False
 
 
 def _fit(name: str, room: int) -> str:

@@ -1,10 +1,12 @@
-"""Document formats: a document's page results → the text of one of its files under -o.
+"""Document formats: a document's page results → the content of one of its files under -o.
 
-A format is a function ``(task, results) -> str`` registered in `FORMATS` by file suffix; a task lists
-the suffixes it writes by default (`Task.documents`) and those it writes when asked
-(`Task.optional_documents`). ``results`` are the selected pages in page order; a page whose ``error``
-is set keeps its place with a placeholder. A format's name (what ``--outputs`` takes) is its suffix's
-first part: ``txt`` for ``.txt``, ``alto`` for ``.alto.xml``.
+A format is a function ``(task, results, original=None) -> str | bytes`` registered in `FORMATS` by
+file suffix; a task lists the suffixes it writes by default (`Task.documents`) and those it writes
+when asked (`Task.optional_documents`). ``results`` are the selected pages in page order; a page whose
+``error`` is set keeps its place with a placeholder. ``original`` (an `Original`: the input file and
+its password) is what the searchable PDF copies its pages from; the text formats need only the
+results. A format that cannot be made from its input raises `FormatError`. A format's name (what
+``--outputs`` takes) is its suffix's first part: ``txt`` for ``.txt``, ``alto`` for ``.alto.xml``.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from ..results import PageResult, source_text, valid_utf8
 from ..tasks import Task
 from .alto import alto_document
 from .hocr import hocr_document
+from .pdf import FormatError, Original, searchable_pdf
 
-__all__ = ["FORMATS", "PAGE_SEPARATOR", "choose_documents", "format_name", "page_comment"]
+__all__ = ["FORMATS", "PAGE_SEPARATOR", "FormatError", "Original", "choose_documents", "format_name", "page_comment"]
 
 PAGE_SEPARATOR = "\f\n"  # between pages in .txt files, as pdftotext does
 
@@ -36,7 +39,7 @@ def page_comment(page: int, error: str | None = None, source: str | os.PathLike 
     return "<!-- " + body.replace("--", "- -") + " -->"
 
 
-def markdown_document(task: Task, results: Sequence[PageResult]) -> str:
+def markdown_document(task: Task, results: Sequence[PageResult], original: Original | None = None) -> str:
     """The pages' text, each after a ``<!-- page N -->`` comment (none for a lone page 1); a failed
     page is its comment with the error."""
     single = [r.page for r in results] == [1]
@@ -51,12 +54,12 @@ def markdown_document(task: Task, results: Sequence[PageResult]) -> str:
     return "\n\n".join(p.rstrip("\n") for p in parts) + "\n"
 
 
-def text_document(task: Task, results: Sequence[PageResult]) -> str:
+def text_document(task: Task, results: Sequence[PageResult], original: Original | None = None) -> str:
     """The pages' plain text separated by form feeds; a failed page is an empty section."""
     return PAGE_SEPARATOR.join(_terminated(task.text(r) if r.error is None else "") for r in results)
 
 
-def json_document(task: Task, results: Sequence[PageResult]) -> str:
+def json_document(task: Task, results: Sequence[PageResult], original: Original | None = None) -> str:
     """``{"source", "task", "model", "pages": [page objects]}``, indented."""
     first = results[0]
     doc = {
@@ -72,10 +75,11 @@ def _terminated(text: str) -> str:
     return text if not text or text.endswith("\n") else text + "\n"
 
 
-FORMATS: dict[str, Callable[[Task, Sequence[PageResult]], str]] = {
+FORMATS: dict[str, Callable[[Task, Sequence[PageResult], Original | None], str | bytes]] = {
     ".md": markdown_document,
     ".txt": text_document,
     ".json": json_document,
+    ".pdf": searchable_pdf,
     ".hocr": hocr_document,
     ".alto.xml": alto_document,
 }

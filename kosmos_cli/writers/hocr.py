@@ -9,6 +9,7 @@ metadata says so.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from .. import __version__
@@ -16,13 +17,16 @@ from ..results import PageResult
 from ..tasks import Task
 from .markup import Box, ocr_lines, xml_attr, xml_text
 
+if TYPE_CHECKING:
+    from .pdf import Original
+
 __all__ = ["hocr_document"]
 
 DESCRIPTION = ("Kosmos-2.5 finds text lines, not words: each ocrx_word box is the part of its line's box "
                "that the word's characters take up, an estimate.")
 
 
-def hocr_document(task: Task, results: Sequence[PageResult]) -> str:
+def hocr_document(task: Task, results: Sequence[PageResult], original: Original | None = None) -> str:
     first = results[0]
     source = first.to_dict()["source"]
     head = [

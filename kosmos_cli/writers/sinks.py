@@ -20,7 +20,7 @@ from ..pages import ErrorJob, PageJob
 from ..results import PageResult
 from ..tasks import Task
 from .directory import OutputDir
-from .formats import page_comment
+from .formats import Original, page_comment
 from .overlay import draw_overlay
 
 __all__ = ["DirectorySink", "JsonlSink", "TextSink"]
@@ -53,9 +53,10 @@ class DirectorySink:
     """Writes under -o. A document whose write failed (disk full, a name the file system refuses)
     gets nothing more written in this run; the `OSError` is raised once, for the caller to report."""
 
-    def __init__(self, out: OutputDir, *, overlay: bool = False):
+    def __init__(self, out: OutputDir, *, overlay: bool = False, password: str | None = None):
         self.out = out
         self.overlay = overlay
+        self.password = password  # the inputs' --password, for the searchable PDF made from them
         self.failed_stems: set[str] = set()
 
     def write(self, item, result: PageResult | None) -> None:
@@ -68,7 +69,7 @@ class DirectorySink:
                 if self.overlay and result.error is None and isinstance(item, PageJob):
                     self.out.write_overlay(stem, item.page, draw_overlay(item.image, result))
             if item.is_last:
-                self.out.assemble(stem, item.selected)
+                self.out.assemble(stem, item.selected, Original(item.source, self.password))
         except OSError:
             self.failed_stems.add(stem)
             raise

@@ -99,3 +99,22 @@ def test_patch_ids_reach_the_embeddings_exactly_in_bf16():
     assert torch.equal(seen["rows"][0], rows.long())
     assert len(set(rows.to(torch.bfloat16).tolist())) < 300  # what casting first would have done
 
+
+def test_float16_runs_the_whole_model(kosmos25_sharded):
+    """fp16, the automatic dtype on GPUs before Ampere (T4, V100), through vision encoder, prefill and
+    decoding (on the CPU here): greedy ids mostly as in fp32 (rounding may flip a near-tie)."""
+    images = [noise_image(50, 40, seed=1), noise_image(30, 90, seed=2), noise_image(64, 64, seed=3)]
+    expected = kosmos_cli.load(kosmos25_sharded, device="cpu").generate(images, "<ocr>", max_new_tokens=12)
+    half = kosmos_cli.load(kosmos25_sharded, device="cpu", dtype="float16")
+    assert half.dtype == torch.float16 and "in float16" in str(half)
+    got = half.generate(images, "<ocr>", max_new_tokens=12)
+    agreed = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                 for a, b in zip(got, expected))
+    assert agreed >= 0.5 * sum(map(len, expected)), (got, expected)
+
+
+def test_the_log_names_the_gpu_and_its_generation(engine, monkeypatch):
+    monkeypatch.setattr(engine_module, "cuda_capability", lambda device: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla T4")
+    monkeypatch.setattr(engine, "device", CUDA)
+    assert " on cuda:0 (Tesla T4, sm_75) in float32, eager decode step" in str(engine)

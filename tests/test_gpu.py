@@ -96,18 +96,22 @@ def test_flash_attention_agrees_with_sdpa(causal):
 
 @gpu
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])
-def test_cuda_graphs_decode_like_eager_in_fp32(head16, attention, no_tf32):
+def test_cuda_graphs_decode_like_eager_in_fp32(head16, attention, no_tf32, monkeypatch):
     """The compiled step (reduce-overhead) records CUDA graphs, none skipped, and decodes exactly
     like eager in fp32."""
     from torch._dynamo.utils import counters
 
+    captures = []  # every CUDA graph recorded goes through CUDAGraph.capture_begin
+    begin = torch.cuda.CUDAGraph.capture_begin
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin",
+                        lambda graph, *args, **kwargs: (captures.append(1), begin(graph, *args, **kwargs))[1])
     eager = kosmos_cli.load(head16, device="cuda", dtype="float32", compile=False)
     graphed = kosmos_cli.load(head16, device="cuda", dtype="float32", compile=True, attention=attention)
     expected = eager.generate(images(), "<ocr>", LIMITS)
     counters.clear()
     assert graphed.generate(images(), "<ocr>", LIMITS) == expected
     assert not graphed.compiled.broken and graphed.compiled.flex == (attention == "flex")
-    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert counters["inductor"]["cudagraph_skips"] == 0 and captures
 
 
 @pytest.mark.parametrize("device, attention", [

@@ -290,9 +290,12 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
 
 
 def _deliver(sink, report: Report, item, result: PageResult | None) -> None:
-    """Hand one item to the run's sink; a write that fails fails its document only."""
+    """Hand one item to the run's sink; a write that fails fails its document only (stdout closed by
+    its reader ends the run: exit 141)."""
     try:
         sink.write(item, result)
+    except BrokenPipeError:
+        raise
     except OSError as err:
         report.write_failed(item, err)
 

@@ -390,10 +390,12 @@ class Engine:
 def _eos_ids(model_dir: Path, configured: int | list[int]) -> list[int]:
     """EOS ids from generation_config.json when present, else from config.json."""
     settings = read_json(model_dir, "generation_config.json", required=False) or {}
+    source = "generation_config.json" if "eos_token_id" in settings else "config.json"
     configured = settings.get("eos_token_id", configured)
     ids = [configured] if isinstance(configured, int) else configured
     if not (isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
-        raise ModelLoadError(f"eos_token_id must be a token id or a list of them, not {configured!r}")
+        raise ModelLoadError(f"{Path(model_dir) / source}: eos_token_id must be a token id or a list of them, "
+                             f"not {configured!r}")
     return ids
 
 

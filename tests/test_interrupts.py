@@ -1,5 +1,6 @@
-"""A folder run with -o, stopped at random moments by SIGINT (Ctrl-C) or SIGKILL, then run again:
-the outputs equal those of a run never stopped, with no page lost, duplicated or half-written."""
+"""A folder run with -o, stopped by SIGINT (Ctrl-C) or SIGKILL at a random moment or right after a
+random page, then run again: the outputs equal those of a run never stopped, with no page lost,
+duplicated or half-written."""
 
 from __future__ import annotations
 
@@ -49,18 +50,29 @@ def reference(folder, kosmos25_tied, tmp_path_factory):
     return files, time.monotonic() - started
 
 
-@pytest.mark.parametrize("how, seed", [("SIGINT", 0), ("SIGINT", 1), ("SIGKILL", 2), ("SIGKILL", 3)])
-def test_a_stopped_run_continues_to_the_same_outputs(folder, kosmos25_tied, reference, tmp_path, how, seed):
+@pytest.mark.parametrize("how, seed, when", [("SIGINT", 0, "start"), ("SIGINT", 1, "pages"),
+                                             ("SIGKILL", 2, "pages"), ("SIGKILL", 3, "start")])
+def test_a_stopped_run_continues_to_the_same_outputs(folder, kosmos25_tied, reference, tmp_path, how, seed, when):
+    """``start``: at a random moment of the run, mostly while it starts and loads the model;
+    ``pages``: right after a random number of pages (1 to 5 of 8) are written, mid-run."""
     files, duration = reference
     out = tmp_path / "out"
-    # From 1.5 s: a press while the interpreter itself starts, before our code runs, is Python's to handle.
-    delay = random.Random(seed).uniform(1.5, max(duration, 2.0))
+    rng = random.Random(seed)
     proc = subprocess.Popen(command(folder, out, str(kosmos25_tied)), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(delay)
+    if when == "start":
+        # From 1.5 s: a press while the interpreter itself starts, before our code runs, is Python's to handle.
+        time.sleep(rng.uniform(1.5, max(duration, 2.0)))
+    else:
+        written = rng.randint(1, 5)
+        deadline = time.monotonic() + 120
+        while len(list(out.glob(".kosmos/ocr/**/*.json"))) < written and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.05))
     proc.send_signal(getattr(signal, how))
     _, stderr = proc.communicate(timeout=120)
     finished_first = proc.returncode == 0  # the signal came after the end: nothing to test but the re-run
+    assert not (when == "pages" and finished_first), "the stop meant for mid-run came after the end"
     if how == "SIGINT" and not finished_first:
         assert proc.returncode == 130, stderr
         assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr

@@ -125,6 +125,21 @@ def test_out_of_memory_twice_keeps_the_pages_waiting_for_a_retry(engine, clean, 
     assert outcome(got) == clean
 
 
+def test_a_page_the_engine_never_returns_is_an_error_not_a_silent_loss(engine, monkeypatch):
+    """The end of `pipeline.transcribe` proves every item that went in came out: a page lost by the
+    layer below (a bug, simulated here) stops the run with an error instead of ending it short."""
+    real = engine.stream_backing_off
+
+    def losing(jobs, **kwargs):
+        results = real(jobs, **kwargs)
+        next(results)  # the first page done goes missing
+        yield from results
+
+    monkeypatch.setattr(engine, "stream_backing_off", losing)
+    with pytest.raises(RuntimeError, match=r"internal error: PageJob\(source='doc\d.png'.* and \d+ more items never came out"):
+        list(pipeline.transcribe(engine, TASKS["md"], iter(pages(IMAGES[:3])), batch_size=2, max_new_tokens=BUDGET))
+
+
 def test_out_of_memory_releases_the_kept_cache(engine, monkeypatch):
     """A compiled engine keeps its KV cache between streams; after out-of-memory it must be dropped,
     so the retry with half the slots allocates half the cache instead of reusing the big one."""

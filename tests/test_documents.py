@@ -168,8 +168,9 @@ def test_page_pixels_of_common_paper_sizes(tmp_path, paper):
     assert D.page_pixels(612, 792, 300) == (2550, 3300)
 
 
-def test_filled_form_fields_are_drawn(tmp_path):
-    path = make_form_pdf(tmp_path / "form.pdf")
+@pytest.mark.parametrize("kind", ["text", "combo", "list"])
+def test_filled_form_fields_are_drawn(tmp_path, kind):
+    path = make_form_pdf(tmp_path / "form.pdf", kind=kind)
     with open_document(path, dpi=72) as doc:
         im = doc.page(0).image.convert("L")
     x0, y0, x1, y1 = FORM_FIELD_RECT

@@ -103,8 +103,14 @@ def make_pdf(
 FORM_FIELD_RECT = (20, 30, 180, 60)
 
 
-def make_form_pdf(path: Path, value: str = "FILLED") -> Path:
-    """A 200×100 pt page whose only content is a filled text field (AcroForm widget at `FORM_FIELD_RECT`).
+# The field types of `make_form_pdf`: its /FT and /Ff (field flags; 1 << 17 makes a choice a combo box).
+FORM_FIELDS = {"text": "/FT /Tx", "combo": f"/FT /Ch /Ff {1 << 17} /Opt [(FILLED) (OTHER)]",
+               "list": "/FT /Ch /Opt [(FILLED) (OTHER)]"}
+
+
+def make_form_pdf(path: Path, value: str = "FILLED", kind: str = "text") -> Path:
+    """A 200×100 pt page whose only content is one filled form field of ``kind`` (text, combo or list;
+    AcroForm widget at `FORM_FIELD_RECT`).
 
     The value is drawn only by the widget's appearance stream (Helvetica 14 pt, black), as form-filling
     applications save it; the page's own content is empty.
@@ -116,7 +122,7 @@ def make_form_pdf(path: Path, value: str = "FILLED") -> Path:
            b"/DR << /Font << /Helv 6 0 R >> >> >> >>",
         2: b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
         3: b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 100] /Annots [4 0 R] >>",
-        4: f"<< /Type /Annot /Subtype /Widget /FT /Tx /T (name) /V ({value}) /Rect [{x0} {y0} {x1} {y1}] "
+        4: f"<< /Type /Annot /Subtype /Widget {FORM_FIELDS[kind]} /T (name) /V ({value}) /Rect [{x0} {y0} {x1} {y1}] "
            f"/P 3 0 R /F 4 /DA (/Helv 14 Tf 0 g) /AP << /N 5 0 R >> >>".encode(),
         5: f"<< /Type /XObject /Subtype /Form /BBox [0 0 {x1 - x0} {y1 - y0}] "
            f"/Resources << /Font << /Helv 6 0 R >> >> /Length {len(appearance)} >>\nstream\n".encode()

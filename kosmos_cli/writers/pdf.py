@@ -71,7 +71,7 @@ def searchable_pdf(task: Task, results: Sequence[PageResult], original: Original
         doc = open_document(original.path, password=original.password)
     except DocumentError as err:
         raise FormatError(err.reason) from None
-    by_page = {r.page: r for r in results if r.error is None and r.lines}
+    by_page = {r.page: r for r in results if r.error is None and r.lines and r.width > 0 and r.height > 0}
     encoding = Encoding(line["text"] for r in by_page.values() for line in r.to_dict()["lines"])
     with doc:
         missing = [n for n in by_page if not 1 <= n <= doc.num_pages]
@@ -83,7 +83,10 @@ def searchable_pdf(task: Task, results: Sequence[PageResult], original: Original
                 maps = {n: doc.pixel_to_page(n - 1, (r.width, r.height)) for n, r in by_page.items()}
             else:
                 pdf = pikepdf.new()
-                maps = {n: _add_image_page(pdf, original.path, n - 1) for n in range(1, doc.num_pages + 1)}
+                sizes = {n: _add_image_page(pdf, original.path, n - 1) for n in range(1, doc.num_pages + 1)}
+                # The page's points over the result's pixels (the image's size as displayed).
+                maps = {n: (sizes[n][0] / r.width, 0.0, 0.0, -sizes[n][1] / r.height, 0.0, sizes[n][1])
+                        for n, r in by_page.items()}
             font = _add_font(pdf, encoding) if by_page else None
             for n, result in by_page.items():
                 _add_text_layer(pdf, pdf.pages[n - 1], font, encoding, result, maps[n])
@@ -217,8 +220,8 @@ _ORIENTED: dict[int, Matrix] = {
 }
 
 
-def _add_image_page(pdf, path: Path, index: int) -> Matrix:
-    """Append frame ``index`` of the image file as a page; returns its pixel-to-page map."""
+def _add_image_page(pdf, path: Path, index: int) -> tuple[float, float]:
+    """Append frame ``index`` of the image file as a page; returns the page's width and height in points."""
     from pikepdf import Array, Dictionary, Name, Page
 
     with rasters.open_frame(path, index, MAX_PIXELS) as (im, orientation):
@@ -237,7 +240,7 @@ def _add_image_page(pdf, path: Path, index: int) -> Matrix:
         Resources=Dictionary(XObject=Dictionary(Im0=image)), Contents=pdf.make_stream(draw.encode()),
     )
     pdf.pages.append(Page(page))
-    return pw / w, 0.0, 0.0, -ph / h, 0.0, ph
+    return pw, ph
 
 
 def _dpi(im: Image.Image) -> tuple[float, float]:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from kosmos_cli.distributed.worker import Record
 from tests.helpers.cli import FAST, jsonl, kosmos
 from tests.helpers.pdfs import make_document_folder
 from tests.helpers.workers import OnceDyingWorker
@@ -84,3 +87,50 @@ def test_an_actor_that_dies_mid_run_loses_no_page(cluster, folder, k25, local, t
     rows = _dataset_rows(folder, k25, worker=worker, pages_per_call=4)
     assert marker.exists()  # an actor died, was restarted, and its batch retried
     assert _plain(rows) == _plain(local)  # every page once
+
+
+class _Paced:
+    """A stand-in Worker for `_Stream`: page p takes ``seconds[p]``, all pages at once, and come out
+    as they end; it counts the batches it ran."""
+
+    def __init__(self, seconds: dict[int, float]):
+        self.seconds, self.batches, self.finished, self.slots = seconds, 0, [], 4
+
+    def run(self, refs, ordered: bool = True):
+        assert not ordered
+        self.batches += 1
+        running: list[tuple[float, int, int]] = []  # (end, key, page)
+
+        def ended(until: float):
+            while running and running[0][0] <= until:
+                end, key, page = running.pop(0)
+                time.sleep(max(0.0, end - time.monotonic()))
+                self.finished.append(page)
+                yield Record(key, None, None, 0)
+
+        for key, page in refs:
+            running = sorted(running + [(time.monotonic() + self.seconds[page], key, page)])
+            yield from ended(time.monotonic())
+        yield from ended(float("inf"))
+
+
+def test_concurrent_calls_feed_one_batch_and_a_long_page_holds_back_its_own_call_only():
+    from kosmos_cli.distributed.ray_data import _Stream
+
+    worker = _Paced({1: 0.6, 2: 0.0, 3: 0.0, 4: 0.0})
+    stream = _Stream(worker, wait=0.3)
+    returned = {}
+
+    def call(name: str, pages: list[int]) -> None:
+        records = stream.run([(k, page) for k, page in enumerate(pages)])
+        returned[name] = (time.monotonic(), sorted(record.key for record in records))
+
+    first = threading.Thread(target=call, args=("long", [1, 2]))
+    first.start()
+    time.sleep(0.05)
+    call("short", [3, 4])  # joins the batch the long page is in, and returns before it
+    first.join()
+    assert worker.batches == 1
+    assert returned["short"][1] == returned["long"][1] == [0, 1]
+    assert returned["short"][0] < returned["long"][0]
+    assert sorted(worker.finished) == [1, 2, 3, 4]

@@ -42,7 +42,7 @@ class OnceDyingWorker(Worker):
         super().__init__(*args, **options)
         self.dies_on, self.marker = dies_on, marker
 
-    def run(self, refs):
+    def run(self, refs, ordered: bool = True):
         def watched():
             for key, ref in refs:
                 if (ref.source.name, ref.page) == self.dies_on and not os.path.exists(self.marker):
@@ -50,4 +50,4 @@ class OnceDyingWorker(Worker):
                     os._exit(1)
                 yield key, ref
 
-        return super().run(watched())
+        return super().run(watched(), ordered)

@@ -14,7 +14,7 @@ import pytest
 from kosmos_cli.distributed.worker import Record
 from tests.helpers.cli import FAST, jsonl, kosmos
 from tests.helpers.pdfs import make_document_folder
-from tests.helpers.workers import OnceDyingWorker
+from tests.helpers.workers import LinedWorker, OnceDyingWorker, with_line
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,51 @@ def test_an_actor_that_dies_mid_run_loses_no_page(cluster, folder, k25, local, t
     rows = _dataset_rows(folder, k25, worker=worker, pages_per_call=4)
     assert marker.exists()  # an actor died, was restarted, and its batch retried
     assert _plain(rows) == _plain(local)  # every page once
+
+
+def _dataset(ray, folder: Path, k25: str, **options):
+    """`transcribe_dataset` over a Dataset of the folder's paths, in one block: one listing task (a
+    block a path would start a worker process for each)."""
+    from kosmos_cli.distributed.ray_data import transcribe_dataset
+
+    paths = [{"path": str(p)} for p in sorted(folder.rglob("*")) if p.is_file()]
+    return transcribe_dataset(ray.data.from_items(paths, override_num_blocks=1), "ocr", model=k25, dpi=72,
+                              batch_size=2, max_new_tokens=8, dtype="float32", compile=False, **options)
+
+
+def _sorted(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda row: (row["source"], row["page"]))
+
+
+def test_records_with_and_without_lines_and_failures_write_to_parquet(cluster, folder, k25, local, tmp_path):
+    import pyarrow.parquet
+
+    from kosmos_cli.distributed.ray_data import record_schema
+
+    _dataset(cluster, folder, k25, workers=1, worker=LinedWorker).write_parquet(str(tmp_path / "out"))
+    table = pyarrow.parquet.read_table(tmp_path / "out")
+    assert table.schema.equals(record_schema())
+    expected = [{**row, "lines": [with_line(row["page"])] if row["page"] % 2 else []} for row in local]
+    assert _sorted(table.to_pylist()) == _sorted(expected)
+    assert {bool(row["lines"]) for row in expected if not row["error"]} == {True, False}
+    assert [row["page"] for row in expected if row["error"]] == [0]
+
+
+def test_the_schema_holds_every_task_s_record():
+    """No field of an OCR or grounding record is lost or retyped on its way to Arrow."""
+    import pyarrow
+
+    from kosmos_cli.distributed.ray_data import record_schema
+    from kosmos_cli.results import PageResult
+
+    ocr = PageResult("a.pdf", 1, "ocr", "m", 100, 50, "Total", [with_line(1)], raw="<ocr>").to_dict()
+    entity = {"text": "a snowman", "span": [12, 21], "boxes": [[0.39, 0.05, 0.98, 0.83]],
+              "pixel_boxes": [[39, 2, 98, 41]]}
+    ground = PageResult("b.png", 1, "ground", "m", 100, 50, "An image of a snowman", entities=[entity]).to_dict()
+    failed = PageResult.failed("c.pdf", 0, "md", "m", "cannot open").to_dict()
+    assert record_schema().names == list(ocr)
+    rows = [ocr, ground, failed]
+    assert pyarrow.Table.from_pylist(rows, schema=record_schema()).to_pylist() == rows
 
 
 class _Paced:

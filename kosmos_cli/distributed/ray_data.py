@@ -3,8 +3,9 @@
     input paths -> (CPU tasks) page rows -> (actor pool: one Worker an actor) records
 
 `transcribe_dataset` is the pipeline for users who stay in Ray: it returns a Dataset of page records
-in the JSONL schema. `transcribe_on_ray` is the CLI's `--ray` run: the driver lists the pages (and
-skips finished ones), the actors do the model work, the driver writes every file.
+in the JSONL schema (`record_schema`, so that `write_parquet` takes pages with and without lines).
+`transcribe_on_ray` is the CLI's `--ray` run: the driver lists the pages (and skips finished ones),
+the actors do the model work, the driver writes every file.
 
 A row carries a pickled `PageRef` (or, for an input that cannot be opened, its failure record), so no
 column mixes types. Each actor loads its engine once and keeps one continuous batch (`_Stream`) that
@@ -40,12 +41,28 @@ from ..results import PageResult
 from ..tasks import TASKS
 from .worker import EngineSpec, PageRef, Record, Worker
 
-__all__ = ["CALLS_PER_ACTOR", "RETRIES", "transcribe_dataset", "transcribe_on_ray"]
+__all__ = ["CALLS_PER_ACTOR", "RETRIES", "record_schema", "transcribe_dataset", "transcribe_on_ray"]
 
 RETRIES = 3  # restarts of a dead actor, and retries of the batches it had
 CALLS_PER_ACTOR = 4  # Ray batches an actor runs at once, all feeding its one continuous batch
 FEED_WAIT = 0.1  # seconds an actor's batch, short of pages, waits for more before its slots drain
 FEED_PATIENCE = 10.0  # seconds it waits for more while it has pages behind its slots (see _Stream._pull)
+
+
+def record_schema() -> pyarrow.Schema:
+    """The JSONL schema of a page record as Arrow types: every batch of records has it, whether its
+    pages have lines or entities or not (an empty list alone would be a list of nulls) and whether
+    any failed (``error``) or none."""
+    ints, floats = pyarrow.list_(pyarrow.int64()), pyarrow.list_(pyarrow.float64())
+    line = pyarrow.struct([("text", pyarrow.string()), ("polygon", ints)])
+    entity = pyarrow.struct([("text", pyarrow.string()), ("span", ints), ("boxes", pyarrow.list_(floats)),
+                             ("pixel_boxes", pyarrow.list_(ints))])
+    return pyarrow.schema([
+        ("source", pyarrow.string()), ("page", pyarrow.int64()), ("task", pyarrow.string()),
+        ("model", pyarrow.string()), ("width", pyarrow.int64()), ("height", pyarrow.int64()),
+        ("text", pyarrow.string()), ("lines", pyarrow.list_(line)), ("entities", pyarrow.list_(entity)),
+        ("raw", pyarrow.string()), ("truncated", pyarrow.bool_()), ("error", pyarrow.string()),
+    ])
 
 
 def transcribe_dataset(paths: Iterable[str | Path] | ray.data.Dataset, task: str, *, model: str | None = None,
@@ -54,8 +71,9 @@ def transcribe_dataset(paths: Iterable[str | Path] | ray.data.Dataset, task: str
                        batch_size: int | None = None, max_new_tokens: int | None = None, dtype: str = "auto",
                        compile: bool | str = "auto", attention: str = "auto", pages_per_call: int | None = None,
                        worker: Callable[..., Worker] = Worker) -> ray.data.Dataset:
-    """A lazy Dataset of page records (`PageResult.to_dict()`, one row a page) for ``task`` (ocr, md,
-    ground) over ``paths``: file paths the actors can read, or a Dataset with a ``path`` column.
+    """A lazy Dataset of page records (`PageResult.to_dict()`, one row a page, `record_schema()`) for
+    ``task`` (ocr, md, ground) over ``paths``: file paths the actors can read, or a Dataset with a
+    ``path`` column.
 
     A document that cannot be opened is one row with ``error`` (page 0). ``workers`` actors, each on
     one GPU when ``gpus`` (default: when the cluster has GPUs), else on one CPU; the other options
@@ -167,7 +185,7 @@ class _Pages:
                 out[record.key] = PageResult.failed(item.source, item.page, self.task, self.model, item.error).to_dict()
         values = [out[index] for index in range(len(batch["ref"]))]
         if self.as_schema:
-            return pyarrow.Table.from_pylist(values)
+            return pyarrow.Table.from_pylist(values, schema=record_schema())
         return {"key": batch["key"], "record": values}
 
 

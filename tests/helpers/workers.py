@@ -1,4 +1,5 @@
-"""A worker for the tests of `kosmos_cli.distributed`: its process dies on chosen pages."""
+"""Workers for the tests of `kosmos_cli.distributed`: a process that dies on chosen pages, pages with
+OCR lines."""
 
 from __future__ import annotations
 
@@ -51,3 +52,19 @@ class OnceDyingWorker(Worker):
                 yield key, ref
 
         return super().run(watched(), ordered)
+
+
+class LinedWorker(Worker):
+    """Gives the odd pages one OCR line (``with_line``), as a real model's text pages would have, and
+    leaves the even ones without: records with and without lines in one run."""
+
+    def run(self, refs, ordered: bool = True):
+        for record in super().run(refs, ordered):
+            if record.result is not None and record.item.page % 2:
+                record.result.lines = [with_line(record.item.page)]
+            yield record
+
+
+def with_line(page: int) -> dict:
+    """The line `LinedWorker` gives an odd page."""
+    return {"text": f"page {page}", "polygon": [0, 0, 20, 0, 20, 8, 0, 8]}

@@ -62,6 +62,22 @@ def test_the_command_on_ray_gives_what_a_local_run_gives(cluster, folder, k25, l
     assert again.exit_code == 1 and "0 pages in" in again.stderr and "10 already done" in again.stderr
 
 
+@pytest.mark.parametrize("case", ["wrong model", "no model"])
+def test_a_model_that_does_not_fit_or_load_is_one_line_on_ray_too(cluster, k25, folder, tmp_path, case):
+    """What a one-device run says (exit 2 for a model that does not fit the task, 1 for one that does
+    not load), from an actor that could not load its engine: no Ray error, no traceback."""
+    task, model, code = ("ground", k25, 2) if case == "wrong model" else ("ocr", tmp_path, 1)
+    args = [task, folder / "c.png", "--model", model, "--device", "cpu", "-q", *FAST]
+    here, on_ray = kosmos(*args), kosmos(*args, "--ray")
+    assert here.exit_code == on_ray.exit_code == code
+    assert on_ray.stdout == ""
+    assert on_ray.stderr.strip().splitlines() == here.stderr.strip().splitlines()[-1:]
+    if case == "wrong model":
+        assert on_ray.stderr == f"kosmos: `kosmos ground` needs a kosmos-2 model, but {k25} is kosmos-2.5\n"
+    else:
+        assert on_ray.stderr.startswith(f"kosmos: cannot load model {tmp_path}: ")
+
+
 def _dataset_rows(folder: Path, k25: str, **options) -> list[dict]:
     from kosmos_cli.distributed.ray_data import transcribe_dataset
 

@@ -14,7 +14,9 @@ slots by default; `CALLS_PER_ACTOR` tasks, and a task's batches overlap too, its
 coroutine), each batch returns as soon as its own pages are done, and the pages of the others take
 the slots it frees, so slots drain only when the actor runs out of pages (benchmarks/ray_slots.py
 measures it). A dead actor is restarted and its batches retried (`max_restarts`,
-`max_task_retries`): a batch's records come out once, from the attempt that finished.
+`max_task_retries`): a batch's records come out once, from the attempt that finished. An actor that
+cannot load its engine says why in its records, and the CLI's driver stops with that one line
+(`WorkersLost`, as the local driver does).
 
 `transcribe_dataset` hands out a document's pages as one listing block, so each document goes to
 one actor; `transcribe_on_ray` hands out pages.
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import os
 import pickle
 import threading
 import warnings
@@ -39,14 +43,26 @@ from ..inputs import PageSelection
 from ..pages import ErrorJob, InputOrder, PageJob, iter_pages
 from ..results import PageResult
 from ..tasks import TASKS
-from .worker import EngineSpec, PageRef, Record, Worker
+from .local import WorkersLost
+from .worker import EngineSpec, LoadFailure, PageRef, Record, Worker
 
-__all__ = ["CALLS_PER_ACTOR", "RETRIES", "record_schema", "transcribe_dataset", "transcribe_on_ray"]
+__all__ = ["CALLS_PER_ACTOR", "RETRIES", "connect", "record_schema", "transcribe_dataset", "transcribe_on_ray"]
 
 RETRIES = 3  # restarts of a dead actor, and retries of the batches it had
 CALLS_PER_ACTOR = 4  # Ray batches an actor runs at once, all feeding its one continuous batch
 FEED_WAIT = 0.1  # seconds an actor's batch, short of pages, waits for more before its slots drain
 FEED_PATIENCE = 10.0  # seconds it waits for more while it has pages behind its slots (see _Stream._pull)
+
+
+def connect(address: str | None = None) -> None:
+    """Join the cluster at ``address`` (else RAY_ADDRESS, else a new local one) for a command-line run,
+    whose stderr is ours: Ray's notes (its cluster's settings, each Dataset's start and end, progress
+    bars) stay out of it, and its errors come out as ours."""
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # read each time Ray Data sets up its loggers
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(os.environ["RAY_DATA_LOG_LEVEL"])  # if set up already
 
 
 def record_schema() -> pyarrow.Schema:
@@ -77,7 +93,8 @@ def transcribe_dataset(paths: Iterable[str | Path] | ray.data.Dataset, task: str
 
     A document that cannot be opened is one row with ``error`` (page 0). ``workers`` actors, each on
     one GPU when ``gpus`` (default: when the cluster has GPUs), else on one CPU; the other options
-    are the command's. Write it with ``.write_parquet(...)`` or ``.write_json(...)``."""
+    are the command's. An actor that cannot load the model fails the Dataset with the reason. Write
+    it with ``.write_parquet(...)`` or ``.write_json(...)``."""
     if not isinstance(paths, ray.data.Dataset):
         paths = ray.data.from_items([{"path": str(path)} for path in paths])
     model = model or TASKS[task].default_model
@@ -97,7 +114,8 @@ def transcribe_on_ray(spec: EngineSpec, workers: int, task: str, items: Iterable
                       worker: Callable[..., Worker] = Worker) -> Iterator[tuple[PageJob | ErrorJob, PageResult | None]]:
     """`transcribe_on_devices` on a Ray actor pool: the same (item, result) pairs in input order, from
     ``items`` listed here with `iter_pages(..., render=False)`; ``spec.device`` is the actors' device
-    type ("cuda" or "cpu"). Nothing starts when every page is done."""
+    type ("cuda" or "cpu"). Nothing starts when every page is done. Raises WorkersLost when the
+    actors cannot load the model (``wrong_model`` when it does not fit the task)."""
     order = InputOrder()
     refs = []
     for item in items:
@@ -110,13 +128,20 @@ def transcribe_on_ray(spec: EngineSpec, workers: int, task: str, items: Iterable
         ray.data.from_items(refs), spec.model, task, workers, gpus,
         dict(prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens, keep_images=keep_images),
         spec.dtype, spec.compile, spec.attention, pages_per_call, worker, as_schema=False).iter_rows()
-    yield from order.ready()  # the items before the first page that needs the model
-    for row in records:
-        record = pickle.loads(row["record"])
-        order.finish(record.key, record.item, record.result)
-        if on_page is not None and record.result is not None:
-            on_page(record.result, record.new_tokens, "ray")
-        yield from order.ready()
+    try:
+        yield from order.ready()  # the items before the first page that needs the model
+        for row in records:
+            record = pickle.loads(row["record"])
+            if isinstance(record, LoadFailure):
+                raise WorkersLost(*record)
+            order.finish(record.key, record.item, record.result)
+            if on_page is not None and record.result is not None:
+                on_page(record.result, record.new_tokens, "ray")
+            yield from order.ready()
+    finally:
+        close = getattr(records, "close", None)
+        if close is not None:
+            close()  # stops the Dataset's execution when the run ends early
 
 
 def _page_rows(row: dict, task: str, model: str, pages, dpi: float, password: str | None) -> list[dict]:
@@ -161,13 +186,21 @@ class _Pages:
 
     def __init__(self, spec: EngineSpec, task: str, options: dict, worker, as_schema: bool):
         self.task, self.model, self.as_schema = task, spec.model, as_schema
-        self.stream = _Stream(worker(spec, task, **options))
+        self.failure = None
+        try:
+            self.stream = _Stream(worker(spec, task, **options))
+        except Exception as err:
+            if as_schema:
+                raise  # a Ray user sees the actor's creation error
+            self.failure = pickle.dumps(LoadFailure.of(err, spec.model))  # the CLI's driver says it, in one line
 
     async def __call__(self, batch: dict) -> dict | pyarrow.Table:
         """One Ray batch: its pages go to the actor's one continuous batch (this thread only waits)."""
         return await asyncio.to_thread(self._call, batch)
 
     def _call(self, batch: dict) -> dict | pyarrow.Table:
+        if self.failure is not None:
+            return {"key": batch["key"], "record": [self.failure] * len(batch["key"])}
         refs, out = [], {}
         for index, (key, blob) in enumerate(zip(batch["key"], batch["ref"])):
             payload = pickle.loads(blob)

@@ -18,9 +18,9 @@ from typing import Any, Iterable, Iterator, NamedTuple
 from ..documents import Document, DocumentError, open_document
 from ..pages import ErrorJob, PageJob
 from ..results import PageResult
-from ..tasks import TASKS
+from ..tasks import TASKS, WrongModel
 
-__all__ = ["EngineSpec", "PageRef", "Record", "Worker"]
+__all__ = ["EngineSpec", "LoadFailure", "PageRef", "Record", "Worker"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,22 @@ class EngineSpec:
         from ..engine import load
 
         return load(self.model, device=self.device, dtype=self.dtype, compile=self.compile, attention=self.attention)
+
+
+class LoadFailure(NamedTuple):
+    """Why a worker has no engine, as its driver tells the user (one line, no traceback):
+    ``wrong_model`` when the model does not fit the task (a usage error, exit 2)."""
+
+    message: str
+    wrong_model: bool
+
+    @classmethod
+    def of(cls, err: Exception, model: str) -> LoadFailure:
+        """What the Worker's constructor raised."""
+        if isinstance(err, WrongModel):
+            return cls(str(err), True)
+        reason = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+        return cls(f"cannot load model {model}: {reason}", False)
 
 
 class Record(NamedTuple):

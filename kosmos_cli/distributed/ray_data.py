@@ -260,14 +260,15 @@ class _Stream:
         """The batch's pages, as calls add them, until it is short of pages and none has come for
         ``wait`` seconds.
 
-        The batch's look-ahead pulls here ahead of its slots. While more pages than slots are out
-        (rendering, waiting or decoding), the batch cannot be waiting for one, so this waits for the
-        next call for as long as that lasts (``patience`` at most: a page that failed to render is out
-        until the batch next yields). Once they are fewer, the batch may have a free slot and be
-        waiting here, its pages in flight stalled: only ``wait`` seconds, then the batch drains."""
+        The batch's look-ahead pulls here ahead of its slots. While at least as many pages as slots
+        are out (rendering, waiting or decoding: the slots are full or pages wait behind them), the
+        batch cannot be waiting for one, so this waits for the next call for as long as that lasts
+        (``patience`` at most: a page that failed to render is out until the batch next yields). Once
+        they are fewer, the batch may have a free slot and be waiting here, its pages in flight
+        stalled: only ``wait`` seconds, then the batch drains."""
         while True:
             with self.changed:
-                self.changed.wait_for(lambda: self.queue or self.pulled - self.finished <= self.worker.slots,
+                self.changed.wait_for(lambda: self.queue or self.pulled - self.finished < self.worker.slots,
                                       timeout=self.patience)
                 if not self.changed.wait_for(lambda: self.queue, timeout=self.wait):
                     return

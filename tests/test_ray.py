@@ -176,8 +176,8 @@ class _Paced:
 def test_concurrent_calls_feed_one_batch_and_a_long_page_holds_back_its_own_call_only():
     from kosmos_cli.distributed.ray_data import _Stream
 
-    worker = _Paced({1: 0.6, 2: 0.0, 3: 0.0, 4: 0.0})
-    stream = _Stream(worker, wait=0.3)
+    worker = _Paced({1: 1.2, 2: 0.0, 3: 0.0, 4: 0.0})
+    stream = _Stream(worker, wait=1.0)  # the second call comes well within it, even on a busy machine
     returned = {}
 
     def call(name: str, pages: list[int]) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import logging
 import os
 import sys
 import time
@@ -325,12 +324,9 @@ def _on_ray(devices, task, model_name: str, jobs, opts: Options, report: Report,
     cluster, or per --device entry on a cluster without GPUs."""
     import ray
 
-    from .distributed.ray_data import transcribe_on_ray
+    from .distributed.ray_data import connect, transcribe_on_ray
 
-    if not ray.is_initialized():
-        ray.init(address=opts.ray_address, log_to_driver=False, logging_level="WARNING")
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # stderr is ours: our notes and progress bar
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    connect(opts.ray_address)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     spec = _engine_spec(model_name, opts, "cuda" if gpus else "cpu")
     if not opts.quiet:

@@ -202,9 +202,12 @@ def iter_pages(
 class InputOrder:
     """A run's items in the order they came, each held back until its result is in: what keeps
     stdout and the documents in input order whoever finishes first (one engine, several workers,
-    Ray actors). An item added without a key needs no result and passes as soon as its turn comes."""
+    Ray actors). An item added without a key needs no result and passes as soon as its turn comes.
+    Not ``ordered``: each item passes as soon as its result is in (a Ray actor's pages, which carry
+    their own keys, so that a long page does not hold back those after it)."""
 
-    def __init__(self):
+    def __init__(self, ordered: bool = True):
+        self.ordered = ordered
         self._items: deque[tuple[Any, PageJob | ErrorJob]] = deque()  # (key or None, item)
         self._done: dict[Any, tuple[PageJob | ErrorJob, Any]] = {}  # key -> (item, result), not yet out
 
@@ -217,6 +220,13 @@ class InputOrder:
 
     def ready(self) -> Iterator[tuple[PageJob | ErrorJob, Any]]:
         """(item, result) for the items whose turn has come, in order (result None without a key)."""
+        if not self.ordered:
+            ready = [(key, item) for key, item in self._items if key is None or key in self._done]
+            if ready:
+                self._items = deque((key, item) for key, item in self._items if key is not None and key not in self._done)
+            for key, item in ready:
+                yield self._done.pop(key) if key is not None else (item, None)
+            return
         while self._items and (self._items[0][0] is None or self._items[0][0] in self._done):
             key, item = self._items.popleft()
             yield self._done.pop(key) if key is not None else (item, None)

@@ -41,6 +41,7 @@ def transcribe(
     max_new_tokens: int | None = None,
     on_page: Callable[[PageResult, int], None] | None = None,
     lookahead: int | None = None,
+    ordered: bool = True,
 ) -> Iterator[tuple[PageJob | ErrorJob, PageResult | None]]:
     """Run the task on every page with continuous batching (`batch_size` slots, None: as many as fit,
     `Engine.auto_batch_size`); yield (item, result) in input order. Error items and skipped pages come
@@ -52,7 +53,8 @@ def transcribe(
     (`pages.prefetch`: `lookahead` pages, default twice the slots and at least 4, and bounded in bytes).
     On out-of-memory the engine backs off (`Engine.stream_backing_off`): nothing is lost, and a page
     that runs out of memory alone gets an error result. Every item that goes in comes out: the end
-    checks it. `on_page(result, new_tokens)` is called as each page finishes (progress reporting)."""
+    checks it. `on_page(result, new_tokens)` is called as each page finishes (progress reporting).
+    Not ``ordered``: each item comes out as soon as it is done (`InputOrder`)."""
     prompt = task.prompt if prompt is None else prompt
     limit = task.max_new_tokens if max_new_tokens is None else max_new_tokens
     preparer = _Preparer(engine if isinstance(engine, Engine) else None)
@@ -67,8 +69,8 @@ def transcribe(
     if preparer.engine is None:
         preparer.engine = engine()
     engine = preparer.engine
-    slots = batch_size or engine.auto_batch_size(prompt, limit)
-    order = InputOrder()  # items pulled, waiting for their turn
+    slots = slots_for(engine, task, prompt, batch_size, limit)
+    order = InputOrder(ordered)  # items pulled, waiting for their turn
     source = _pages_for_model(itertools.chain([first], rendered), order)
     pages: dict[int, PageJob] = {}  # pages taken from the source and not finished
 
@@ -94,6 +96,13 @@ def transcribe(
     yield from order.ready()
     if order:  # every item pulled is in `order` until it is yielded: a leftover would be a lost page
         raise RuntimeError(f"internal error: {order.first()} and {len(order) - 1} more items never came out")
+
+
+def slots_for(engine: Engine, task: Task, prompt: str | None, batch_size: int | None, max_new_tokens: int | None) -> int:
+    """A run's decode slots: ``batch_size``, else as many as fit (`Engine.auto_batch_size`)."""
+    prompt = task.prompt if prompt is None else prompt
+    limit = task.max_new_tokens if max_new_tokens is None else max_new_tokens
+    return batch_size or engine.auto_batch_size(prompt, limit)
 
 
 def _needs_model(item: PageJob | ErrorJob) -> bool:

@@ -3,6 +3,8 @@
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,18 @@ def test_sharded_untied_checkpoint_loads_every_tensor(kosmos25_sharded):
     assert engine.kind == "kosmos-2.5"
     assert engine.model.text.lm_head is not None
     assert not any(p.is_meta for p in engine.model.parameters())
+
+
+def test_loading_does_not_import_the_compiler(kosmos25_tied, k2_dir):
+    """An eager engine never needs torch._dynamo, and importing it costs every process 2 s of CPU
+    (it came in through the random init of embeddings built on the meta device)."""
+    child = ("import sys, kosmos_cli\n"
+             "for model in sys.argv[1:]: kosmos_cli.load(model, device='cpu', compile=False)\n"
+             "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", child, str(kosmos25_tied), str(k2_dir)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False"]
 
 
 def test_tied_head_shares_the_embedding(kosmos25_tied):

@@ -15,7 +15,7 @@ from PIL import Image
 from kosmos_cli import documents
 from kosmos_cli.documents import WORK_PIXELS, DocumentError, open_document
 from kosmos_cli.inputs import InputFile, parse_pages
-from kosmos_cli.pages import ErrorJob, PageJob, iter_pages, prefetch
+from kosmos_cli.pages import ErrorJob, InputOrder, PageJob, iter_pages, prefetch
 from tests.helpers.images import make_image
 from tests.helpers.pdfs import make_image_pdf, make_pdf
 from tests.helpers.cli import kosmos
@@ -375,3 +375,19 @@ def test_iter_pages_without_render_lists_only(tmp_path):
     items = list(iter_pages([path], render=False))
     assert [(i.page, i.selected, i.document) for i in items] == [(1, (1, 2), None), (2, (1, 2), None)]
     assert items[0].load() is items[0] and items[0].image is None
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_input_order_holds_items_back_only_when_ordered(ordered):
+    order = InputOrder(ordered)
+    for key, item in (("long", "page 1"), ("short", "page 2"), (None, "unreadable page 3")):
+        order.add(item, key)
+    order.finish("short", "page 2", "result 2")
+    early = list(order.ready())
+    order.finish("long", "page 1", "result 1")
+    late = list(order.ready())
+    if ordered:
+        assert (early, late) == ([], [("page 1", "result 1"), ("page 2", "result 2"), ("unreadable page 3", None)])
+    else:
+        assert (early, late) == ([("page 2", "result 2"), ("unreadable page 3", None)], [("page 1", "result 1")])
+    assert len(order) == 0

@@ -7,8 +7,7 @@ page references; each worker process (`worker.Worker`) renders, prepares and dec
 pipe a worker (no lock shared between processes, so a killed worker cannot block the others):
 
     worker -> parent   ("ready", description)  engine loaded
-                       ("failed", message, wrong)  engine not loaded (``wrong``: the model does not fit
-                                               the task); the worker exits
+                       ("failed", LoadFailure)  engine not loaded; the worker exits
                        ("want",)               its look-ahead has room: send one more page
                        ("done", Record)        a page finished (records come in the order sent)
     parent -> worker   (key, PageRef)          one page; to an idle worker it starts a run
@@ -37,8 +36,7 @@ from typing import Callable, Iterable, Iterator
 
 from ..pages import ErrorJob, InputOrder, PageJob
 from ..results import PageResult
-from ..tasks import WrongModel
-from .worker import EngineSpec, PageRef, Worker
+from .worker import EngineSpec, LoadFailure, PageRef, Worker
 
 __all__ = ["WorkersLost", "transcribe_on_devices"]
 
@@ -158,7 +156,7 @@ class _Driver:
         pending = [first]
         keys = itertools.count()
         exhausted = False
-        failures: list[tuple[str, bool]] = []  # why workers could not load their engine, and if the model is wrong
+        failures: list[LoadFailure] = []  # why workers could not load their engine
 
         def fresh() -> int | None:
             """The next page of the listing for a worker (items that need none join the order)."""
@@ -211,8 +209,7 @@ class _Driver:
                 return
             live = [slot for slot in self.slots if slot.state != "dead"]
             if not live and failures and all(slot.pages == 0 for slot in self.slots):
-                message, wrong = failures[0]
-                raise WorkersLost(message if wrong else f"cannot load model {self.specs[0].model}: {message}", wrong)
+                raise WorkersLost(*failures[0])
             if not live:
                 # The pages done so far come out (in order, those not done as failures), then the run stops.
                 for key in sorted(jobs):
@@ -239,8 +236,8 @@ class _Driver:
                         self.log(f"running {message[1]}")
                     elif kind == "failed":
                         slot.state = "dead"
-                        failures.append((message[1], message[2]))
-                        self.log(f"worker {slot.label} cannot load the model: {message[1]}")
+                        failures.append(message[1])
+                        self.log(f"worker {slot.label}: {message[1].message}")
                     elif kind == "want":
                         key = None if slot.solo or suspects else fresh()
                         if key is None:
@@ -282,8 +279,7 @@ def _serve(conn: Connection, parent: int, threads: int, make_worker, spec: Engin
     try:
         worker = make_worker(spec, task, **options)
     except Exception as err:  # the parent reports it; the traceback would say no more to a user
-        message = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
-        conn.send(("failed", message, isinstance(err, WrongModel)))
+        conn.send(("failed", LoadFailure.of(err, spec.model)))
         return
     conn.send(("ready", str(worker.engine)))
     lock = threading.Lock()  # the look-ahead's thread asks for pages while this one sends records

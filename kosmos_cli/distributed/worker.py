@@ -9,6 +9,7 @@ result does not depend on which worker did it. It knows nothing of processes or 
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,9 @@ from typing import Any, Iterable, Iterator, NamedTuple
 from ..documents import Document, DocumentError, open_document
 from ..pages import ErrorJob, PageJob
 from ..results import PageResult
-from ..tasks import TASKS
+from ..tasks import TASKS, WrongModel
 
-__all__ = ["EngineSpec", "PageRef", "Record", "Worker"]
+__all__ = ["EngineSpec", "LoadFailure", "PageRef", "Record", "Worker"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,22 @@ class EngineSpec:
         return load(self.model, device=self.device, dtype=self.dtype, compile=self.compile, attention=self.attention)
 
 
+class LoadFailure(NamedTuple):
+    """Why a worker has no engine, as its driver tells the user (one line, no traceback):
+    ``wrong_model`` when the model does not fit the task (a usage error, exit 2)."""
+
+    message: str
+    wrong_model: bool
+
+    @classmethod
+    def of(cls, err: Exception, model: str) -> LoadFailure:
+        """What the Worker's constructor raised."""
+        if isinstance(err, WrongModel):
+            return cls(str(err), True)
+        reason = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+        return cls(f"cannot load model {model}: {reason}", False)
+
+
 class Record(NamedTuple):
     """One page done: the caller's key, the page job (rendered size and notes; the working image only
     for a worker that keeps images) or the ErrorJob of a page that could not be rendered, its result
@@ -71,44 +88,60 @@ class Worker:
     """One engine on one device, and the pages it is given.
 
     ``task`` is a task name (ocr, md, ground); ``prompt``, ``batch_size`` and ``max_new_tokens`` are
-    `pipeline.transcribe`'s. ``keep_images`` sends each page's working image back in its record
-    (overlays are drawn by whoever writes the outputs). Raises ValueError if the model does not fit
-    the task (`WrongModel`), and what `kosmos_cli.load` raises if it cannot be loaded."""
+    `pipeline.transcribe`'s, and ``slots`` the decode slots every run has (``batch_size``, or as many
+    as fit once the engine is loaded). ``keep_images`` sends each page's working image back in its
+    record (overlays are drawn by whoever writes the outputs). Raises ValueError if the model does not
+    fit the task (`WrongModel`), and what `kosmos_cli.load` raises if it cannot be loaded."""
 
     def __init__(self, spec: EngineSpec, task: str, *, prompt: str | None = None, batch_size: int | None = None,
                  max_new_tokens: int | None = None, keep_images: bool = False):
+        from ..pipeline import slots_for
+
         self.task = TASKS[task]
         self.engine = spec.load()
         self.task.check_model(self.engine.kind, spec.model)
-        self.prompt, self.batch_size, self.max_new_tokens = prompt, batch_size, max_new_tokens
+        self.prompt, self.max_new_tokens = prompt, max_new_tokens
+        self.slots = slots_for(self.engine, self.task, prompt, batch_size, max_new_tokens)
         self.keep_images = keep_images
 
-    def run(self, refs: Iterable[tuple[Any, PageRef]]) -> Iterator[Record]:
+    def run(self, refs: Iterable[tuple[Any, PageRef]], ordered: bool = True) -> Iterator[Record]:
         """Process ``(key, ref)`` pairs, pulled lazily as batch slots free up (plus the look-ahead);
-        yields one Record per pair, in the order they came."""
+        yields one Record per pair, in the order they came (not ``ordered``: as each is done)."""
         from ..pipeline import transcribe
 
-        keys: deque = deque()  # appended by the look-ahead's thread, popped here: results come in order
+        # (source, page) -> the keys of its pairs not yet done, first come first out: filled by the
+        # look-ahead's thread, emptied here (a page given twice has two keys and the same result).
+        keys: dict[tuple[Path, int | None], deque] = {}
+        lock = threading.Lock()
         tokens: dict[int, int] = {}
         opener = _Opener()
 
         def jobs() -> Iterator[PageJob | ErrorJob]:
             for key, ref in refs:
-                keys.append(key)
+                with lock:
+                    keys.setdefault((ref.source, ref.page), deque()).append(key)
                 yield opener.job(ref)
+
+        def key_of(item: PageJob | ErrorJob) -> Any:
+            with lock:
+                waiting = keys[item.source, item.page]
+                key = waiting.popleft()
+                if not waiting:
+                    del keys[item.source, item.page]
+            return key
 
         def count(result: PageResult, new_tokens: int) -> None:
             tokens[id(result)] = new_tokens
 
         try:
             for item, result in transcribe(self.engine, self.task, jobs(), prompt=self.prompt,
-                                           batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
-                                           on_page=count):
+                                           batch_size=self.slots, max_new_tokens=self.max_new_tokens,
+                                           on_page=count, ordered=ordered):
                 if isinstance(item, PageJob):
                     item.document = item.prepared = None
                     if not self.keep_images:
                         item.image = None
-                yield Record(keys.popleft(), item, result, tokens.pop(id(result), 0))
+                yield Record(key_of(item), item, result, tokens.pop(id(result), 0))
         finally:
             opener.close()
 

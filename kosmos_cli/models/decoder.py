@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache, StepPlan
-from .layers import MultiheadAttention, activation, attention
+from .layers import Embedding, MultiheadAttention, activation, attention
 
 
 class FFN(nn.Module):
@@ -75,8 +75,8 @@ class TextDecoder(nn.Module):
         super().__init__()
         self.dim, self.heads, self.pad_id = dim, heads, pad_id
         self.embed_scale = math.sqrt(dim) if scale_embedding else 1.0
-        self.embed_tokens = nn.Embedding(vocab_size, dim)
-        self.segment_emb = nn.Embedding(2, dim) if segments else None
+        self.embed_tokens = Embedding(vocab_size, dim)
+        self.segment_emb = Embedding(2, dim) if segments else None
         self.layers = nn.ModuleList(DecoderBlock(dim, heads, ffn_dim, act, eps, inner_norm) for _ in range(layers))
         self.layer_norm = nn.LayerNorm(dim, eps=eps)
         # A tied head reuses embed_tokens.weight and has no parameter of its own.

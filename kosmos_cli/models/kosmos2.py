@@ -21,7 +21,7 @@ from ..processing.images import clip_pixels
 from ..processing.kosmos2 import Kosmos2Tokenizer
 from .config import Architecture, Kosmos2Config, Kosmos2VisionConfig
 from .decoder import TextDecoder
-from .layers import MultiheadAttention, Resampler, activation
+from .layers import Embedding, MultiheadAttention, Resampler, activation
 
 
 class CLIPMLP(nn.Module):
@@ -55,7 +55,7 @@ class CLIPVision(nn.Module):
         dim = cfg.hidden_size
         self.class_embedding = nn.Parameter(torch.empty(dim))
         self.patch_embedding = nn.Conv2d(cfg.num_channels, dim, cfg.patch_size, stride=cfg.patch_size, bias=False)
-        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, dim)
+        self.position_embedding = Embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, dim)
         self.pre_layrnorm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(CLIPBlock(cfg) for _ in range(cfg.num_hidden_layers))
         self.post_layernorm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)

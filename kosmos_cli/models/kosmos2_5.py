@@ -21,7 +21,7 @@ from ..processing.images import kosmos2_5_patches
 from ..processing.kosmos2_5 import Kosmos25Tokenizer
 from .config import Architecture, Kosmos25Config, Kosmos25VisionConfig
 from .decoder import TextDecoder
-from .layers import MultiheadAttention, Resampler, RMSNorm, activation
+from .layers import Embedding, MultiheadAttention, Resampler, RMSNorm, activation
 
 
 class GatedMLP(nn.Module):
@@ -55,8 +55,8 @@ class VisionEncoder(nn.Module):
     def __init__(self, cfg: Kosmos25VisionConfig):
         super().__init__()
         self.patch_projection = nn.Linear(cfg.patch_embed_hidden_size, cfg.hidden_size)
-        self.row_embedder = nn.Embedding(cfg.max_num_patches, cfg.hidden_size)
-        self.column_embedder = nn.Embedding(cfg.max_num_patches, cfg.hidden_size)
+        self.row_embedder = Embedding(cfg.max_num_patches, cfg.hidden_size)
+        self.column_embedder = Embedding(cfg.max_num_patches, cfg.hidden_size)
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_hidden_layers))
         self.layernorm = RMSNorm(cfg.hidden_size, cfg.layer_norm_eps)
 

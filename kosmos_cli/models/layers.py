@@ -1,5 +1,5 @@
 """Building blocks shared by Kosmos-2 and Kosmos-2.5: the attention kernels and their choice, norms,
-activations, multi-head attention and the latent-query resampler. The text decoder both models share
+activations, embeddings, multi-head attention and the latent-query resampler. The text decoder both models share
 is in decoder.py, the KV cache and the step plan in cache.py."""
 
 from __future__ import annotations
@@ -107,8 +107,16 @@ def attention(
 
 
 # --------------------------------------------------------------------------------------------
-# Norms, activations, MLPs
+# Norms, activations, MLPs, embeddings
 # --------------------------------------------------------------------------------------------
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding without its random init: the checkpoint fills every weight, and the init on the
+    meta device (normal_) imports torch._dynamo, 2 s of CPU on every load (each worker and actor too)."""
+
+    def reset_parameters(self) -> None:
+        pass
 
 
 class RMSNorm(nn.Module):

@@ -1,4 +1,5 @@
-"""A worker for the tests of `kosmos_cli.distributed`: its process dies on chosen pages."""
+"""Workers for the tests of `kosmos_cli.distributed`: a process that dies on chosen pages, a Ray actor
+that waits to be killed, pages with OCR lines."""
 
 from __future__ import annotations
 
@@ -34,20 +35,42 @@ class CrashingWorker(Worker):
                 os._exit(1)
 
 
-class OnceDyingWorker(Worker):
-    """Exits its process, as a killed Ray actor does, on the page ``dies_on`` (file name, page) the
-    first time any worker meets it (the file ``marker`` records that one did)."""
+class KilledOnceWorker(Worker):
+    """On a Ray actor: the first time any worker meets the page ``dies_on`` (file name, page), it
+    writes its actor's handle to ``handle`` (a file) and waits, that page in flight, for the test to
+    `ray.kill` it; an actor that is not killed within ``patience`` seconds fails its batch."""
 
-    def __init__(self, *args, dies_on: tuple[str, int], marker: str, **options):
+    def __init__(self, *args, dies_on: tuple[str, int], handle: str, patience: float = 60.0, **options):
         super().__init__(*args, **options)
-        self.dies_on, self.marker = dies_on, marker
+        self.dies_on, self.handle, self.patience = dies_on, handle, patience
 
-    def run(self, refs):
+    def run(self, refs, ordered: bool = True):
         def watched():
             for key, ref in refs:
-                if (ref.source.name, ref.page) == self.dies_on and not os.path.exists(self.marker):
-                    open(self.marker, "w").close()
-                    os._exit(1)
+                if (ref.source.name, ref.page) == self.dies_on and not os.path.exists(self.handle):
+                    import ray
+
+                    with open(self.handle + ".tmp", "wb") as f:
+                        f.write(ray.cloudpickle.dumps(ray.get_runtime_context().current_actor))
+                    os.rename(self.handle + ".tmp", self.handle)
+                    time.sleep(self.patience)
+                    raise RuntimeError(f"not killed within {self.patience} s")
                 yield key, ref
 
-        return super().run(watched())
+        return super().run(watched(), ordered)
+
+
+class LinedWorker(Worker):
+    """Gives the odd pages one OCR line (``with_line``), as a real model's text pages would have, and
+    leaves the even ones without: records with and without lines in one run."""
+
+    def run(self, refs, ordered: bool = True):
+        for record in super().run(refs, ordered):
+            if record.result is not None and record.item.page % 2:
+                record.result.lines = [with_line(record.item.page)]
+            yield record
+
+
+def with_line(page: int) -> dict:
+    """The line `LinedWorker` gives an odd page."""
+    return {"text": f"page {page}", "polygon": [0, 0, 20, 0, 20, 8, 0, 8]}

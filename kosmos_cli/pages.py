@@ -235,8 +235,12 @@ class InputOrder:
         """Items not yet out."""
         return len(self._items)
 
-    def first(self) -> PageJob | ErrorJob:
-        return self._items[0][1]
+    def check_drained(self) -> None:
+        """At the end of a run every item added has come out; raise RuntimeError naming the first one
+        that has not (a page lost on the way, which must never end a run quietly)."""
+        if self._items:
+            raise RuntimeError(f"internal error: {self._items[0][1]} and {len(self._items) - 1} more items "
+                               "never came out")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -94,8 +94,7 @@ def transcribe(
         order.finish(key, page, result)
         yield from order.ready()
     yield from order.ready()
-    if order:  # every item pulled is in `order` until it is yielded: a leftover would be a lost page
-        raise RuntimeError(f"internal error: {order.first()} and {len(order) - 1} more items never came out")
+    order.check_drained()
 
 
 def slots_for(engine: Engine, task: Task, prompt: str | None, batch_size: int | None, max_new_tokens: int | None) -> int:

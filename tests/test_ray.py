@@ -9,6 +9,7 @@ import functools
 import importlib.util
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,18 @@ def test_concurrent_calls_feed_one_batch_and_a_long_page_holds_back_its_own_call
     assert returned["short"][1] == returned["long"][1] == [0, 1]
     assert returned["short"][0] < returned["long"][0]
     assert sorted(worker.finished) == [1, 2, 3, 4]
+
+
+def test_a_record_lost_on_the_way_ends_the_run_with_an_error(folder, monkeypatch):
+    """The driver proves every page it sent came back, as the local run does (no cluster needed)."""
+    ray_data = pytest.importorskip("kosmos_cli.distributed.ray_data")
+    from kosmos_cli.distributed.worker import EngineSpec
+    from kosmos_cli.pages import iter_pages
+
+    monkeypatch.setattr(ray_data.ray.data, "from_items", lambda rows: rows)
+    lost = types.SimpleNamespace(iter_rows=lambda: iter([]))  # a Dataset whose records all went missing
+    monkeypatch.setattr(ray_data, "_records", lambda rows, *args, **kwargs: lost)
+    items = iter_pages(sorted(p for p in folder.rglob("*.pdf")), render=False)
+    runs = ray_data.transcribe_on_ray(EngineSpec("m", "cpu", "float32", False), 1, "ocr", items, dpi=72)
+    with pytest.raises(RuntimeError, match=r"internal error: .* more items never came out"):
+        list(runs)

@@ -138,6 +138,7 @@ def transcribe_on_ray(spec: EngineSpec, workers: int, task: str, items: Iterable
             if on_page is not None and record.result is not None:
                 on_page(record.result, record.new_tokens, "ray")
             yield from order.ready()
+        order.check_drained()
     finally:
         close = getattr(records, "close", None)
         if close is not None:

@@ -108,14 +108,10 @@ def frame_count(path: Path, max_pixels: int) -> tuple[int, str]:
                 raise Unreadable(_too_big(w, h, max_pixels))
             fmt = im.format or ""
             return (getattr(im, "n_frames", 1) if fmt in _MULTI_FRAME_FORMATS else 1), fmt
-    except Image.DecompressionBombError as exc:
-        raise Unreadable(_bomb(exc, max_pixels)) from None
     except UnidentifiedImageError:
         raise Unreadable("not a supported image, or a corrupt one") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        if isinstance(exc, OSError) and exc.errno is not None:
-            raise Unreadable(os_reason(exc)) from None
-        raise Unreadable(f"corrupt or truncated image ({_read_reason(exc)})") from None
+    except _READ_ERRORS as exc:
+        raise _unreadable(exc, max_pixels) from None
 
 
 def read_frame(
@@ -141,13 +137,8 @@ def read_frame(
                 im.load()
             orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
             image = _reduce(im, target)
-    except Image.DecompressionBombError as exc:
-        raise Unreadable(_bomb(exc, max_pixels)) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        if isinstance(exc, OSError) and exc.errno is not None:
-            raise Unreadable(os_reason(exc)) from None
-        libtiff = f"; libtiff: {messages[-1]}" if messages else ""
-        raise Unreadable(f"corrupt or truncated image ({_read_reason(exc)}{libtiff})") from None
+    except _READ_ERRORS as exc:
+        raise _unreadable(exc, max_pixels, f"; libtiff: {messages[-1]}" if messages else "") from None
     # Closing the file freed the decoded pixels: finish on the reduced copy alone.
     if image.size != target:
         image = image.resize(target, Image.Resampling.LANCZOS)
@@ -173,15 +164,11 @@ def open_frame(path: Path, index: int, max_pixels: int) -> Iterator[tuple[Image.
             raise Unreadable(_too_big(im.width, im.height, max_pixels))
         im.load()
         orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
-    except BaseException as exc:
+    except BaseException as exc:  # not around the yield: the caller's own errors are not the file's
         if im is not None:
             im.close()
-        if isinstance(exc, Image.DecompressionBombError):
-            raise Unreadable(_bomb(exc, max_pixels)) from None
-        if isinstance(exc, OSError) and exc.errno is not None:
-            raise Unreadable(os_reason(exc)) from None
-        if isinstance(exc, (OSError, SyntaxError, ValueError, EOFError)):
-            raise Unreadable(f"corrupt or truncated image ({_read_reason(exc)})") from None
+        if isinstance(exc, _READ_ERRORS):
+            raise _unreadable(exc, max_pixels) from None
         raise
     with im:
         yield im, orientation
@@ -204,9 +191,18 @@ def _bomb(exc: Exception, limit: int) -> str:
     return f"image is {size}, over the limit of {limit:,} (possible decompression bomb)"
 
 
-def _read_reason(exc: BaseException) -> str:
-    """What a decoder said (OS errors with an errno are reported as such before this)."""
-    return str(exc) or type(exc).__name__
+# What Pillow raises for a file it cannot read (besides our own Unreadable).
+_READ_ERRORS = (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError)
+
+
+def _unreadable(exc: BaseException, limit: int, detail: str = "") -> Unreadable:
+    """Our reason for one of `_READ_ERRORS`: a bomb in our terms, an OS error in its words, else what
+    the decoder said (``detail`` appended)."""
+    if isinstance(exc, Image.DecompressionBombError):
+        return Unreadable(_bomb(exc, limit))
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return Unreadable(os_reason(exc))
+    return Unreadable(f"corrupt or truncated image ({str(exc) or type(exc).__name__}{detail})")
 
 
 def _depth_scale(im: Image.Image) -> float:

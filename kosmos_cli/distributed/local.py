@@ -182,15 +182,18 @@ class _Driver:
             _send(slot, None)
             slot.state = "idle"
 
+        def give_up(key: int, why: str) -> None:
+            """The page of ``key`` comes out as a failure, ``why``, in its turn."""
+            job = jobs.pop(key)
+            order.finish(key, job, PageResult.failed(job.source, job.page, self.task, self.specs[0].model, why))
+
         def lost(slot: _Slot, why: str) -> None:
             slot.state = "dead"
             requeued = 0
             for key in slot.inflight:
                 crashes[key] = crashes.get(key, 0) + 1
                 if crashes[key] >= 2:
-                    job = jobs.pop(key)
-                    order.finish(key, job, PageResult.failed(job.source, job.page, self.task, self.specs[0].model,
-                                                             CRASHED_TWICE))
+                    give_up(key, CRASHED_TWICE)
                 else:
                     suspects.append(key)
                     requeued += 1
@@ -213,9 +216,7 @@ class _Driver:
             if not live:
                 # The pages done so far come out (in order, those not done as failures), then the run stops.
                 for key in sorted(jobs):
-                    job = jobs.pop(key)
-                    order.finish(key, job, PageResult.failed(job.source, job.page, self.task, self.specs[0].model,
-                                                             NO_WORKER))
+                    give_up(key, NO_WORKER)
                 yield from order.ready()
                 raise WorkersLost("every worker stopped before the run was done (the pages done are saved; "
                                   "a re-run with -o continues)")

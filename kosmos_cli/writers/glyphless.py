@@ -16,7 +16,7 @@ import struct
 import zlib
 from collections.abc import Iterable
 
-__all__ = ["FONT_NAME", "UNITS", "ASCENT", "DESCENT", "ADVANCE", "Encoding", "truetype_font"]
+__all__ = ["FONT_NAME", "UNITS", "ASCENT", "DESCENT", "ADVANCE", "Encoding", "cid_to_gid_map", "truetype_font"]
 
 FONT_NAME = "KosmosGlyphless"
 UNITS = 1000  # font units per em, as PDF widths count them

@@ -128,8 +128,9 @@ def _add_font(pdf, encoding: Encoding):
     """The glyph-less Type0 font, one indirect object for the whole file."""
     from pikepdf import Array, Dictionary, Name
 
-    font_file = pdf.make_stream(zlib.compress(truetype_font(), 9), Filter=Name.FlateDecode)
-    font_file.Length1 = len(truetype_font())
+    font_data = truetype_font()
+    font_file = pdf.make_stream(zlib.compress(font_data, 9), Filter=Name.FlateDecode)
+    font_file.Length1 = len(font_data)
     descriptor = Dictionary(
         Type=Name.FontDescriptor, FontName=Name("/" + FONT_NAME), Flags=5,  # fixed pitch, symbolic
         FontBBox=Array([0, DESCENT, ADVANCE, ASCENT]), ItalicAngle=0, Ascent=ASCENT, Descent=DESCENT,

@@ -52,5 +52,7 @@ finished command writes nothing, and make or rsync see nothing new.
 A page file that cannot be read back (torn, not a page object) is reported through ``warn``, once,
 and counts as missing: the page is redone.
 A file that cannot be written raises `OutputError`, which names it and says why; so does a document
-file that cannot be made from its input (a PDF pikepdf cannot read), after the document's other files.
+file that cannot be made from its input (a PDF pdfium no longer opens), after the document's other
+files. A searchable PDF whose input pikepdf cannot rebuild is made from page images instead, and ``warn``
+is told so.
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -38,7 +39,8 @@ class OutputDir:
 
     ``documents`` are the document files to write, by suffix (default: the task's defaults; any of
     `Task.possible_documents`, else ValueError). ``warn`` is called with a message, once per page file
-    that exists but cannot be read back (the page is then redone); writes that fail raise `OutputError`.
+    that exists but cannot be read back (the page is then redone), and with what `assemble` has to say
+    about a document file (a searchable PDF made from page images); writes that fail raise `OutputError`.
     """
 
     def __init__(self, root: str | os.PathLike, task: Task | str, *, model: str | None = None, overwrite: bool = False,
@@ -132,8 +134,10 @@ class OutputDir:
 
         Returns the document's files (rewritten only where their content changed), or [] while
         pages are missing. Failed pages get placeholders (see `kosmos_cli.writers`). ``original`` is
-        the input file, which a searchable PDF is made from. A file that cannot be made (`FormatError`)
-        or written raises `OutputError` once the document's other files are written.
+        the input file, which a searchable PDF is made from; what a format notes about a file (a
+        searchable PDF made from page images) goes to ``warn``, after the file's path, unless
+        ``original.note`` is set. A file that cannot be made (`FormatError`) or written raises
+        `OutputError` once the document's other files are written.
         """
         results = []
         for page in sorted(set(pages)):
@@ -149,7 +153,7 @@ class OutputDir:
             try:
                 if original is not None and _same_file(original.path, path):
                     raise FormatError("it is the input file itself; choose another -o folder")
-                content = FORMATS[suffix](self.task, results, original)
+                content = FORMATS[suffix](self.task, results, self._noted(original, path))
                 store(path, content.encode("utf-8") if isinstance(content, str) else content)
             except FormatError as err:
                 failure = failure or OutputError(path, err.reason)
@@ -158,6 +162,12 @@ class OutputDir:
         if failure is not None:
             raise failure
         return paths
+
+    def _noted(self, original: Original | None, path: Path) -> Original | None:
+        """``original`` whose notes go to ``warn`` as ``PATH: note`` (unless it has its own ``note``)."""
+        if original is None or original.note is not None:
+            return original
+        return dataclasses.replace(original, note=lambda text: self.warn(f"{display_path(path)}: {text}"))
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -1,9 +1,18 @@
 """Searchable PDF of an OCR document: the input's own pages with the OCR lines as invisible text.
 
 - **PDF input.** The input file, its pages, content, fonts, annotations, forms, outline and metadata
-  as they are, plus on each page that has OCR lines a text layer drawn after the page's content
-  (which is wrapped in ``q``/``Q`` so that the layer starts from the default graphics state). Pages
-  not selected, failed, or without lines are not touched. An encrypted input is written decrypted.
+  (the XMP packet byte for byte) as they are, plus on each page that has OCR lines a text layer drawn
+  after the page's content (which is wrapped in ``q``/``Q`` so that the layer starts from the default
+  graphics state). Pages not selected, failed, or without lines are not touched. An encrypted input is
+  written decrypted.
+- **A PDF that cannot be kept.** Where pikepdf (qpdf) cannot rebuild the input although pdfium renders
+  it (it cannot open it, cannot walk its page tree, finds another page count than pdfium, or cannot
+  save it), the file is made from page images instead: every page of the input, selected or not, as
+  pdfium renders it at the run's ``--dpi`` (`Original.dpi`), one page at a time, on a page of the size
+  pdfium gives it. A page whose content is only black and white (as drawn without anti-aliasing) is
+  stored that way, 1 bit a pixel, Flate-compressed (lossless); other pages are drawn anti-aliased and
+  stored as JPEG (quality 90), grey where they have no colour. A page pdfium cannot render is a blank
+  page. The text layer is the same as on a kept page, and `Original.note` is told why.
 - **Image input.** A page per image, every TIFF frame a page (those not selected get no text). JPEG
   files are embedded as they are (their bytes, DCTDecode); other images keep their pixels, bit depth
   (1, 8 or 16 bits) and alpha, Flate-compressed; only float and 32-bit integer samples, which PDF has
@@ -22,15 +31,26 @@ Output is deterministic (the same results give the same bytes), so a re-run leav
 from __future__ import annotations
 
 import io
+import os
+import re
 import zlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageChops
 
 from .. import rasters
-from ..documents import MAX_PIXELS, DocumentError, open_document, password_candidates
+from ..documents import (
+    DEFAULT_DPI,
+    MAX_PIXELS,
+    PDFIUM_LOCK,
+    DocumentError,
+    open_document,
+    page_pixels,
+    password_candidates,
+)
 from ..results import PageResult
 from ..tasks import Task
 from .glyphless import ADVANCE, ASCENT, DESCENT, FONT_NAME, UNITS, Encoding, cid_to_gid_map, truetype_font
@@ -40,16 +60,22 @@ __all__ = ["DEFAULT_IMAGE_DPI", "FormatError", "Original", "searchable_pdf"]
 DEFAULT_IMAGE_DPI = 300.0  # an image without a sensible DPI is taken as a 300-dpi scan
 _MAX_PAGE_POINTS = 14400.0  # the largest page PDF readers accept (200 inches): larger images get more DPI
 _FONT_RESOURCE = "KosmosOCR"
+_JPEG_QUALITY = 90  # page images of a PDF that cannot be kept, where they are not black and white
+_LETTER = (612.0, 792.0)  # the size of a page pdfium cannot load, when no page before it has one
 
 Matrix = tuple[float, float, float, float, float, float]
 
 
 @dataclass(frozen=True)
 class Original:
-    """The input file a document's files are made from, and its --password."""
+    """The input file a document's files are made from, its --password and the run's --dpi (at which
+    a PDF that cannot be kept is rendered again); ``note`` hears, in a sentence, of a file made in a way
+    its user should know about (a searchable PDF made from page images)."""
 
     path: Path
     password: str | None = None
+    dpi: float = DEFAULT_DPI
+    note: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
 
 
 class FormatError(Exception):
@@ -77,26 +103,83 @@ def searchable_pdf(task: Task, results: Sequence[PageResult], original: Original
         missing = [n for n in by_page if not 1 <= n <= doc.num_pages]
         if missing:  # the input changed since its pages were done
             raise FormatError(f"page {missing[0]} is not in the file")
+        if doc.kind == "pdf":
+            try:
+                return _over_original(original, doc, by_page, encoding)
+            except FormatError as err:
+                not_kept = err.reason
+        blank: list[int] = []
         try:
+            pdf = pikepdf.new()
             if doc.kind == "pdf":
-                pdf = _open_pdf(original)
-                maps = {n: doc.pixel_to_page(n - 1, (r.width, r.height)) for n, r in by_page.items()}
+                sizes, blank = _add_page_images(pdf, original, doc.num_pages)
             else:
-                pdf = pikepdf.new()
-                sizes = {n: _add_image_page(pdf, original.path, n - 1) for n in range(1, doc.num_pages + 1)}
-                # The page's points over the result's pixels (the image's size as displayed).
-                maps = {n: (sizes[n][0] / r.width, 0.0, 0.0, -sizes[n][1] / r.height, 0.0, sizes[n][1])
-                        for n, r in by_page.items()}
-            font = _add_font(pdf, encoding) if by_page else None
-            for n, result in by_page.items():
-                _add_text_layer(pdf, pdf.pages[n - 1], font, encoding, result, maps[n])
-            out = io.BytesIO()
-            pdf.save(out, encryption=False, deterministic_id=True)
-        except rasters.Unreadable as err:
-            raise FormatError(err.reason) from None
-        except pikepdf.PdfError as err:
-            raise FormatError(f"cannot write this PDF ({err})") from None
+                sizes = [_add_image_page(pdf, original.path, index) for index in range(doc.num_pages)]
+            # The page's points over the result's pixels (the page's size as rendered, or as displayed).
+            maps = {n: (sizes[n - 1][0] / r.width, 0.0, 0.0, -sizes[n - 1][1] / r.height, 0.0, sizes[n - 1][1])
+                    for n, r in by_page.items()}
+            data = _with_text(pdf, encoding, by_page, maps)
+        except (rasters.Unreadable, FormatError, pikepdf.PdfError) as err:
+            reason = getattr(err, "reason", None) or f"cannot write this PDF ({err})"
+            if doc.kind == "pdf":
+                reason = f"{not_kept}, nor from page images: {reason}"
+            raise FormatError(reason) from None
+    if doc.kind == "pdf" and original.note is not None:
+        original.note(_made_from_images(not_kept, blank))
+    return data
+
+
+def _made_from_images(reason: str, blank: list[int]) -> str:
+    """The note on a searchable PDF made from page images: why, and which pages are blank."""
+    note = f"the original could not be kept ({reason}); the searchable PDF is made from page images"
+    if len(blank) == 1:
+        note += f" (page {blank[0]}, which pdfium cannot render, is blank)"
+    elif blank:
+        note += f" (pages {', '.join(map(str, blank))}, which pdfium cannot render, are blank)"
+    return note
+
+
+def _over_original(original: Original, doc, by_page: dict[int, PageResult], encoding: Encoding) -> bytes:
+    """The input PDF itself with the text layers; FormatError, saying why, where pikepdf cannot rebuild it."""
+    import pikepdf
+
+    pdf = _open_pdf(original)
+    try:
+        with pdf:
+            try:
+                count = len(pdf.pages)
+            except pikepdf.PdfError as err:
+                raise FormatError(f"pikepdf cannot find its pages: {_qpdf_message(err, original.path)}") from None
+            if count != doc.num_pages:
+                raise FormatError(f"pikepdf finds {count} page{'s' * (count != 1)} where pdfium finds {doc.num_pages}")
+            maps = {n: doc.pixel_to_page(n - 1, (r.width, r.height)) for n, r in by_page.items()}
+            return _with_text(pdf, encoding, by_page, maps)
+    except pikepdf.PdfError as err:
+        raise FormatError(f"pikepdf cannot write it: {_qpdf_message(err, original.path)}") from None
+    except (TypeError, ValueError, RecursionError) as err:  # pikepdf's word for objects of the wrong kind
+        raise FormatError(f"pikepdf cannot write it: {type(err).__name__}: {err}") from None
+
+
+def _with_text(pdf, encoding: Encoding, by_page: dict[int, PageResult], maps: dict[int, Matrix]) -> bytes:
+    """``pdf`` with each result's text layer on its page (``maps``: the result's pixels → the page's
+    user space), saved."""
+    font = _add_font(pdf, encoding) if by_page else None
+    for n, result in by_page.items():
+        _add_text_layer(pdf, pdf.pages[n - 1], font, encoding, result, maps[n])
+    out = io.BytesIO()
+    # fix_metadata_version=False: the XMP packet stays as it is. pikepdf would parse it and write it
+    # anew (to state the PDF version), and stops the save on a packet it cannot read.
+    pdf.save(out, encryption=False, deterministic_id=True, fix_metadata_version=False)
     return out.getvalue()
+
+
+def _qpdf_message(err: Exception, path: Path) -> str:
+    """qpdf's message without the file's path it starts with (messages name the file already):
+    ``/in/a.pdf (object 2 0): loop`` → ``object 2 0: loop``."""
+    text = str(err)
+    if text.startswith(str(path)):
+        text = re.sub(r"^:?\s*(?:\((.*?)\):\s*)?", lambda m: f"{m[1]}: " if m[1] else "", text[len(str(path)):])
+    return text or str(err)
 
 
 def _open_pdf(original: Original):
@@ -115,8 +198,8 @@ def _open_pdf(original: Original):
         except pikepdf.PasswordError:
             continue
         except (pikepdf.PdfError, OSError) as err:
-            raise FormatError(f"pikepdf cannot read this PDF ({err})") from None
-    raise FormatError("pikepdf cannot decrypt this PDF with the password given")
+            raise FormatError(f"pikepdf cannot read it: {_qpdf_message(err, original.path)}") from None
+    raise FormatError("pikepdf cannot decrypt it with the password given")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,8 +306,6 @@ _ORIENTED: dict[int, Matrix] = {
 
 def _add_image_page(pdf, path: Path, index: int) -> tuple[float, float]:
     """Append frame ``index`` of the image file as a page; returns the page's width and height in points."""
-    from pikepdf import Array, Dictionary, Name, Page
-
     with rasters.open_frame(path, index, MAX_PIXELS) as (im, orientation):
         image = _image_xobject(pdf, im, path)
         (w, h), (dx, dy) = im.size, _dpi(im)
@@ -234,14 +315,26 @@ def _add_image_page(pdf, path: Path, index: int) -> tuple[float, float]:
         w, h, width_in, height_in = h, w, height_in, width_in
     shrink = min(1.0, _MAX_PAGE_POINTS / (72 * max(width_in, height_in)))
     pw, ph = 72 * width_in * shrink, 72 * height_in * shrink
-    a, b, c, d, e, f = _ORIENTED[orientation]
-    draw = f"q {' '.join(_number(v) for v in (a * pw, b * ph, c * pw, d * ph, e * pw, f * ph))} cm /Im0 Do Q\n"
+    _append_page(pdf, (pw, ph), image, _ORIENTED[orientation])
+    return pw, ph
+
+
+def _append_page(pdf, size: tuple[float, float], image=None, placement: Matrix = _ORIENTED[1]) -> None:
+    """Append a page of ``size`` points that shows ``image`` (an image XObject; None: a blank page),
+    the unit square mapped onto the page by ``placement``."""
+    from pikepdf import Array, Dictionary, Name, Page
+
+    pw, ph = size
+    resources, draw = Dictionary(), ""
+    if image is not None:
+        a, b, c, d, e, f = placement
+        resources = Dictionary(XObject=Dictionary(Im0=image))
+        draw = f"q {' '.join(_number(v) for v in (a * pw, b * ph, c * pw, d * ph, e * pw, f * ph))} cm /Im0 Do Q\n"
     page = Dictionary(
-        Type=Name.Page, MediaBox=Array([0, 0, round(pw, 4), round(ph, 4)]),
-        Resources=Dictionary(XObject=Dictionary(Im0=image)), Contents=pdf.make_stream(draw.encode()),
+        Type=Name.Page, MediaBox=Array([0, 0, round(pw, 4), round(ph, 4)]), Resources=resources,
+        Contents=pdf.make_stream(draw.encode()),
     )
     pdf.pages.append(Page(page))
-    return pw, ph
 
 
 def _dpi(im: Image.Image) -> tuple[float, float]:
@@ -302,3 +395,127 @@ def _describe(stream, size: tuple[int, int], mode: str, bits: int) -> None:
                          "CMYK": Name.DeviceCMYK}[mode]
     stream.BitsPerComponent = bits
 
+
+# --------------------------------------------------------------------------------------------------
+# A PDF that cannot be kept: its pages as images
+# --------------------------------------------------------------------------------------------------
+
+
+def _add_page_images(pdf, original: Original, num_pages: int) -> tuple[list[tuple[float, float]], list[int]]:
+    """Append every page of the PDF ``original`` as pdfium renders it at ``original.dpi``, one at a time;
+    returns the pages' sizes in points and the pages pdfium cannot render (blank, the size pdfium
+    gives them, or the size of the page before when it cannot even load them)."""
+    sizes: list[tuple[float, float]] = []
+    blank: list[int] = []
+    with _pdfium_document(original) as source:
+        for index in range(num_pages):
+            size, pixels, crisp = _render_page(source, index, original.dpi)
+            size = size or (sizes[-1] if sizes else _LETTER)
+            if pixels is None:
+                blank.append(index + 1)
+            _append_page(pdf, size, None if pixels is None else _page_image(pdf, pixels, crisp))
+            sizes.append(size)
+            del pixels  # one page's pixels at a time
+    return sizes, blank
+
+
+@contextmanager
+def _pdfium_document(original: Original):
+    """The PDF opened by pdfium as `documents` opens it (its passwords, in its order; forms drawn)."""
+    import pypdfium2 as pdfium
+    import pypdfium2.raw as pdfium_c
+
+    path = os.fsencode(original.path) + b"\0"
+    tries = [None] if original.password is None else password_candidates(original.password)
+    with PDFIUM_LOCK:
+        for password in tries:
+            raw = pdfium_c.FPDF_LoadDocument(path, None if password is None else password + b"\0")
+            if raw:
+                break
+        else:
+            raise FormatError("pdfium cannot open it again")
+        source = pdfium.PdfDocument(raw)
+        try:
+            source.init_forms()
+        except pdfium.PdfiumError:
+            pass  # the form fields' values are not drawn; the pages are
+    try:
+        yield source
+    finally:
+        with PDFIUM_LOCK:
+            source.close()
+
+
+def _render_page(source, index: int, dpi: float) -> tuple[tuple[float, float] | None, Image.Image | None, bool]:
+    """Page ``index``'s size in points (None if pdfium cannot load it), its RGB pixels at ``dpi`` (None if
+    it cannot be rendered; at most `MAX_PIXELS`, the resolution lowered to fit), and whether they are
+    only black and white as drawn without anti-aliasing (then they are drawn so; else anti-aliased)."""
+    with PDFIUM_LOCK:
+        try:
+            page = source[index]
+        except Exception:  # pypdfium2's PdfiumError: a page tree entry pdfium cannot find
+            return None, None, False
+        try:
+            size = page.get_size()
+            try:
+                dims = rasters.working_size(*page_pixels(*size, dpi), MAX_PIXELS)
+                image = _draw(page, dims, crisp=True)
+                crisp = _black_and_white(image)
+                if not crisp:
+                    del image  # before the second rendering: one page's pixels at a time
+                    image = _draw(page, dims, crisp=False)
+            except Exception:  # MemoryError, pdfium surprises: the page stays blank
+                return size, None, False
+        finally:
+            page.close()
+    return size, image, crisp
+
+
+def _draw(page, size: tuple[int, int], crisp: bool) -> Image.Image:
+    """The page in RGB at ``size`` pixels (annotations and filled form fields drawn, white background);
+    ``crisp``: without anti-aliasing. Hold `PDFIUM_LOCK`."""
+    import pypdfium2 as pdfium
+    import pypdfium2.raw as pdfium_c
+
+    w, h = size
+    flags = pdfium_c.FPDF_ANNOT | pdfium_c.FPDF_REVERSE_BYTE_ORDER
+    if crisp:
+        flags |= (pdfium_c.FPDF_RENDER_NO_SMOOTHTEXT | pdfium_c.FPDF_RENDER_NO_SMOOTHIMAGE
+                  | pdfium_c.FPDF_RENDER_NO_SMOOTHPATH)
+    bitmap = pdfium.PdfBitmap.new_native(w, h, pdfium_c.FPDFBitmap_BGR, rev_byteorder=True)
+    try:
+        bitmap.fill_rect((255, 255, 255, 255), 0, 0, w, h)
+        args = (bitmap, page, 0, 0, w, h, 0, flags)
+        pdfium_c.FPDF_RenderPageBitmap(*args)
+        if page.formenv:
+            pdfium_c.FPDF_FFLDraw(page.formenv, *args)
+        return bitmap.to_pil()  # a copy (Pillow has no RGB view of 3-byte pixels)
+    finally:
+        bitmap.close()
+
+
+def _black_and_white(image: Image.Image) -> bool:
+    """True for pixels that are all black or white. Drawn without anti-aliasing, a page of black text and
+    lines on white is, and 1 bit a pixel stores it losslessly: a letter page of text at 200 dpi takes
+    ~60 kB so, against ~900 kB as a quality-90 JPEG of its anti-aliased rendering."""
+    colors = image.getcolors(2)  # None as soon as there are more than two
+    return colors is not None and all(color in ((0, 0, 0), (255, 255, 255)) for _, color in colors)
+
+
+def _page_image(pdf, image: Image.Image, crisp: bool):
+    """A page's RGB pixels as an image XObject: 1 bit a pixel (Flate) where ``crisp`` (only black and
+    white), else a quality-90 JPEG, grey where the three channels agree."""
+    from pikepdf import Name
+
+    if crisp:
+        bits = image.convert("1", dither=Image.Dither.NONE)
+        return _flate_image(pdf, bits.tobytes(), bits.size, "1", 1)
+    red, green, blue = image.split()
+    if ImageChops.difference(red, green).getbbox() is None and ImageChops.difference(green, blue).getbbox() is None:
+        image = red
+    del red, green, blue
+    data = io.BytesIO()
+    image.save(data, format="JPEG", quality=_JPEG_QUALITY, optimize=True)
+    stream = pdf.make_stream(data.getvalue(), Filter=Name.DCTDecode)
+    _describe(stream, image.size, image.mode, 8)
+    return stream

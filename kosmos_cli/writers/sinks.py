@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+from ..documents import DEFAULT_DPI
 from ..pages import ErrorJob, PageJob
 from ..results import PageResult
 from ..tasks import Task
@@ -53,10 +54,13 @@ class DirectorySink:
     """Writes under -o. A document whose write failed (disk full, a name the file system refuses)
     gets nothing more written in this run; the `OSError` is raised once, for the caller to report."""
 
-    def __init__(self, out: OutputDir, *, overlay: bool = False, password: str | None = None):
+    def __init__(self, out: OutputDir, *, overlay: bool = False, password: str | None = None,
+                 dpi: float = DEFAULT_DPI):
         self.out = out
         self.overlay = overlay
-        self.password = password  # the inputs' --password, for the searchable PDF made from them
+        # The inputs' --password and --dpi, for the searchable PDF made from them (a PDF that cannot be
+        # kept is drawn again at the resolution its pages were read at).
+        self.password, self.dpi = password, dpi
         self.failed_stems: set[str] = set()
 
     def write(self, item, result: PageResult | None) -> None:
@@ -69,7 +73,7 @@ class DirectorySink:
                 if self.overlay and result.error is None and isinstance(item, PageJob):
                     self.out.write_overlay(stem, item.page, draw_overlay(item.image, result))
             if item.is_last:
-                self.out.assemble(stem, item.selected, Original(item.source, self.password))
+                self.out.assemble(stem, item.selected, Original(item.source, self.password, self.dpi))
         except OSError:
             self.failed_stems.add(stem)
             raise

@@ -240,7 +240,7 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
     if opts.output is not None:
         out = OutputDir(opts.output, task, model=model_name, overwrite=opts.overwrite, warn=report.note,
                         documents=document_suffixes)
-        sink = DirectorySink(out, overlay=opts.overlay, password=opts.password)
+        sink = DirectorySink(out, overlay=opts.overlay, password=opts.password, dpi=opts.dpi)
     elif opts.format == "jsonl":
         sink = JsonlSink()
     else:

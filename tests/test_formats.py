@@ -330,7 +330,7 @@ def test_a_searchable_pdf_never_replaces_its_input(tmp_path):
     assert pdf.read_bytes() == before and (tmp_path / "doc.txt").exists()  # the other files are written
 
 
-def test_an_input_pikepdf_cannot_read_fails_its_pdf_only(k25, tmp_path, fixed_answers, monkeypatch):
+def test_an_input_pikepdf_cannot_read_gets_its_pdf_from_page_images(k25, tmp_path, fixed_answers, monkeypatch):
     import pikepdf
 
     def unreadable(*args, **kwargs):  # qpdf repairs almost anything pdfium opens: the failure is simulated
@@ -340,9 +340,29 @@ def test_an_input_pikepdf_cannot_read_fails_its_pdf_only(k25, tmp_path, fixed_an
     pdf = make_image_pdf(tmp_path / "doc.pdf", 2)
     out = tmp_path / "out"
     result = kosmos("ocr", pdf, "-o", out, "--outputs", "txt,pdf,hocr", "--model", k25, *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert (f"kosmos: note: {out / 'doc.pdf'}: the original could not be kept (pikepdf cannot read it: unable to "
+            "find trailer dictionary); the searchable PDF is made from page images\n") in result.stderr
+    made = pdfium.PdfDocument(out / "doc.pdf")
+    assert [made[i].get_size() for i in range(len(made))] == [(144.0, 72.0)] * 2
+    assert all(made[i].get_textpage().get_text_range().split("\r\n") == ["Total 50,000", "past the edge"]
+               for i in range(len(made)))
+
+
+def test_an_input_pikepdf_can_neither_read_nor_rebuild_fails_its_pdf_only(k25, tmp_path, fixed_answers, monkeypatch):
+    import pikepdf
+
+    def failing(*args, **kwargs):
+        raise pikepdf.PdfError("unable to find trailer dictionary")
+
+    monkeypatch.setattr(pikepdf, "open", failing)
+    monkeypatch.setattr(pikepdf, "new", failing)
+    pdf = make_image_pdf(tmp_path / "doc.pdf", 2)
+    out = tmp_path / "out"
+    result = kosmos("ocr", pdf, "-o", out, "--outputs", "txt,pdf,hocr", "--model", k25, *FAST)
     assert result.exit_code == 1
-    assert (f"{pdf}: cannot write {out / 'doc.pdf'}: pikepdf cannot read this PDF "
-            "(unable to find trailer dictionary)") in result.stderr
+    assert (f"{pdf}: cannot write {out / 'doc.pdf'}: pikepdf cannot read it: unable to find trailer dictionary, "
+            "nor from page images: cannot write this PDF (unable to find trailer dictionary)") in result.stderr
     assert sorted(p.name for p in out.glob("doc.*")) == ["doc.hocr", "doc.txt"]
 
 
@@ -354,7 +374,7 @@ def test_a_pdf_output_without_pikepdf_is_a_usage_error(k25, png, tmp_path, monke
     monkeypatch.setattr("kosmos_cli.engine.load", _refuse)
     result = kosmos("ocr", png, "-o", tmp_path / "out", "--outputs", "pdf", "--model", k25)
     assert result.exit_code == 2
-    assert result.stderr == 'kosmos: --outputs pdf needs pikepdf: pip install "kosmos-transcribe[pdf]"\n'
+    assert result.stderr == 'kosmos: --outputs pdf needs pikepdf: pip install "pikepdf>=10"\n'
 
 
 def _refuse(*args, **kwargs):

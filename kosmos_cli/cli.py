@@ -41,6 +41,12 @@ app = typer.Typer(
     "with Kosmos-2. Results go to stdout (or to files with -o); progress and errors go to stderr.",
 )
 
+# What `--outputs pdf` and `--ray` need, as pyproject.toml's extras pin it (a test holds the two together).
+# The hints name these packages, which pip installs however kosmos was installed; our distribution's
+# name with an extra would not do: it is not on PyPI, and whoever took the name there would be installed.
+PDF_REQUIREMENT = "pikepdf>=10"
+RAY_REQUIREMENT = "ray[data]>=2.60,<2.61"
+
 INPUTS_HELP = "Files (PDF, PNG, JPEG, TIFF, WebP, BMP, GIF), directories (searched recursively), globs, or - to read paths from stdin."
 PROMPT_RULE = ("A last argument that starts with < is the prompt (default \"<grounding> An image of\"); anything "
                "else is an input. Use --prompt for other prompts and ./<name> for a file whose name starts with <.")
@@ -89,7 +95,7 @@ Outputs = Annotated[Optional[str], typer.Option(help="With -o: the document file
 Overwrite = Annotated[bool, typer.Option(help="With -o: redo pages that are already written.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, notes or summary: only errors.")]
 Debug = Annotated[bool, typer.Option(help="Show Python tracebacks for errors.")]
-Ray = Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (pip install \"kosmos-transcribe[ray]\"): the one at --ray-address or RAY_ADDRESS, else a local one; one actor per cluster GPU (with none: one per --device entry). The files are written here, as without --ray.")]
+Ray = Annotated[bool, typer.Option("--ray", help=f"Run on a Ray cluster (pip install \"{RAY_REQUIREMENT}\"): the one at --ray-address or RAY_ADDRESS, else a local one; one actor per cluster GPU (with none: one per --device entry). The files are written here, as without --ray.")]
 RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="With --ray: the cluster to join, e.g. ray://head:10001.")]
 Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Compile the decode step with torch.compile (CUDA graphs on a GPU). KOSMOS_ATTENTION=auto|sdpa|flex picks its attention kernel (see README). [default: on for CUDA, off for CPU, where compiling takes a minute]")]
 
@@ -214,7 +220,7 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
     except ValueError as err:
         _fail_usage(f"--outputs: {err}")
     if document_suffixes and ".pdf" in document_suffixes and importlib.util.find_spec("pikepdf") is None:
-        _fail_usage('--outputs pdf needs pikepdf: pip install "kosmos-transcribe[pdf]"')
+        _fail_usage(f'--outputs pdf needs pikepdf: pip install "{PDF_REQUIREMENT}"')
     try:
         selection = parse_pages(opts.pages) if opts.pages is not None else None
     except ValueError as err:
@@ -224,7 +230,7 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
     if opts.ray_address is not None and not opts.ray:
         _fail_usage("--ray-address needs --ray")
     if opts.ray and importlib.util.find_spec("ray") is None:
-        _fail_usage('--ray needs Ray: pip install "kosmos-transcribe[ray]"')
+        _fail_usage(f'--ray needs Ray: pip install "{RAY_REQUIREMENT}"')
     _check_dtype(opts.dtype)
     if opts.output is not None:
         _check_output(opts.output)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pypdfium2 as pdfium
 import pytest
 
+from kosmos_cli.cli import PDF_REQUIREMENT, RAY_REQUIREMENT
 from tests.helpers.cli import FAST, KOSMOS, PAGE_COMMENT, needs_script, run_kosmos
 from tests.helpers.images import write_image
 
@@ -96,3 +97,19 @@ def test_a_reader_that_leaves_ends_the_run_with_141(tmp_path, k25):
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
     assert result.stderr.strip().splitlines()[-1] == "status 141"
     assert "cannot write" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-o", "out", "--outputs", "txt,pdf"], f'--outputs pdf needs pikepdf: pip install "{PDF_REQUIREMENT}"'),
+    (["--ray"], f'--ray needs Ray: pip install "{RAY_REQUIREMENT}"'),
+])
+def test_a_missing_extra_is_named_as_pip_can_install_it(tmp_path, k25, args, message):
+    """Without pikepdf or Ray (hidden from the command's interpreter by a sitecustomize), the hint is a
+    pip command that works whatever way kosmos was installed: the package as pyproject.toml pins it."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules.update(pikepdf=None, ray=None)\n")
+    write_image(tmp_path / "a.png")
+    result = run_kosmos("ocr", "a.png", "--model", k25, *args, cwd=tmp_path, env={"PYTHONPATH": str(hide)})
+    assert result.returncode == 2 and result.stderr == f"kosmos: {message}\n"
+    assert "kosmos-transcribe" not in result.stderr and not (tmp_path / "out").exists()

@@ -1,4 +1,4 @@
-"""Ray: the same `Worker` on an actor pool, for a cluster (`pip install "kosmos-transcribe[ray]"`).
+"""Ray: the same `Worker` on an actor pool, for a cluster (`pip install "ray[data]>=2.60,<2.61"`).
 
     input paths -> (CPU tasks) page rows -> (actor pool: one Worker an actor) records
 

@@ -11,21 +11,19 @@ import os
 import sys
 import time
 import traceback
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
 import click
 import typer
-from PIL import Image
 
 from . import documents, interrupt
 from .distributed.local import WorkersLost
 from .inputs import collect_inputs, parse_pages
 from .pages import PageJob, iter_pages
 from .paths import display_path, os_reason
-from .report import Progress, Report, say
+from .report import Progress, Report, library_output_held, say
 from .results import PageResult
 from .tasks import TASKS, WrongModel
 from .writers.atomic import check_writable
@@ -145,11 +143,12 @@ def _fail_usage(message: str) -> None:
 
 def _command(name: str, inputs: list[str], *, prompt: str | None = None, ask: str | None = None, **flags) -> None:
     """Run one command with its arguments (each command passes its own, by name) and exit with its
-    code: failures are one line on stderr (tracebacks with --debug)."""
-    _silence_library_warnings()
+    code: failures are one line on stderr (tracebacks with --debug); the libraries' own output is held
+    back (`library_output_held`)."""
     opts = Options(**flags, attention=os.environ.get("KOSMOS_ATTENTION", "auto"))
     try:
-        code = run_command(name, inputs, opts, prompt=prompt, question=ask)
+        with library_output_held():
+            code = run_command(name, inputs, opts, prompt=prompt, question=ask)
     except (typer.Exit, click.exceptions.ClickException):
         raise
     except KeyboardInterrupt:
@@ -167,15 +166,6 @@ def _command(name: str, inputs: list[str], *, prompt: str | None = None, ask: st
         say(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)")
         code = 1
     raise typer.Exit(code)
-
-
-def _silence_library_warnings() -> None:
-    """The command owns its process, so it sets the warning filters the library leaves to its callers:
-    torch's warning at import when NumPy is missing (not a dependency; nothing here needs it), and
-    Pillow's decompression-bomb warning, for an image we refuse with our own message anyway (see
-    kosmos_cli.rasters)."""
-    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def _print_version(value: bool) -> None:

@@ -13,6 +13,8 @@ working size directly; annotations and filled form fields drawn, white backgroun
 by Pillow (every TIFF frame is a page; GIF, animated WebP and MPO contribute their first frame only:
 animation frames are not pages); how their pixels become the working image (bit depth, alpha, EXIF
 orientation, libtiff's messages as the page's ``notes``) is `kosmos_cli.rasters`.
+What the libraries say while a PDF opens (pypdfium2's warning for an XFA form, which its build cannot
+draw) is the document's ``notes``, in our words, and not printed: see `_pdfium_messages`.
 Every failure is one exception type, `DocumentError(path, reason, page=None)`: unreadable, empty,
 corrupt or truncated file, not a regular file, unsupported type, encrypted PDF without or with a
 wrong password (AES-256 passwords are also tried SASLprep'd, as PDF 2.0 says), images or pages over
@@ -35,12 +37,15 @@ thread (TIFF decodes are serialised while fd 2 is captured for libtiff's message
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import stat
 import stringprep
 import threading
 import unicodedata
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,9 +57,11 @@ from .paths import not_regular, os_reason
 
 __all__ = [
     "DEFAULT_DPI",
+    "DYNAMIC_XFA_NOT_DRAWN",
     "MAX_PIXELS",
     "PDFIUM_LOCK",
     "WORK_PIXELS",
+    "XFA_NOT_DRAWN",
     "Document",
     "DocumentError",
     "RenderedPage",
@@ -86,6 +93,12 @@ MAX_PIXELS = 300_000_000
 
 # One lock for every pdfium call in the process (pdfium keeps global state and is not thread-safe).
 PDFIUM_LOCK = threading.RLock()
+
+# The note of a PDF with an XFA form, whose XFA layer this pdfium build cannot draw (pypdfium2's wheels
+# are built without XFA). A foreground XFA form also carries the static pages and AcroForm fields that
+# other viewers show (drawn); a dynamic ("full") one carries only placeholder pages.
+XFA_NOT_DRAWN = "XFA form content is not drawn; the static fallback is"
+DYNAMIC_XFA_NOT_DRAWN = "dynamic XFA form: its content is not drawn, only the placeholder pages the PDF carries"
 
 
 class DocumentError(Exception):
@@ -145,13 +158,15 @@ class Document:
     Or `claim` the renders owed on it and `release` each: the last release closes it.
     """
 
-    def __init__(self, source: Path, kind: str, num_pages: int, dpi: float, max_pixels: int, pdf=None, fmt: str = ""):
+    def __init__(self, source: Path, kind: str, num_pages: int, dpi: float, max_pixels: int, pdf=None, fmt: str = "",
+                 notes: tuple[str, ...] = ()):
         self.source = source
         self.kind = kind  # "pdf" or "image"
         self.num_pages = num_pages
         self.dpi = dpi
         self.max_pixels = max_pixels
         self.format = fmt
+        self.notes = notes  # about the whole document (an XFA form not drawn), worth reporting once
         self._pdf = pdf
         self._closed = False
         self._claims = 0  # renders owed (see claim); guarded by _claims_lock
@@ -350,10 +365,13 @@ def _open_pdf(source: Path, dpi: float, password: str | None, max_pixels: int) -
         if not raw:
             raise DocumentError(source, _pdf_failure(code, password))
         pdf = pdfium.PdfDocument(raw)
-        try:
-            pdf.init_forms()  # before any page is loaded, so that filled form fields are drawn
-        except pdfium.PdfiumError:
-            pass  # the form fields' values are not drawn; the page is
+        formtype = pdf.get_formtype()
+        with _pdfium_messages() as messages:
+            try:
+                pdf.init_forms()  # before any page is loaded, so that filled form fields are drawn
+            except pdfium.PdfiumError:
+                pass  # the form fields' values are not drawn; the page is
+        notes = _form_notes(formtype, messages)
         try:
             n = len(pdf)
         except Exception as exc:
@@ -362,7 +380,55 @@ def _open_pdf(source: Path, dpi: float, password: str | None, max_pixels: int) -
         if n < 1:
             pdf.close()
             raise DocumentError(source, "PDF has no pages (or an unreadable page tree)")
-    return Document(source, "pdf", n, dpi, max_pixels, pdf=pdf, fmt="PDF")
+    return Document(source, "pdf", n, dpi, max_pixels, pdf=pdf, fmt="PDF", notes=notes)
+
+
+class _Held(logging.Filter):
+    """Takes the records logged in one thread, keeping their messages: a filter on a logger drops the
+    records it refuses before any handler or parent logger sees them."""
+
+    def __init__(self):
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if threading.get_ident() != self.thread:  # another thread's record: not ours to take
+            return True
+        self.messages.append(record.getMessage())
+        return False
+
+
+@contextmanager
+def _pdfium_messages() -> Iterator[list[str]]:
+    """What pypdfium2 logs during the block, in this thread, collected instead of printed.
+
+    pypdfium2 warns through its module's logger (an XFA form its build cannot draw, and how to rebuild
+    it), which a process that configured no logging prints raw on stderr through Python's last-resort
+    handler: once per open, so once more in every worker that renders the document. The filter is on
+    that one logger, for this thread and this block only (held under PDFIUM_LOCK, as the call it wraps);
+    its level, its handlers and the root logger are untouched, and other threads' records pass."""
+    import pypdfium2 as pdfium
+
+    logger = logging.getLogger(pdfium.PdfDocument.init_forms.__module__)
+    held = _Held()
+    logger.addFilter(held)
+    try:
+        yield held.messages
+    finally:
+        logger.removeFilter(held)
+
+
+def _form_notes(formtype: int, messages: list[str]) -> tuple[str, ...]:
+    """The notes of a PDF from its form type and what pypdfium2 said while its forms were set up."""
+    import pypdfium2 as pdfium
+    import pypdfium2.raw as pdfium_c
+
+    xfa = formtype in (pdfium_c.FORMTYPE_XFA_FULL, pdfium_c.FORMTYPE_XFA_FOREGROUND)
+    draws_xfa = "XFA" in getattr(getattr(pdfium, "PDFIUM_INFO", None), "flags", ())
+    if xfa and (messages or not draws_xfa):  # not drawn: no XFA in this build, or its XFA load failed
+        return (DYNAMIC_XFA_NOT_DRAWN if formtype == pdfium_c.FORMTYPE_XFA_FULL else XFA_NOT_DRAWN,)
+    return tuple(f"pdfium: {message.splitlines()[0]}" for message in messages if message.strip())
 
 
 def _pdf_failure(code: int, password: str | None) -> str:

@@ -133,7 +133,8 @@ def iter_pages(
 
     Images are not rendered here (call ``job.load()`` or wrap in `prefetch`). Failures become
     ErrorJobs (page None): a document that cannot be opened, or whose pages the selection misses
-    entirely; pages requested past its end while others exist are a note (``warning=True``).
+    entirely; pages requested past its end while others exist, and the document's own `notes` (an XFA
+    form not drawn), are notes (``warning=True``), the latter only when some page is to be rendered.
     ``skip(job)`` → True marks a page as already done: it is yielded with ``skipped=True`` and never
     rendered. Bare paths get stems from `assign_stems` over all given inputs.
     A document is closed when its last page job has been loaded, or when this generator is closed early.
@@ -179,6 +180,7 @@ def iter_pages(
                 if skip is not None and skip(job):
                     job.skipped = True
             renders = sum(not j.skipped for j in jobs)
+            notes = doc.notes if renders else ()  # a document with nothing left to render says nothing
             if not render:  # listing only: whoever renders opens the document again
                 doc.close()
                 for job in jobs:
@@ -190,6 +192,8 @@ def iter_pages(
                 open_docs[:] = [d for d in open_docs if not d.closed]
                 open_docs.append(doc)
             del doc
+            for note in notes:  # the document's notes, here once, wherever its pages are rendered
+                yield ErrorJob(item.path, item.stem, None, note, warning=True)
             while jobs:
                 yield jobs.popleft()
     except GeneratorExit:

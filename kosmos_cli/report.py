@@ -1,24 +1,63 @@
 """What a run tells its user on stderr: errors, notes (unless --quiet), the summary and the progress bar.
 
 Messages are one line each, ``kosmos: <where>: <what>`` (``kosmos: note: ...`` for notes), with paths
-as `display_path` text. stdout is left to the results."""
+as `display_path` text. stdout is left to the results. What the libraries a run calls would print on
+their own (Python warnings, log records that reach the last-resort handler) is held back while the
+command runs (`library_output_held`): what matters of it reaches the user as ours."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from .pages import ErrorJob
 from .paths import display_path, os_reason
 from .results import PageResult
 from .tasks import Task
 
-__all__ = ["Progress", "Report", "say"]
+__all__ = ["LIBRARY_LOGGERS", "Progress", "Report", "library_output_held", "say"]
+
+# The loggers of the libraries a run calls that warn about the files they read: pypdfium2 (an XFA form
+# it cannot draw, unsupported features), Pillow (TIFF tags, it also logs before raising), pikepdf
+# (qpdf's repairs). Printed raw, such a line would not name the file, and come once more from every
+# worker that opens it; what matters of it is ours to say (a document's notes, a page's error).
+LIBRARY_LOGGERS = ("pypdfium2", "PIL", "pikepdf")
 
 
 def say(message: str, note: bool = False) -> None:
     """One line on stderr: ``kosmos: message`` (``kosmos: note: message``)."""
     sys.stderr.write(f"kosmos: {'note: ' if note else ''}{message}\n")
+
+
+@contextmanager
+def library_output_held() -> Iterator[None]:
+    """For the command's run, in its own process or a worker process it started (each owns its
+    process): the libraries' output stays off stderr. The warning filters the library leaves to its
+    callers are set: torch's at import when NumPy is missing (not a dependency; nothing here needs it),
+    Pillow's decompression-bomb warning, for an image we refuse with our own message anyway (see
+    kosmos_cli.rasters), and every other warning Pillow raises about a file's metadata, which it
+    reads past. And `LIBRARY_LOGGERS` get a handler of ours that drops their records, so that Python's
+    last-resort handler (which prints records on stderr when no handler is found) does not; their
+    levels and propagation, and the root logger, are left alone, so that handlers a caller configured
+    still get every record. The handler is removed at the end of the block; the filters stay."""
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    handler = logging.NullHandler()
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
 
 
 class Report:

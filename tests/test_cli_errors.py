@@ -403,6 +403,31 @@ def test_no_numpy_warning_without_numpy(k25, png):
     assert proc.stderr == "" and proc.stdout
 
 
+LIBRARY_LOGS = """
+import logging, sys, warnings
+from kosmos_cli.report import library_output_held
+{setup}
+with library_output_held():
+    logging.getLogger("pypdfium2._helpers.document").warning("pdfium, held")
+    logging.getLogger("PIL.TiffImagePlugin").error("Pillow, held")
+    logging.getLogger("pikepdf._core").warning("qpdf, held")
+    logging.getLogger("mine").warning("a logger of the caller's own")
+    warnings.warn_explicit("Pillow's warning, held", UserWarning, "TiffImagePlugin.py", 1, module="PIL.TiffImagePlugin")
+logging.getLogger("PIL").warning("Pillow, after the run")
+"""
+
+
+@pytest.mark.parametrize("setup, stderr", [
+    ("", ["a logger of the caller's own", "Pillow, after the run"]),  # through Python's last resort
+    ("logging.basicConfig(format='%(message)s')",  # a caller's handler gets every record, as it did
+     ["pdfium, held", "Pillow, held", "qpdf, held", "a logger of the caller's own", "Pillow, after the run"]),
+])
+def test_the_libraries_logs_are_held_only_from_the_last_resort_and_only_during_the_run(setup, stderr):
+    proc = subprocess.run([sys.executable, "-c", LIBRARY_LOGS.format(setup=setup)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0 and proc.stderr.splitlines() == stderr, proc.stderr
+
+
 # --------------------------------------------------------------------------------------------------
 # 9. Ctrl-C twice: exit 130, clean stderr, nothing half-written, the re-run completes
 # --------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import io
+import logging
 import math
 import os
 import random
@@ -24,7 +25,7 @@ from kosmos_cli.documents import DEFAULT_DPI, DocumentError, open_document
 from kosmos_cli.pages import ErrorJob, iter_pages
 from kosmos_cli.processing.images import clip_pixels, to_rgb
 from tests.helpers.images import make_corrupt_g4_tiff, make_image, png_header_only
-from tests.helpers.pdfs import FORM_FIELD_RECT, make_form_pdf, make_image_pdf, make_pdf, page_color
+from tests.helpers.pdfs import FORM_FIELD_RECT, make_form_pdf, make_image_pdf, make_pdf, make_xfa_pdf, page_color
 from tests.helpers.cli import needs_script, run_kosmos
 
 IMAGE_EXTS = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif"]
@@ -178,6 +179,41 @@ def test_filled_form_fields_are_drawn(tmp_path, kind):
     assert field.getextrema()[0] < 64  # the value's glyphs are dark
     outside = im.crop((0, 0, im.width, im.height - y1))
     assert outside.getextrema() == (255, 255)
+
+
+PDFIUM_LOGGER = pdfium.PdfDocument.init_forms.__module__  # where pypdfium2 logs its XFA warning
+
+
+@pytest.mark.parametrize("dynamic, note", [(False, D.XFA_NOT_DRAWN), (True, D.DYNAMIC_XFA_NOT_DRAWN)])
+def test_an_xfa_form_is_a_note_of_the_document_and_pypdfium2_logs_nothing(tmp_path, caplog, dynamic, note):
+    path = make_xfa_pdf(tmp_path / "xfa.pdf", dynamic=dynamic)
+    caplog.set_level(logging.WARNING)
+    raw = pdfium.PdfDocument(str(path))  # the fixture is what we think: pypdfium2 alone warns about it
+    raw.init_forms()
+    raw.close()
+    assert [r.name for r in caplog.records] == [PDFIUM_LOGGER] and "XFA" in caplog.records[0].getMessage()
+    caplog.clear()
+    with open_document(path, dpi=72) as doc:
+        assert doc.notes == (note,)
+        assert doc.page(0).image.convert("L").getextrema()[0] == 0  # the static page is drawn
+    assert caplog.records == []  # nothing reached any handler, the root logger's included
+    assert logging.getLogger(PDFIUM_LOGGER).filters == []  # and nothing of ours is left on the logger
+    with open_document(make_form_pdf(tmp_path / "acro.pdf"), dpi=72) as doc:
+        assert doc.notes == ()  # an AcroForm is drawn: nothing to say
+
+
+def test_pypdfium2_messages_are_held_in_our_thread_only(caplog):
+    """The hold is narrow: another thread's records on the same logger, meanwhile, pass as they were."""
+    logger = logging.getLogger(PDFIUM_LOGGER)
+    caplog.set_level(logging.DEBUG)
+    with D._pdfium_messages() as messages:
+        logger.warning("ours")
+        other = threading.Thread(target=logger.warning, args=("another thread's",))
+        other.start()
+        other.join()
+    logger.warning("after")
+    assert messages == ["ours"]
+    assert [r.getMessage() for r in caplog.records] == ["another thread's", "after"]
 
 
 def test_pdf_error_messages_do_not_depend_on_the_file_before(tmp_path):

@@ -12,8 +12,10 @@ import pypdfium2 as pdfium
 import pytest
 
 from kosmos_cli.cli import PDF_REQUIREMENT, RAY_REQUIREMENT
+from kosmos_cli.documents import DYNAMIC_XFA_NOT_DRAWN, XFA_NOT_DRAWN
 from tests.helpers.cli import FAST, KOSMOS, PAGE_COMMENT, needs_script, run_kosmos
-from tests.helpers.images import write_image
+from tests.helpers.images import make_odd_tag_tiff, write_image
+from tests.helpers.pdfs import make_xfa_pdf
 
 pytestmark = needs_script
 
@@ -97,6 +99,43 @@ def test_a_reader_that_leaves_ends_the_run_with_141(tmp_path, k25):
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
     assert result.stderr.strip().splitlines()[-1] == "status 141"
     assert "cannot write" not in result.stderr and "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# What the libraries would print: pypdfium2's XFA warning on every open of an XFA form (the listing's,
+# then each worker's), Pillow's on an odd TIFF tag. The command says what matters once, in its words.
+# --------------------------------------------------------------------------------------------------
+
+
+def _library_noise(tmp_path):
+    """Two XFA forms (3 pages, and a dynamic one of 2) and a TIFF that Pillow warns about."""
+    return (make_xfa_pdf(tmp_path / "form.pdf", pages=3), make_xfa_pdf(tmp_path / "dynamic.pdf", dynamic=True, pages=2),
+            make_odd_tag_tiff(tmp_path / "odd.tif"))
+
+
+def _one_note_a_form(result, form, dynamic) -> None:
+    """Every stderr line is ours, and the notes are one a form."""
+    lines = result.stderr.splitlines()
+    assert all(line.startswith("kosmos: ") for line in lines), result.stderr
+    assert [line for line in lines if line.startswith("kosmos: note: ")] == [
+        f"kosmos: note: {form}: {XFA_NOT_DRAWN}", f"kosmos: note: {dynamic}: {DYNAMIC_XFA_NOT_DRAWN}"]
+
+
+def test_library_warnings_stay_off_stderr_and_an_xfa_form_is_one_note(tmp_path, k25):
+    form, dynamic, tiff = _library_noise(tmp_path)
+    quiet = run_kosmos("ocr", form, dynamic, tiff, "--model", k25, *FAST, "-q")
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    said = run_kosmos("ocr", form, dynamic, tiff, "--model", k25, *FAST)
+    assert said.returncode == 0, said.stderr
+    _one_note_a_form(said, form, dynamic)
+
+
+def test_an_xfa_form_is_one_note_with_two_worker_processes(tmp_path, k25):
+    form, dynamic, tiff = _library_noise(tmp_path)
+    result = run_kosmos("ocr", form, dynamic, tiff, "--model", k25, "--device", "cpu,cpu", "-b", "2", *FAST)
+    assert result.returncode == 0, result.stderr
+    assert ": cpu#" in result.stderr  # worker processes did the pages (each opened the documents it got)
+    _one_note_a_form(result, form, dynamic)
 
 
 @pytest.mark.parametrize("args, message", [

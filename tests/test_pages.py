@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 from kosmos_cli import documents
-from kosmos_cli.documents import WORK_PIXELS, DocumentError, open_document
+from kosmos_cli.documents import WORK_PIXELS, XFA_NOT_DRAWN, DocumentError, open_document
 from kosmos_cli.inputs import InputFile, parse_pages
 from kosmos_cli.pages import ErrorJob, InputOrder, PageJob, iter_pages, prefetch
 from tests.helpers.images import make_image
-from tests.helpers.pdfs import make_image_pdf, make_pdf
+from tests.helpers.pdfs import make_image_pdf, make_pdf, make_xfa_pdf
 from tests.helpers.cli import kosmos
 
 
@@ -375,6 +375,22 @@ def test_iter_pages_without_render_lists_only(tmp_path):
     items = list(iter_pages([path], render=False))
     assert [(i.page, i.selected, i.document) for i in items] == [(1, (1, 2), None), (2, (1, 2), None)]
     assert items[0].load() is items[0] and items[0].image is None
+
+
+@pytest.mark.parametrize("render", [True, False])
+def test_a_document_note_comes_once_before_its_pages(tmp_path, render):
+    """An XFA form's note is one warning item per document (not one per page or per open), and none for
+    a document whose pages are all done."""
+    xfa, plain = make_xfa_pdf(tmp_path / "x.pdf", pages=2), make_image_pdf(tmp_path / "p.pdf", 1)
+    items = list(iter_pages([xfa, plain, xfa], render=render, skip=lambda job: job.page == 1 and len(job.selected) == 2))
+    notes = [(i.source, i.page, i.error) for i in items if isinstance(i, ErrorJob)]
+    assert notes == [(xfa, None, XFA_NOT_DRAWN)] * 2 and all(i.warning for i in items if isinstance(i, ErrorJob))
+    assert [type(i).__name__ for i in items[:3]] == ["ErrorJob", "PageJob", "PageJob"]
+    for item in items:
+        if isinstance(item, PageJob):
+            item.load()
+    done = list(iter_pages([xfa], skip=lambda job: True, render=render))
+    assert [type(i).__name__ for i in done] == ["PageJob", "PageJob"]
 
 
 @pytest.mark.parametrize("ordered", [True, False])

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from kosmos_cli.distributed.worker import Record
+from kosmos_cli.documents import XFA_NOT_DRAWN
 from tests.helpers.cli import FAST, jsonl, kosmos
-from tests.helpers.pdfs import make_document_folder
+from tests.helpers.pdfs import make_document_folder, make_xfa_pdf
 from tests.helpers.workers import KilledOnceWorker, LinedWorker, with_line
 
 
@@ -64,6 +65,15 @@ def test_the_command_on_ray_gives_what_a_local_run_gives(cluster, folder, k25, l
     assert trees[0] == trees[1]
     again = kosmos("ocr", folder, *common, "--ray", "-o", tmp_path / "--ray")  # resume: all done, no page redone
     assert again.exit_code == 1 and "0 pages in" in again.stderr and "10 already done" in again.stderr
+
+
+def test_an_xfa_form_is_one_note_on_ray_too(cluster, k25, tmp_path):
+    """The driver lists the pages (one note a document); the actor that renders them opens it again,
+    and pypdfium2's warning of that open stays in the actor (documents hold it back in every process)."""
+    form = make_xfa_pdf(tmp_path / "form.pdf", pages=2)
+    result = kosmos("ocr", form, "--model", k25, "--ray", "--device", "cpu", "--dpi", "72", *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if "note" in line] == [f"kosmos: note: {form}: {XFA_NOT_DRAWN}"]
 
 
 @pytest.mark.parametrize("case", ["wrong model", "no model"])

@@ -35,6 +35,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Callable, Iterable, Iterator
 
 from ..pages import ErrorJob, InputOrder, PageJob
+from ..report import library_output_held
 from ..results import PageResult
 from .worker import EngineSpec, LoadFailure, PageRef, Worker
 
@@ -271,9 +272,17 @@ def _send(slot: _Slot, message) -> None:
 
 
 def _serve(conn: Connection, parent: int, threads: int, make_worker, spec: EngineSpec, task: str, options: dict) -> None:
-    """A worker process: load the engine, then run page after page as the parent hands them out."""
+    """A worker process: load the engine, then run page after page as the parent hands them out. The
+    process is ours, as the command's is: the libraries' output stays off its stderr, which is the
+    parent's (what matters of it the parent says: a page's notes come back in its record, a
+    document's come from the parent's own listing)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+    with library_output_held():
+        _serve_pages(conn, threads, make_worker, spec, task, options)
+
+
+def _serve_pages(conn: Connection, threads: int, make_worker, spec: EngineSpec, task: str, options: dict) -> None:
     import torch
 
     torch.set_num_threads(threads)

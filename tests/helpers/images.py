@@ -1,5 +1,5 @@
 """Images built at test time: solid pages, seeded noise, and broken files (a decompression-bomb
-stand-in PNG, a fax TIFF that libtiff complains about)."""
+stand-in PNG, a fax TIFF that libtiff complains about, a TIFF tag that Pillow warns about)."""
 
 from __future__ import annotations
 
@@ -66,5 +66,21 @@ def make_corrupt_g4_tiff(path: Path, *, unreadable: bool = False) -> Path:
             entry = ifd + 2 + 12 * k
             if struct.unpack_from("<H", data, entry)[0] == 279:
                 struct.pack_into("<I", data, entry + 8, count * 50)
+    Path(path).write_bytes(bytes(data))
+    return Path(path)
+
+
+def make_odd_tag_tiff(path: Path) -> Path:
+    """A 64×48 white TIFF whose XResolution tag (282) says it holds two values where TIFF has one:
+    Pillow reads it anyway, with a warning ("Metadata Warning, tag 282 had too many entries")."""
+    Image.new("RGB", (64, 48), "white").save(path, dpi=(72, 72))
+    data = bytearray(Path(path).read_bytes())
+    assert data[:2] == b"II"  # Pillow writes little-endian TIFF
+    (ifd,) = struct.unpack_from("<I", data, 4)
+    (entries,) = struct.unpack_from("<H", data, ifd)
+    for k in range(entries):
+        at = ifd + 2 + 12 * k
+        if struct.unpack_from("<H", data, at)[0] == 282:
+            struct.pack_into("<I", data, at + 4, 2)  # the entry's count; its second value is the YResolution's
     Path(path).write_bytes(bytes(data))
     return Path(path)

@@ -3,7 +3,7 @@
 `make_pdf` writes a minimal PDF by hand, optionally encrypted with the standard security handler
 (revision 2, 40-bit RC4: MD5 and RC4 are a few lines of Python), which pdfium opens like any other.
 `make_image_pdf` uses pypdfium2 itself to place a coloured square on every page; `make_form_pdf` writes
-a page with one filled text field.
+a page with one filled text field, `make_xfa_pdf` a page of an XFA form.
 """
 
 from __future__ import annotations
@@ -129,6 +129,30 @@ def make_form_pdf(path: Path, value: str = "FILLED", kind: str = "text") -> Path
            + appearance + b"\nendstream",
         6: b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>",
     }
+    return _write_objects(path, objs)
+
+
+# A minimal XFA packet (an empty form template), enough for pdfium to call the document an XFA form.
+_XDP = (b'<?xml version="1.0" encoding="UTF-8"?><xdp:xdp xmlns:xdp="http://ns.adobe.com/xdp/">'
+        b'<template xmlns="http://www.xfa.org/schema/xfa-template/3.3/"><subform name="form1"/></template>'
+        b'</xdp:xdp>')
+
+
+def make_xfa_pdf(path: Path, *, dynamic: bool = False, pages: int = 1) -> Path:
+    """``pages`` black-box pages of an XFA form: an AcroForm with an /XFA packet and one text field.
+    pdfium calls it a foreground XFA form (the pages and the field are its static fallback), or with
+    ``dynamic`` (the catalog's /NeedsRendering) a full one; pypdfium2's wheels cannot draw either."""
+    kids = " ".join(f"{5 + 2 * k} 0 R" for k in range(pages))
+    objs = {
+        1: b"<< /Type /Catalog /Pages 2 0 R /AcroForm << /Fields [3 0 R] /XFA 4 0 R >>"
+           + (b" /NeedsRendering true" if dynamic else b"") + b" >>",
+        2: f"<< /Type /Pages /Kids [{kids}] /Count {pages} >>".encode(),
+        3: b"<< /FT /Tx /T (name) /V (value) >>",
+        4: f"<< /Length {len(_XDP)} >>\nstream\n".encode() + _XDP + b"\nendstream",
+    }
+    for k in range(pages):
+        objs[5 + 2 * k] = f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 100] /Contents {6 + 2 * k} 0 R >>".encode()
+        objs[6 + 2 * k] = f"<< /Length {len(BLACK_BOX)} >>\nstream\n".encode() + BLACK_BOX + b"\nendstream"
     return _write_objects(path, objs)
 
 

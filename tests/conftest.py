@@ -4,6 +4,9 @@ on one of them, an input image, fixed model answers."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -112,6 +115,18 @@ def fixed_answers(monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # Markers
 # --------------------------------------------------------------------------------------------------
+
+
+def pytest_configure(config):
+    """torch.compile in this run (tests and the processes they start) caches into a folder of its own,
+    empty at the start: what a test compiles must not depend on what earlier runs left in the
+    machine's shared cache. Tests that need a cold cache of their own set TORCHINDUCTOR_CACHE_DIR."""
+    config.inductor_cache = tempfile.mkdtemp(prefix="kosmos-tests-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = config.inductor_cache
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "inductor_cache", ""), ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

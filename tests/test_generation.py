@@ -1,6 +1,11 @@
 """Continuous batching, per-page budgets, the n-gram ban, the loop guard, and the pipeline on top."""
 
+import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,18 +20,16 @@ from kosmos_cli.models.generation import ban_repeated_ngrams
 from kosmos_cli.models.cache import StepPlan
 from kosmos_cli.models import layers
 from kosmos_cli.models.layers import flex_decoding
-from kosmos_cli.processing.kosmos2_5 import chat_prompt
 from kosmos_cli.tasks.repetition import WINDOW, find_loop, may_loop
-from tests.helpers.images import noise_image
+from tests.helpers import compile_run
 
 
 FLEX_HERE = layers.flex_unsupported(torch.device("cpu"), 96) is None
 needs_flex = pytest.mark.skipif(not FLEX_HERE, reason=f"FlexAttention decoding needs torch >= 2.10 ({torch.__version__})")
 
 
-IMAGES = [noise_image(*s, seed=i) for i, s in enumerate([(40, 30), (300, 120), (64, 640), (128, 128), (90, 200), (33, 33), (250, 80)])]
-PROMPTS = ["<ocr>", "<md>", chat_prompt("Total?"), "<ocr>", "<md>", "<ocr>", chat_prompt("Who signed it?")]
-LIMITS = [30, 3, 17, 1, 40, 0, 9]
+REPO = Path(__file__).resolve().parents[1]
+IMAGES, PROMPTS, LIMITS = compile_run.images(), compile_run.prompts(), compile_run.LIMITS
 
 
 @pytest.fixture(scope="module")
@@ -277,30 +280,30 @@ def test_the_callers_code_between_results_is_not_in_inference_mode(engine):
         assert torch.ones(2, requires_grad=True).sum().requires_grad
 
 
-@pytest.mark.parametrize("attention, schedule", [("sdpa", generation.CPU_SCHEDULE),
-                                                  pytest.param("flex", generation.CPU_SCHEDULE, marks=needs_flex),
-                                                  ("sdpa", generation.CUDA_SCHEDULE)])
-def test_compiled_decode_step_gives_identical_results(kosmos25_sharded, alone, attention, schedule, monkeypatch):
-    """torch.compile of the decode step (CUDA graphs on a GPU; inductor here), attending with SDPA or
-    FlexAttention, on the CPU's and the GPU's loop schedule: same ids, and one compile for a whole
-    draining run of varied lengths (rows in use from 3 down to 1, every span bucket up to the end),
-    then for runs on two slots and on one image (the rows a step takes never drop below two)."""
-    from torch._dynamo.utils import counters
+@pytest.fixture(scope="module")
+def workload_ids(engine):
+    """The compile workload's ids, decoded eagerly in this process."""
+    return compile_run.run(engine)
 
-    monkeypatch.setattr(generation, "schedule_for", lambda device: schedule)
-    compiled = kosmos_cli.load(kosmos25_sharded, device="cpu", compile=True, attention=attention)
-    assert compiled.compiled.flex == (attention == "flex")
-    torch._dynamo.reset()  # engines share compiled graphs where they can: count this one's from zero
-    compiles = counters["stats"]["unique_graphs"]
-    outputs = compiled.run(IMAGES, PROMPTS, LIMITS, batch_size=3)
-    assert not compiled.compiled.broken
-    assert [(o.ids, o.stop) for o in outputs] == [(o.ids, o.stop) for o in alone]
-    longer = compiled.run(IMAGES[:4], "<ocr>", [70, 3, 140, 9], min_new_tokens=[70, 3, 140, 9], batch_size=3)
-    assert [len(o.ids) for o in longer] == [70, 3, 140, 9]
-    pair = compiled.run(IMAGES[:2], PROMPTS[:2], LIMITS[:2], batch_size=2)
-    single = compiled.run(IMAGES[:1], PROMPTS[:1], LIMITS[:1])
-    assert [(o.ids, o.stop) for o in pair + single] == [(o.ids, o.stop) for o in alone[:2] + alone[:1]]
-    assert counters["stats"]["unique_graphs"] - compiles == 1, dict(counters["stats"])
+
+@pytest.mark.parametrize("attention, schedule", [("sdpa", "cpu"), pytest.param("flex", "cpu", marks=needs_flex),
+                                                  ("sdpa", "cuda")])
+def test_one_compile_with_a_cold_and_then_a_warm_cache(kosmos25_sharded, workload_ids, attention, schedule, tmp_path):
+    """torch.compile of the decode step (CUDA graphs on a GPU; inductor here), attending with SDPA or
+    FlexAttention, on the CPU's and the GPU's loop schedule: the same ids as eager, and one compile
+    for the whole workload (a draining run, pages that cross several span buckets, two slots, one
+    image), in a fresh process with an empty inductor cache and again in another fresh process with
+    the cache the first one left, as every run after a user's first has."""
+    cache = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    command = [sys.executable, "-m", "tests.helpers.compile_run", str(kosmos25_sharded), "--device", "cpu",
+               "--attention", attention, "--schedule", schedule]
+    for run in ("cold", "warm"):
+        done = subprocess.run(command, env=cache, capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        got = json.loads(done.stdout.splitlines()[-1])
+        assert not got["compile_broken"] and got["flex"] == (attention == "flex")
+        assert got["ids"] == workload_ids, run
+        assert got["dynamo_graphs"] == 1, (run, got["dynamo_graphs"], done.stderr[-3000:])
 
 
 def test_a_failing_compile_falls_back_to_eager(engine, alone, monkeypatch):

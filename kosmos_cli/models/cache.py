@@ -88,8 +88,11 @@ def length_block_mask(start: torch.Tensor, span: int) -> "BlockMask":
     multiple of the block, one partial block, the next, where the mask applies. Blocks past those
     are never read."""
     # At least two block columns: a one-column mask would be compiled apart (torch specialises sizes
-    # of 1), recompiling the step when the span passes one block. Columns past a slot's count are unread.
-    blocks = max(-(-span // FLEX_BLOCK), 2)
+    # of 1), recompiling the step when the span passes one block. Columns past a slot's count are
+    # unread, so one or two spare ones cost nothing. No max(): with a symbolic span, choosing its
+    # branch narrows the span's range at the first call (to <= 256 where two columns won), and a
+    # warm inductor cache turns that range into a guard, recompiling the step once mid-run.
+    blocks = span // FLEX_BLOCK + 2
     n = start.shape[0]
     filled = start + 1
     full = torch.div(filled, FLEX_BLOCK, rounding_mode="floor").to(torch.int32)

@@ -288,7 +288,15 @@ def load_kosmos2_5_processor(path: Path, *, num_image_tokens: int | None = None)
     if num_image_tokens is None:
         num_image_tokens = json.loads((path / "config.json").read_text())["latent_query_num"]
     processor = load_processor(path, num_image_tokens=num_image_tokens)
-    # Kosmos2_5Processor's class default (images_kwargs max_patches=4096) beats the image processor's
-    # own setting; the released checkpoint uses 4096 anyway, so make the tiny one use its own value.
-    processor.images_kwargs = {**type(processor).images_kwargs, "max_patches": processor.image_processor.max_patches}
+    # Kosmos2_5Processor's own default (max_patches=4096: a class attribute in transformers 5.23, a
+    # kwargs default in 5.17) beats the image processor's setting; the released checkpoint uses 4096
+    # anyway. Passing it with every call wins in both versions, so the tiny one uses its own value.
+    processor.__class__ = _own_max_patches(type(processor))
     return processor
+
+
+def _own_max_patches(cls):
+    def __call__(self, *args, **kwargs):
+        return cls.__call__(self, *args, **{"max_patches": self.image_processor.max_patches, **kwargs})
+
+    return type(cls.__name__, (cls,), {"__call__": __call__})

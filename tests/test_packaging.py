@@ -47,7 +47,7 @@ JUNK = ["tests/test_junk.py", ".venv/lib/python3.11/site-packages/junk.py", "bui
 def _source_tree(target: Path) -> set[str]:
     """A copy of the repository's package and build files at ``target``, with `JUNK` planted in it; returns
     the package's files (relative paths), which the sdist and the wheel must hold, no more, no less."""
-    for name in ("pyproject.toml", "README.md", "MANIFEST.in"):
+    for name in ("pyproject.toml", "README.md", "MANIFEST.in", "LICENSE"):
         shutil.copy2(ROOT / name, target / name)
     shutil.copytree(ROOT / "kosmos_cli", target / "kosmos_cli",
                     ignore=shutil.ignore_patterns("__pycache__", "*.py[cod]"))
@@ -92,7 +92,7 @@ def test_the_built_wheel_installs_and_runs_in_a_fresh_environment(tmp_path, k25)
     with tarfile.open(sdist) as tar:
         names = {name.removeprefix(f"{top}/") for name in tar.getnames() if not tar.getmember(name).isdir()}
     metadata = {name for name in names if name.startswith("kosmos_transcribe.egg-info/")}
-    assert names - metadata == package | {"PKG-INFO", "README.md", "pyproject.toml", "setup.cfg", "MANIFEST.in"}
+    assert names - metadata == package | {"PKG-INFO", "README.md", "LICENSE", "pyproject.toml", "setup.cfg", "MANIFEST.in"}
     with zipfile.ZipFile(wheel) as whl:
         names = set(whl.namelist())
     assert {name for name in names if not name.startswith(f"{top}.dist-info/")} == package

@@ -5,8 +5,10 @@
     python benchmarks/gpu_check.py --out /tmp/check --dry-run          # every step on the CPU, tiny models
 
 Each step runs in a process of its own under its own timeout (a hung compile cannot be stopped from
-inside) and writes what it measured into OUT/STEP.json as it goes; after every step OUT/results.json
-and OUT/results.md gather all of them, so a run cut short still returns what it measured. Steps run
+inside) and writes what it measured into WORK/steps/STEP.json as it goes; after every step the
+driver gathers them into OUT/results.json and OUT/results.md and appends the step's output to
+OUT/steps.log, so a run cut short still returns what it measured, in three files (the GPU machine
+sends back at most eight). Steps run
 in order of value; one whose estimate does not fit in what is left of --budget is skipped, and the
 table says so (--steps runs a chosen few, e.g. the ones a short run skipped).
 
@@ -64,7 +66,6 @@ DRY = Workloads(size="small", pages=4, batch=2, lengths="4-12", hf1_pages=2, fir
 
 @dataclass
 class Context:
-    out: Path
     work: Path
     dry: bool
     device: str
@@ -72,8 +73,8 @@ class Context:
     step: str
 
     def record(self, **values) -> None:
-        """Merge values into OUT/STEP.json at once: what a step measured survives its timeout."""
-        path = self.out / f"{self.step}.json"
+        """Merge values into WORK/steps/STEP.json at once: what a step measured survives its timeout."""
+        path = self.work / "steps" / f"{self.step}.json"
         data = json.loads(path.read_text()) if path.exists() else {}
         data.update(values)
         path.write_text(json.dumps(data, indent=1, default=str))
@@ -155,7 +156,7 @@ def step_environment(ctx: Context) -> None:
         ctx.record(compile_ok=ok, compile_seconds=round(time.perf_counter() - started, 1))
     except Exception as err:  # the point is to report it
         ctx.record(compile_ok=False, compile_error=f"{type(err).__name__}: {str(err)[:500]}")
-    if not json.loads((ctx.out / "environment.json").read_text())["compile_ok"]:
+    if not json.loads((ctx.work / "steps" / "environment.json").read_text())["compile_ok"]:
         raise RuntimeError("torch.compile does not work here: every compiled number would be eager")
 
 
@@ -209,7 +210,7 @@ def throughput(ctx: Context, systems: str) -> None:
     path = full_checkpoint(ctx)
     if not (path / "config.json").exists():
         raise RuntimeError("no full-size checkpoint: the checkpoint step did not run")
-    result = ctx.out / f"{ctx.step}-rows.json"
+    result = ctx.work / "steps" / f"{ctx.step}-rows.json"
     load = ctx.load
     args = ["benchmarks/throughput.py", "--size", load.size, "--device", ctx.device, "--pages", str(load.pages),
             "--batch-size", str(load.batch), "--lengths", load.lengths, "--hf1-pages", str(load.hf1_pages),
@@ -363,7 +364,7 @@ def step_gpu_tests(ctx: Context) -> None:
     listed = ctx.python("-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "gpu", *GPU_TEST_FILES)
     ids = [line for line in listed.stdout.splitlines() if "::" in line]
     ctx.record(test_ids=ids)
-    report = ctx.out / "gpu-tests.xml"
+    report = ctx.work / "steps" / "gpu-tests.xml"
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
                            f"--junitxml={report}", *ids], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
@@ -407,7 +408,7 @@ BY_NAME = {step.name: step for step in STEPS}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, help="results: STEP.json, results.json, results.md, logs")
+    parser.add_argument("--out", type=Path, help="results.json, results.md and steps.log")
     parser.add_argument("--work", type=Path, default=None, help="large files (default: a folder in /tmp)")
     parser.add_argument("--budget", type=float, default=480, help="seconds for all steps together")
     parser.add_argument("--wheels", type=Path, default=None, help="a folder of wheels to install first")
@@ -420,10 +421,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.make_wheels:
         sys.exit(make_wheels(args.make_wheels, args.python))
-    if args.out is None:
-        parser.error("--out is required")
     if args.step:
         run_step(args)
+    elif args.out is None:
+        parser.error("--out is required")
     else:
         drive(args)
 
@@ -432,10 +433,12 @@ def drive(args) -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = (args.work or Path("/tmp/kosmos-gpu-check")).resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work / "steps", ignore_errors=True)  # what an earlier check measured is not this one's
+    (work / "steps").mkdir(parents=True)
+    (out / "steps.log").unlink(missing_ok=True)
     started = time.monotonic()
     meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budget_s": args.budget, "dry_run": args.dry_run,
-            "host": platform.node(), "wheels": install_wheels(args.wheels, work, out, args.dry_run)}
+            "host": platform.node(), "wheels": install_wheels(args.wheels, work, args.dry_run)}
     chosen = [BY_NAME[name] for name in args.steps.split(",")] if args.steps else STEPS
     status: dict[str, dict] = {}
     for step in chosen:
@@ -443,24 +446,27 @@ def drive(args) -> None:
         need = step.dry_s if args.dry_run else step.gpu_s
         if need > left:
             status[step.name] = {"status": "skipped", "why": f"needs ~{need} s, {max(left, 0):.0f} s left"}
-            write_results(out, meta, status)
+            write_results(out, work, meta, status)
             continue
         # Twice its estimate where the budget allows: estimates are guesses until the first real run.
         # Four times in the dry run, which proves the plumbing on whatever CPU runs the tests.
         timeout = max(min((4 if args.dry_run else 2) * need, left), 1)
         print(f"gpu_check: {step.name} (~{need} s, at most {timeout:.0f} s)", file=sys.stderr, flush=True)
-        command = [sys.executable, str(Path(__file__).resolve()), "--step", step.name, "--out", str(out),
-                   "--work", str(work)] + (["--dry-run"] if args.dry_run else [])
+        command = [sys.executable, str(Path(__file__).resolve()), "--step", step.name, "--work", str(work)] + \
+            (["--dry-run"] if args.dry_run else [])
         begin = time.monotonic()
-        with open(out / f"{step.name}.log", "w") as log:
-            state = run_with_timeout(command, timeout, env=child_env(work), stdout=log)
+        log = work / "steps" / f"{step.name}.log"
+        with open(log, "w") as output:
+            state = run_with_timeout(command, timeout, env=child_env(work), stdout=output)
         status[step.name] = {"status": state, "seconds": round(time.monotonic() - begin, 1)}
         if state != "ok":
-            status[step.name]["why"] = last_error(out / f"{step.name}.log")
-        write_results(out, meta, status)
+            status[step.name]["why"] = last_error(log)
+        with open(out / "steps.log", "a") as logs:
+            logs.write(f"===== {step.name}: {state} =====\n{log.read_text(errors='replace')}\n")
+        write_results(out, work, meta, status)
         print(f"gpu_check: {step.name}: {state} in {status[step.name]['seconds']} s", file=sys.stderr, flush=True)
     meta["total_s"] = round(time.monotonic() - started, 1)
-    write_results(out, meta, status)
+    write_results(out, work, meta, status)
     failed = [name for name, s in status.items() if s["status"] in ("failed", "timed out")]
     print((out / "results.md").read_text(), end="")
     sys.exit(1 if failed else 0)
@@ -483,9 +489,8 @@ def run_step(args) -> None:
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
-    ctx = Context(out=args.out, work=args.work, dry=args.dry_run, device=device, load=DRY if args.dry_run else GPU,
-                  step=args.step)
-    (args.out / f"{args.step}.json").unlink(missing_ok=True)
+    ctx = Context(work=args.work, dry=args.dry_run, device=device, load=DRY if args.dry_run else GPU, step=args.step)
+    (args.work / "steps" / f"{args.step}.json").unlink(missing_ok=True)
     BY_NAME[args.step].run(ctx)
 
 
@@ -497,7 +502,7 @@ def child_env(work: Path) -> dict[str, str]:
     return env
 
 
-def install_wheels(wheels: Path | None, work: Path, out: Path, dry: bool) -> dict:
+def install_wheels(wheels: Path | None, work: Path, dry: bool) -> dict:
     """Install the carried wheels into WORK/site and write WORK/boot/sitecustomize.py, which every
     step's Python (and the processes it starts) runs at start-up: it appends WORK/site after the
     machine's own packages and, in the dry run, hides the packages the GPU machine lacks."""
@@ -548,10 +553,11 @@ def last_error(log: Path) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def write_results(out: Path, meta: dict, status: dict[str, dict]) -> None:
+def write_results(out: Path, work: Path, meta: dict, status: dict[str, dict]) -> None:
+    """OUT/results.json and OUT/results.md from each step's status and what it measured."""
     steps = {}
     for name, state in status.items():
-        path = out / f"{name}.json"
+        path = work / "steps" / f"{name}.json"
         steps[name] = state | {"measured": json.loads(path.read_text()) if path.exists() else {}}
     (out / "results.json").write_text(json.dumps({"meta": meta, "steps": steps}, indent=1, default=str))
     tmp = out / "results.md.tmp"

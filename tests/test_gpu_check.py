@@ -62,6 +62,9 @@ def test_the_dry_run_measures_every_step(tmp_path):
     assert 0 < steps["bf16"]["measured"]["top1_agreement"] <= 1 and steps["bf16"]["measured"]["steps"] > 0
     assert steps["gpu_tests"]["measured"]["test_ids"] and "skipped" in steps["gpu_tests"]["measured"]["summary"]
 
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "steps.log"]  # <= 8 come back
+    logs = (out / "steps.log").read_text()
+    assert [line for line in logs.splitlines() if line.startswith("=====")] == [f"===== {name}: ok =====" for name in steps]
     table = (out / "results.md").read_text()
     assert table == done.stdout
     for name in steps:
@@ -109,9 +112,9 @@ def running(pid: int) -> bool:
 def test_a_compile_that_does_not_work_is_said_first(tmp_path):
     meta = {"started": "2026-12-07", "budget_s": 480, "dry_run": False, "wheels": {"installed": []}}
     env = {"gpu": "NVIDIA H100 80GB HBM3", "compile_ok": False, "compile_error": "InvalidCxxCompiler: no cc"}
-    gpu_check.write_results(tmp_path, meta, {"environment": {"status": "failed", "seconds": 3.0, "why": "RuntimeError"}})
-    (tmp_path / "environment.json").write_text(json.dumps(env))
-    gpu_check.write_results(tmp_path, meta, {"environment": {"status": "failed", "seconds": 3.0, "why": "RuntimeError"}})
+    (tmp_path / "steps").mkdir()
+    (tmp_path / "steps" / "environment.json").write_text(json.dumps(env))
+    gpu_check.write_results(tmp_path, tmp_path, meta, {"environment": {"status": "failed", "seconds": 3.0, "why": "RuntimeError"}})
     table = (tmp_path / "results.md").read_text()
     assert "**torch.compile does not work on this machine: every compiled number below is eager (InvalidCxxCompiler" in table
     assert "NVIDIA H100 80GB HBM3" in table and "| environment | failed | 3.0 | RuntimeError |" in table

@@ -48,12 +48,16 @@ class Job:
 @dataclass
 class Output:
     """One image's generation: new ids, their text, why decoding stopped ("eos", "length", "loop"),
-    and the size (width, height) of the image as the model saw it (Kosmos-2.5 OCR boxes live there)."""
+    the size (width, height) of the image as the model saw it (Kosmos-2.5 OCR boxes live there), and
+    the natural log of the probability of each id, plus the EOS's when it stopped on one (the same as
+    transformers' compute_transition_scores with normalize_logits=True: the softmax of the raw
+    logits, before min_new_tokens' and no_repeat_ngram_size's bans)."""
 
     ids: list[int]
     text: str
     stop: str
     model_size: tuple[int, int]
+    logprobs: list[float]
 
     @property
     def truncated(self) -> bool:
@@ -338,7 +342,8 @@ class Engine:
             capacity=max_prompt_tokens + max_new_tokens, settings=settings, dtype=self.dtype, device=self.device,
             decode=self.compiled, cache=self._cache if self.compiled is not None else None,
         ):
-            yield key, Output(generated.ids, self.decode(generated.ids), generated.stop, sizes.pop(key))
+            yield key, Output(generated.ids, self.decode(generated.ids), generated.stop, sizes.pop(key),
+                              generated.logprobs)
 
     def auto_batch_size(self, prompt: str, max_new_tokens: int, limit: int = 64) -> int:
         """The most slots that fit: on CUDA, free memory (after the weights), less the activations of

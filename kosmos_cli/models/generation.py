@@ -75,10 +75,13 @@ class Request:
 
 @dataclass
 class Generated:
-    """One sequence's new ids (EOS excluded) and why it stopped: "eos", "length" or "loop"."""
+    """One sequence's new ids (EOS excluded), why it stopped ("eos", "length" or "loop"), and the
+    natural log of the probability of each id kept, plus the EOS's when it stopped on one (under the
+    softmax of the model's raw logits: before the EOS ban of min_new_tokens and the n-gram ban)."""
 
     ids: list[int]
     stop: str
+    logprobs: list[float]
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,8 @@ class _Batch:
     them runs in inference mode, none across a yield to the caller). Device tensors: tokens (S, C) every slot's sequence,
     lengths (S,), limits and minimums (S,) as lengths, done (S,), hidden (S, D) the last hidden state.
     The host mirrors lengths exactly (every assigned slot advances by one per step) so that it
-    never has to read them back."""
+    never has to read them back. logprobs (S, C) float32: the log-probability of each token at its
+    position in tokens (prompt positions unused), read back with the tokens when a row finishes."""
 
     @torch.inference_mode()
     def __init__(self, encode_images, decoder, slots, capacity, settings, dtype, device, decode, cache):
@@ -147,6 +151,7 @@ class _Batch:
         # compiled step (a recompile mid-run).
         self.cache = cache(slots, _round_up(self.capacity, self.schedule.span_bucket) + 1)
         self.tokens = torch.full((slots, self.capacity), settings.pad_id, dtype=torch.long, device=device)
+        self.logprobs = torch.zeros((slots, self.capacity), dtype=torch.float32, device=device)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.limits = torch.zeros(slots, dtype=torch.long, device=device)
         self.minimums = torch.zeros(slots, dtype=torch.long, device=device)  # prompt length + min_new_tokens
@@ -232,12 +237,14 @@ class _Batch:
         k = self._rows_in_use()
         lengths = self.lengths[:k]
         span = _round_up(max(self.lengths_host[:k]) + 1, self.schedule.span_bucket)
-        next_ids, done, hidden = self.decode_step(
+        next_ids, logprobs, done, hidden = self.decode_step(
             self.decoder, self.cache, self.hidden[:k], self.tokens[:k], lengths, self.minimums[:k],
             self.limits[:k], self.done[:k], self.eos, self.settings.pad_id, self.settings.no_repeat_ngram_size, span,
         )
         # Finished slots write pad past their end; free slots (advance 0) rewrite index 0 harmlessly.
-        self.tokens[torch.arange(k, device=self.device), lengths] = next_ids
+        rows = torch.arange(k, device=self.device)
+        self.tokens[rows, lengths] = next_ids
+        self.logprobs[rows, lengths] = logprobs
         self.done[:k] = done
         self.hidden[:k] = hidden
         lengths += self.advance[:k]
@@ -288,16 +295,23 @@ class _Batch:
         if not finished:
             return []
         collected = []
-        host = self.tokens[finished].tolist()
-        for s, row in zip(finished, host):
+        host, host_logprobs = self.tokens[finished].tolist(), self.logprobs[finished].tolist()
+        for s, row, row_logprobs in zip(finished, host, host_logprobs):
             request = self.owner[s]
             start = len(request.prompt.ids)
             new = row[start : start + request.max_new_tokens]
+            logprobs = row_logprobs[start : start + request.max_new_tokens]
+            # Only what the output keeps counts: a row steps on (pads, or tokens past a loop) until the
+            # next host check, and when that comes depends on the batch and the device.
             if s in self.looped:
-                result = Generated(new[: self.looped.pop(s)], "loop")
+                keep = self.looped.pop(s)
+                result = Generated(new[:keep], "loop", logprobs[:keep])
             else:
                 stop = next((i for i, t in enumerate(new) if t in self.settings.eos_ids), None)
-                result = Generated(new[:stop], "eos") if stop is not None else Generated(new, "length")
+                if stop is not None:
+                    result = Generated(new[:stop], "eos", logprobs[: stop + 1])
+                else:
+                    result = Generated(new, "length", logprobs[: len(new)])
             self.owner[s] = None
             self.lengths_host[s] = 0
             collected.append((request.key, result))
@@ -311,20 +325,26 @@ def decode_step(decoder, cache, hidden, tokens, lengths, minimums, limits, done,
                 flex: bool = False):
     """Pick each row's next token from its last hidden state and run the decoder one step on it.
 
-    hidden (k, D), tokens (k, C), lengths/minimums/limits (k,), done (k,) -> (next ids (k,), done
-    (k,), new hidden (k, D)). Writes only the KV cache: a pure tensor function, so it can be compiled
-    (and on CUDA captured as a graph) once per (k, span) shape. flex: FlexAttention (see StepPlan)."""
+    hidden (k, D), tokens (k, C), lengths/minimums/limits (k,), done (k,) -> (next ids (k,), their
+    log-probabilities (k,), done (k,), new hidden (k, D)). Writes only the KV cache: a pure tensor
+    function, so it can be compiled (and on CUDA captured as a graph) once per (k, span) shape.
+    flex: FlexAttention (see StepPlan)."""
     logits = decoder.logits(hidden).float()  # (k, V)
+    # Normalised over the raw logits: the bans below only set -inf, never on the token picked, so
+    # its masked logit is its raw one.
+    normaliser = torch.logsumexp(logits, dim=-1)  # (k,)
     early = (lengths < minimums).unsqueeze(1)
     logits[:, eos] = logits[:, eos].masked_fill(early, float("-inf"))
     if ngram > 0:
         ban_repeated_ngrams(logits, tokens, lengths, ngram)
-    next_ids = torch.where(done, pad_id, logits.argmax(-1))
+    picked = logits.argmax(-1)
+    logprobs = logits.gather(1, picked[:, None])[:, 0] - normaliser
+    next_ids = torch.where(done, pad_id, picked)
     # Not torch.isin: torch 2.4 guards its decomposition with an expression it cannot evaluate,
     # and recompiles the step on every call.
     done = done | (next_ids[:, None] == eos).any(-1) | (lengths + 1 >= limits)
     x = decoder.embed(next_ids[:, None], lengths)
-    return next_ids, done, decoder(x, cache, StepPlan.decode_all(lengths, span, flex))[:, 0]
+    return next_ids, logprobs, done, decoder(x, cache, StepPlan.decode_all(lengths, span, flex))[:, 0]
 
 
 class CompiledDecodeStep:

@@ -10,7 +10,7 @@ from tests.helpers import ROOT
 def test_throughput_benchmark_runs_every_system(tmp_path):
     out = tmp_path / "result.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--size", "small", "--device", "cpu",
-           "--pages", "3", "--batch-size", "2", "--lengths", "2-6", "--dtype", "fp32", "--hf1-pages", "2", "--compile", "off", "--repeat", "2",
+           "--pages", "3", "--batch-size", "2", "--lengths", "2-6", "--dtype", "fp32", "--hf1-pages", "2", "--compile", "auto", "--repeat", "2",
            "--systems", "hf1,hfb,kosmos,kosmos-flex",
            "--model-dir", str(tmp_path / "model"), "--json", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)

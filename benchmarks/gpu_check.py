@@ -568,8 +568,9 @@ def write_results(out: Path, work: Path, meta: dict, status: dict[str, dict]) ->
 def markdown(meta: dict, steps: dict[str, dict]) -> str:
     env = steps.get("environment", {}).get("measured", {})
     lines = ["# GPU check" + (" (dry run: CPU, tiny models)" if meta.get("dry_run") else ""), ""]
-    lines.append(f"{env.get('gpu', env.get('device', '?'))}, {env.get('gpu_memory_gib', '?')} GiB, "
-                 f"{env.get('capability', '')}; torch {env.get('torch', '?')}, CUDA {env.get('cuda')}, "
+    where = (f"{env['gpu']}, {env['gpu_memory_gib']} GiB, {env['capability']}" if "gpu" in env
+             else f"device {env.get('device', '?')}")
+    lines.append(f"{where}; torch {env.get('torch', '?')}, CUDA {env.get('cuda')}, "
                  f"Triton {env.get('triton', '?')}, transformers {env.get('transformers', '?')} (the machine's: "
                  f"the oracle), Python {env.get('python', '?')}; {meta['started']}; budget {meta['budget_s']:.0f} s"
                  + (f", took {meta['total_s']} s" if "total_s" in meta else ""))

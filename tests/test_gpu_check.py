@@ -111,13 +111,14 @@ def running(pid: int) -> bool:
 
 def test_a_compile_that_does_not_work_is_said_first(tmp_path):
     meta = {"started": "2026-12-07", "budget_s": 480, "dry_run": False, "wheels": {"installed": []}}
-    env = {"gpu": "NVIDIA H100 80GB HBM3", "compile_ok": False, "compile_error": "InvalidCxxCompiler: no cc"}
+    env = {"gpu": "NVIDIA H100 80GB HBM3", "gpu_memory_gib": 79.2, "capability": "sm_90", "compile_ok": False,
+           "compile_error": "InvalidCxxCompiler: no cc"}
     (tmp_path / "steps").mkdir()
     (tmp_path / "steps" / "environment.json").write_text(json.dumps(env))
     gpu_check.write_results(tmp_path, tmp_path, meta, {"environment": {"status": "failed", "seconds": 3.0, "why": "RuntimeError"}})
     table = (tmp_path / "results.md").read_text()
     assert "**torch.compile does not work on this machine: every compiled number below is eager (InvalidCxxCompiler" in table
-    assert "NVIDIA H100 80GB HBM3" in table and "| environment | failed | 3.0 | RuntimeError |" in table
+    assert "NVIDIA H100 80GB HBM3, 79.2 GiB, sm_90; torch" in table and "| environment | failed | 3.0 | RuntimeError |" in table
 
 
 @pytest.mark.network

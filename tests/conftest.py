@@ -1,18 +1,40 @@
-"""Shared fixtures: tiny random checkpoints in the Hub layout (built once per test session), our model
-on one of them, an input image, fixed model answers."""
+"""Shared fixtures: tiny random checkpoints in the Hub layout (built once per test run, whatever the
+number of pytest-xdist workers), our model on one of them, an input image, fixed model answers; and how
+a run with workers (`-n auto`) shares out the cores."""
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
 from tests.helpers.images import write_image
 from tests.helpers.kosmos2 import SNOWMAN, make_kosmos2_checkpoint
 from tests.helpers.kosmos2_5 import make_kosmos2_5_checkpoint
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` once per test run; returns the folder. Without workers that is once per session;
+    under pytest-xdist each worker is a session of its own, so the first worker to ask builds in the
+    run's folder (the parent of every worker's basetemp) while the others wait on a lock, and all of
+    them read the same files."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    run = tmp_path_factory.getbasetemp().parent
+    path, done = run / name, run / f"{name}.done"
+    with open(run / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)  # what a worker that died mid-build left
+            build(path)
+            done.touch()
+    return path
+
 
 # --------------------------------------------------------------------------------------------------
 # Kosmos-2.5
@@ -22,24 +44,22 @@ from tests.helpers.kosmos2_5 import make_kosmos2_5_checkpoint
 @pytest.fixture(scope="session")
 def kosmos25_tied(tmp_path_factory):
     """Tiny Kosmos-2.5: tied lm_head (absent from the file), one model.safetensors, preprocessor_config.json."""
-    path = tmp_path_factory.mktemp("kosmos25_tied")
-    return make_kosmos2_5_checkpoint(path, tied=True, sharded=False, image_dependent=False)
+    return built_once(tmp_path_factory, "kosmos25_tied", lambda path: make_kosmos2_5_checkpoint(
+        path, tied=True, sharded=False, image_dependent=False))
 
 
 @pytest.fixture(scope="session")
 def kosmos25_sharded(tmp_path_factory):
     """Tiny Kosmos-2.5: untied lm_head, >= 2 safetensors shards + index; greedy output depends on the image."""
-    path = tmp_path_factory.mktemp("kosmos25_sharded")
-    return make_kosmos2_5_checkpoint(path, tied=False, sharded=True, image_dependent=True)
+    return built_once(tmp_path_factory, "kosmos25_sharded", lambda path: make_kosmos2_5_checkpoint(
+        path, tied=False, sharded=True, image_dependent=True))
 
 
 @pytest.fixture(scope="session")
 def kosmos25_processor_layout(tmp_path_factory):
     """Like `kosmos25_tied` but with transformers-5's processor_config.json instead of preprocessor_config.json."""
-    path = tmp_path_factory.mktemp("kosmos25_processor_layout")
-    return make_kosmos2_5_checkpoint(
-        path, tied=True, sharded=False, image_dependent=False, processor_layout="processor"
-    )
+    return built_once(tmp_path_factory, "kosmos25_processor_layout", lambda path: make_kosmos2_5_checkpoint(
+        path, tied=True, sharded=False, image_dependent=False, processor_layout="processor"))
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +85,7 @@ def engine(kosmos25_sharded):
 def k2_dir(tmp_path_factory):
     """Tiny Kosmos-2 (seed 0): untied lm_head, greedy output depends on the image; tokenizer_config.json
     without an added_tokens_decoder block."""
-    return make_kosmos2_checkpoint(tmp_path_factory.mktemp("kosmos2"))
+    return built_once(tmp_path_factory, "kosmos2", make_kosmos2_checkpoint)
 
 
 @pytest.fixture(scope="session")
@@ -113,20 +133,60 @@ def fixed_answers(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
-# Markers
+# The run: its compile cache, its workers, markers
 # --------------------------------------------------------------------------------------------------
 
 
 def pytest_configure(config):
-    """torch.compile in this run (tests and the processes they start) caches into a folder of its own,
-    empty at the start: what a test compiles must not depend on what earlier runs left in the
-    machine's shared cache. Tests that need a cold cache of their own set TORCHINDUCTOR_CACHE_DIR."""
+    """torch.compile in this run (tests, the processes they start, and pytest-xdist's workers) caches
+    into a folder of its own, empty at the start: what a test compiles must not depend on what earlier
+    runs left in the machine's shared cache. The main process makes it; workers inherit it through the
+    environment. Tests that need a cold cache of their own set TORCHINDUCTOR_CACHE_DIR."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        _share_the_cores(int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+        return
     config.inductor_cache = tempfile.mkdtemp(prefix="kosmos-tests-inductor-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = config.inductor_cache
 
 
 def pytest_unconfigure(config):
     shutil.rmtree(getattr(config, "inductor_cache", ""), ignore_errors=True)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _share_the_cores(workers: int) -> None:
+    """In a pytest-xdist worker: torch, here and in the processes the tests start, gets this worker's
+    share of the cores (one thread each for two workers on 2 cores). Two workers of two threads each
+    oversubscribe 2 cores, and torch's threads then wait on each other: a test of many small ops on the
+    tiny models went from 0.3 s to 10 s."""
+    import torch
+
+    threads = max(1, _cores() // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (the README's test command): two workers where there are two cores or more, none (a
+    plain run) on one core. Two is what was measured (on 2 cores); each worker costs a process that
+    imports torch and transformers and loads its own engines."""
+    return 2 if _cores() >= 2 else 0
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under xdist's default, `--dist load`: the longest tests first, and tests that share something
+    costly that lives in one process in one worker (tests/helpers/schedule.py). Another `--dist`
+    (loadfile, worksteal, ...) gets xdist's own scheduling."""
+    if config.getvalue("dist") != "load":
+        return None
+    from tests.helpers.schedule import LongestFirst
+
+    return LongestFirst(config, log)
 
 
 def pytest_collection_modifyitems(config, items):

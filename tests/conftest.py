@@ -17,23 +17,32 @@ from tests.helpers.images import write_image
 from tests.helpers.kosmos2 import SNOWMAN, make_kosmos2_checkpoint
 from tests.helpers.kosmos2_5 import make_kosmos2_5_checkpoint
 
+# --------------------------------------------------------------------------------------------------
+# Checkpoints, built once per run
+# --------------------------------------------------------------------------------------------------
 
-def built_once(tmp_path_factory, name: str, build) -> Path:
-    """`build(folder)` once per test run; returns the folder. Without workers that is once per session;
-    under pytest-xdist each worker is a session of its own, so the first worker to ask builds in the
-    run's folder (the parent of every worker's basetemp) while the others wait on a lock, and all of
-    them read the same files."""
-    if "PYTEST_XDIST_WORKER" not in os.environ:
-        return build(tmp_path_factory.mktemp(name))
-    run = tmp_path_factory.getbasetemp().parent
-    path, done = run / name, run / f"{name}.done"
-    with open(run / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not done.exists():
-            shutil.rmtree(path, ignore_errors=True)  # what a worker that died mid-build left
-            build(path)
-            done.touch()
-    return path
+
+@pytest.fixture(scope="session")
+def build_once(pytestconfig, tmp_path_factory):
+    """`build_once(name, build)` calls `build(folder)` once per test run and returns the folder. Without
+    workers that is once per session; under pytest-xdist each worker is a session of its own, so the
+    first worker to ask builds in the run's folder (the parent of every worker's basetemp) while the
+    others wait on a lock, and all of them read the same files."""
+
+    def build_once(name: str, build) -> Path:
+        if not _in_a_worker(pytestconfig):
+            return build(tmp_path_factory.mktemp(name))
+        run = tmp_path_factory.getbasetemp().parent
+        path, done = run / name, run / f"{name}.done"
+        with open(run / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not done.exists():
+                shutil.rmtree(path, ignore_errors=True)  # what a worker that died mid-build left
+                build(path)
+                done.touch()
+        return path
+
+    return build_once
 
 
 # --------------------------------------------------------------------------------------------------
@@ -42,23 +51,23 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
 
 
 @pytest.fixture(scope="session")
-def kosmos25_tied(tmp_path_factory):
+def kosmos25_tied(build_once):
     """Tiny Kosmos-2.5: tied lm_head (absent from the file), one model.safetensors, preprocessor_config.json."""
-    return built_once(tmp_path_factory, "kosmos25_tied", lambda path: make_kosmos2_5_checkpoint(
+    return build_once("kosmos25_tied", lambda path: make_kosmos2_5_checkpoint(
         path, tied=True, sharded=False, image_dependent=False))
 
 
 @pytest.fixture(scope="session")
-def kosmos25_sharded(tmp_path_factory):
+def kosmos25_sharded(build_once):
     """Tiny Kosmos-2.5: untied lm_head, >= 2 safetensors shards + index; greedy output depends on the image."""
-    return built_once(tmp_path_factory, "kosmos25_sharded", lambda path: make_kosmos2_5_checkpoint(
+    return build_once("kosmos25_sharded", lambda path: make_kosmos2_5_checkpoint(
         path, tied=False, sharded=True, image_dependent=True))
 
 
 @pytest.fixture(scope="session")
-def kosmos25_processor_layout(tmp_path_factory):
+def kosmos25_processor_layout(build_once):
     """Like `kosmos25_tied` but with transformers-5's processor_config.json instead of preprocessor_config.json."""
-    return built_once(tmp_path_factory, "kosmos25_processor_layout", lambda path: make_kosmos2_5_checkpoint(
+    return build_once("kosmos25_processor_layout", lambda path: make_kosmos2_5_checkpoint(
         path, tied=True, sharded=False, image_dependent=False, processor_layout="processor"))
 
 
@@ -82,10 +91,10 @@ def engine(kosmos25_sharded):
 
 
 @pytest.fixture(scope="session")
-def k2_dir(tmp_path_factory):
+def k2_dir(build_once):
     """Tiny Kosmos-2 (seed 0): untied lm_head, greedy output depends on the image; tokenizer_config.json
     without an added_tokens_decoder block."""
-    return built_once(tmp_path_factory, "kosmos2", make_kosmos2_checkpoint)
+    return build_once("kosmos2", make_kosmos2_checkpoint)
 
 
 @pytest.fixture(scope="session")
@@ -142,8 +151,8 @@ def pytest_configure(config):
     into a folder of its own, empty at the start: what a test compiles must not depend on what earlier
     runs left in the machine's shared cache. The main process makes it; workers inherit it through the
     environment. Tests that need a cold cache of their own set TORCHINDUCTOR_CACHE_DIR."""
-    if "PYTEST_XDIST_WORKER" in os.environ:
-        _share_the_cores(int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    if _in_a_worker(config):
+        _share_the_cores(config.workerinput["workercount"])
         return
     config.inductor_cache = tempfile.mkdtemp(prefix="kosmos-tests-inductor-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = config.inductor_cache
@@ -151,6 +160,11 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     shutil.rmtree(getattr(config, "inductor_cache", ""), ignore_errors=True)
+
+
+def _in_a_worker(config) -> bool:
+    """A pytest-xdist worker (not a pytest that a test starts in one: it inherits PYTEST_XDIST_WORKER)."""
+    return hasattr(config, "workerinput")
 
 
 def _cores() -> int:

@@ -34,16 +34,16 @@ TOGETHER = {
     "devices": ["tests/test_devices.py::"],
 }
 
-# What starts first, longest first (seconds on a quiet 2-core machine, run alone: about 70, 70, 35,
-# 28, 26, 27, 20, 14, 12); a test id prefix or a name from TOGETHER.
+# What starts first, longest first: a test id prefix or a name from TOGETHER, with its seconds in a
+# 2-worker run on 2 cores.
 FIRST = [
-    "tests/test_gpu_check.py::test_the_dry_run_measures_every_step",
-    "compiled in the test process",
-    "tests/test_generation.py::test_one_compile_with_a_cold_and_then_a_warm_cache",
-    "ray",
-    "devices",
-    "interrupts",
-    "tests/test_benchmark.py::",
+    "compiled in the test process",  # 90
+    "tests/test_gpu_check.py::test_the_dry_run_measures_every_step",  # 75
+    "tests/test_generation.py::test_one_compile_with_a_cold_and_then_a_warm_cache",  # 3 tests, 28-38 each
+    "ray",  # 30
+    "devices",  # 22
+    "interrupts",  # 15
+    "tests/test_benchmark.py::",  # 12-16 (30 if it compiles the step first)
 ]
 
 

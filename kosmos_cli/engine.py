@@ -10,6 +10,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from PIL import Image
 
+from .confidence import align
 from .models import kosmos2, kosmos2_5
 from .models.config import Architecture
 from .models.generation import ADMIT_CHUNK, CompiledDecodeStep, DecodeSettings, LoopCheck, Prompt, Request, stream
@@ -390,6 +391,10 @@ class Engine:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
+
+    def token_starts(self, ids: Sequence[int], text: str) -> list[int] | None:
+        """Where each id's text starts in ``text``, `decode(ids)`; None if that cannot be told."""
+        return align(self.tokenizer.pieces(list(ids)), text)
 
 
 def _eos_ids(model_dir: Path, configured: int | list[int]) -> list[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from typing import Callable, Iterable, Iterator
 
+from .confidence import TokenScores
 from .engine import Engine, Job, Output
 from .models.generation import LoopCheck
 from .pages import ErrorJob, InputOrder, PageJob, prefetch
@@ -130,10 +131,14 @@ class _Preparer:
 
 
 def _result(engine: Engine, task: Task, page: PageJob, out: Output, prompt: str) -> PageResult:
-    raw = prompt + out.text if task.caption_task else out.text
+    shown = prompt if task.caption_task else ""  # the caption's start is the prompt's end
+    raw = shown + out.text
+    starts = engine.token_starts(out.ids, out.text)
+    scores = TokenScores(None if starts is None else [len(shown) + s for s in starts], out.logprobs)
     page_size = page.size or page.image.size  # the full page: the image may be a smaller working copy
     return PageResult(
         source=page.source, page=page.page, task=task.name, model=engine.name,
         width=page_size[0], height=page_size[1], raw=raw, truncated=out.truncated,
-        **task.parse(raw, out.model_size, page_size),
+        confidence=scores.page, new_tokens=len(out.logprobs),
+        **task.parse(raw, out.model_size, page_size, scores),
     )

@@ -57,6 +57,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_probability(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+
 def _is_line(value: Any) -> bool:
     """``{"text": str, "polygon": [numbers]}``, what the OCR text format needs."""
     return (isinstance(value, dict) and isinstance(value.get("text"), str) and isinstance(value.get("polygon"), list)
@@ -72,6 +76,8 @@ _FIELD_CHECKS: dict[str, Callable[[Any], bool]] = {
     "width": _is_int,
     "height": _is_int,
     "text": lambda v: isinstance(v, str),
+    "confidence": lambda v: v is None or _is_probability(v),
+    "new_tokens": lambda v: v is None or _is_int(v),
     "lines": lambda v: isinstance(v, list) and all(_is_line(ln) for ln in v),
     "entities": lambda v: isinstance(v, list) and all(isinstance(e, dict) for e in v),
     "raw": lambda v: isinstance(v, str),
@@ -91,6 +97,9 @@ class PageResult:
     cannot, is displayed too). Text read back from JSON is a str, so it is never escaped twice.
     ``lines`` are ``{"text", "polygon"}`` (or `Line` objects), ``entities`` are ``{"text", "span",
     "boxes", ...}`` (or objects with ``to_dict``); ``width``/``height`` are the rendered page size.
+    ``confidence`` (page, and each line's and entity's) is the geometric mean of the probabilities of
+    the tokens kept (`kosmos_cli.confidence`), ``new_tokens`` how many there are (EOS included); both
+    None where unknown (a failed page, or a page stored before they existed).
     """
 
     source: str
@@ -105,6 +114,8 @@ class PageResult:
     raw: str = ""
     truncated: bool = False
     error: str | None = None
+    confidence: float | None = None  # last, for positional callers; to_dict puts it after text
+    new_tokens: int | None = None
 
     def __post_init__(self):
         self.source = source_text(self.source)
@@ -119,6 +130,8 @@ class PageResult:
             "width": int(self.width),
             "height": int(self.height),
             "text": self.text,
+            "confidence": self.confidence,
+            "new_tokens": self.new_tokens,
             "lines": list(self.lines),
             "entities": list(self.entities),
             "raw": self.raw,

@@ -128,13 +128,13 @@ def fixed_answers(monkeypatch):
     from kosmos_cli.tasks import TASKS
     from kosmos_cli.tasks import grounding, ocr
 
-    def ocr_fields(raw, model_size, page_size):
+    def ocr_fields(raw, model_size, page_size, scores=None):
         w, h = model_size
         answer = (f"<bbox><x_0><y_0><x_{w // 2}><y_{h // 4}></bbox>Total 50,000\n"
                   f"<bbox><x_{w // 4}><y_{h // 2}><x_{w + 40}><y_{h + 40}></bbox>past the edge\n")
         return ocr.page_fields(answer, model_size, page_size)
 
-    def ground_fields(raw, model_size, page_size):
+    def ground_fields(raw, model_size, page_size, scores=None):
         return grounding.page_fields(SNOWMAN, model_size, page_size)
 
     monkeypatch.setitem(TASKS, "ocr", dataclasses.replace(TASKS["ocr"], parse=ocr_fields))

@@ -39,7 +39,7 @@ from tests.helpers.images import png_header_only
 from tests.helpers.pdfs import make_image_pdf, make_pdf
 
 EXAMPLES = ROOT / "examples"
-SCHEMA_KEYS = ["source", "page", "task", "model", "width", "height", "text", "lines", "entities", "raw",
+SCHEMA_KEYS = ["source", "page", "task", "model", "width", "height", "text", "confidence", "new_tokens", "lines", "entities", "raw",
                "truncated", "error"]
 OCR_LINE = re.compile(r"^\d+(,\d+){7},.+$")
 
@@ -353,7 +353,7 @@ def test_interrupted_model_run(k25, tmp_path, monkeypatch):
 
     seen = []
 
-    def interrupt_on_second_page(raw, model_size, page_size):
+    def interrupt_on_second_page(raw, model_size, page_size, scores):
         seen.append(raw)
         if len(seen) == 2:
             raise KeyboardInterrupt
@@ -490,7 +490,7 @@ def test_unreadable_path(k25, png, tmp_path, monkeypatch):
 def test_unexpected_error_is_one_line_unless_debug(k25, png, monkeypatch):
     from kosmos_cli.tasks import TASKS
 
-    def broken(raw, model_size, page_size):
+    def broken(raw, model_size, page_size, scores):
         raise ZeroDivisionError("boom")
 
     monkeypatch.setitem(TASKS, "md", dataclasses.replace(TASKS["md"], parse=broken))

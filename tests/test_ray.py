@@ -152,7 +152,7 @@ def test_the_schema_holds_every_task_s_record():
 
     ocr = PageResult("a.pdf", 1, "ocr", "m", 100, 50, "Total", [with_line(1)], raw="<ocr>").to_dict()
     entity = {"text": "a snowman", "span": [12, 21], "boxes": [[0.39, 0.05, 0.98, 0.83]],
-              "pixel_boxes": [[39, 2, 98, 41]]}
+              "pixel_boxes": [[39, 2, 98, 41]], "confidence": 0.125}
     ground = PageResult("b.png", 1, "ground", "m", 100, 50, "An image of a snowman", entities=[entity]).to_dict()
     failed = PageResult.failed("c.pdf", 0, "md", "m", "cannot open").to_dict()
     assert record_schema().names == list(ocr)

@@ -21,7 +21,7 @@ from kosmos_cli.writers.formats import PAGE_SEPARATOR, page_comment
 from kosmos_cli.writers.overlay import draw_overlay
 from tests.helpers.pdfs import make_image_pdf
 
-SCHEMA_KEYS = ["source", "page", "task", "model", "width", "height", "text", "lines", "entities", "raw", "truncated", "error"]
+SCHEMA_KEYS = ["source", "page", "task", "model", "width", "height", "text", "confidence", "new_tokens", "lines", "entities", "raw", "truncated", "error"]
 MODEL = "microsoft/kosmos-2.5"
 
 

@@ -68,15 +68,17 @@ def connect(address: str | None = None) -> None:
 def record_schema() -> pyarrow.Schema:
     """The JSONL schema of a page record as Arrow types: every batch of records has it, whether its
     pages have lines or entities or not (an empty list alone would be a list of nulls) and whether
-    any failed (``error``) or none."""
-    ints, floats = pyarrow.list_(pyarrow.int64()), pyarrow.list_(pyarrow.float64())
-    line = pyarrow.struct([("text", pyarrow.string()), ("polygon", ints)])
+    any failed (``error``, and null confidences) or none."""
+    ints, floats, confidence = pyarrow.list_(pyarrow.int64()), pyarrow.list_(pyarrow.float64()), pyarrow.float64()
+    line = pyarrow.struct([("text", pyarrow.string()), ("polygon", ints), ("confidence", confidence),
+                           ("word_confidences", floats)])
     entity = pyarrow.struct([("text", pyarrow.string()), ("span", ints), ("boxes", pyarrow.list_(floats)),
-                             ("pixel_boxes", pyarrow.list_(ints))])
+                             ("pixel_boxes", pyarrow.list_(ints)), ("confidence", confidence)])
     return pyarrow.schema([
         ("source", pyarrow.string()), ("page", pyarrow.int64()), ("task", pyarrow.string()),
         ("model", pyarrow.string()), ("width", pyarrow.int64()), ("height", pyarrow.int64()),
-        ("text", pyarrow.string()), ("lines", pyarrow.list_(line)), ("entities", pyarrow.list_(entity)),
+        ("text", pyarrow.string()), ("confidence", confidence), ("new_tokens", pyarrow.int64()),
+        ("lines", pyarrow.list_(line)), ("entities", pyarrow.list_(entity)),
         ("raw", pyarrow.string()), ("truncated", pyarrow.bool_()), ("error", pyarrow.string()),
     ])
 

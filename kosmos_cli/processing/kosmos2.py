@@ -353,25 +353,31 @@ class Kosmos2Tokenizer:
     # ------------------------------------------------------------------ decoding
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Ids -> text.  Tag and patch-index tokens are kept as text; special ones dropped if asked."""
-        parts: list[str] = []
-        for i in ids:
-            i = int(i)
-            if skip_special_tokens and i in self.special_ids:
-                continue
-            added = self._by_id.get(i)
-            if added is not None:
-                parts.append(added.content)
-                continue
-            p = i - 1
-            if not 3 <= p < self._sp.get_piece_size():
-                continue  # unknown id: nothing to show (the reference drops it as well)
-            parts.append(self._sp.id_to_piece(p).replace(SPIECE_UNDERLINE, " "))
-        if parts and parts[0].startswith(" "):
-            parts[0] = parts[0][1:]
-        text = "".join(parts)
+        text = "".join(self.pieces(ids, skip_special_tokens))
         if self.clean_up_tokenization_spaces:
             text = _clean_up_spaces(text)
         return text
+
+    def pieces(self, ids: list[int], skip_special_tokens: bool = True) -> list[str]:
+        """The text each id adds, one string per id (empty for a special token dropped or an unknown
+        id), before the clean-up of spaces: joined, they are `decode`'s text before that clean-up."""
+        parts: list[str] = []
+        for i in ids:
+            i = int(i)
+            added = self._by_id.get(i)
+            p = i - 1
+            if skip_special_tokens and i in self.special_ids:
+                parts.append("")
+            elif added is not None:
+                parts.append(added.content)
+            elif 3 <= p < self._sp.get_piece_size():
+                parts.append(self._sp.id_to_piece(p).replace(SPIECE_UNDERLINE, " "))
+            else:
+                parts.append("")  # unknown id: nothing to show (the reference drops it as well)
+        first = next((k for k, part in enumerate(parts) if part), None)
+        if first is not None and parts[first].startswith(" "):
+            parts[first] = parts[first][1:]
+        return parts
 
 
 def _clean_up_spaces(text: str) -> str:

@@ -11,6 +11,7 @@ A prompt is `<s><image>` + N placeholder tokens + `</image>` + task text, with a
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer
@@ -43,6 +44,18 @@ _DEFAULT_NAMES = {
     "image_token": "<s>",  # the placeholder repeated inside <image>...</image>
 }
 _ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
+
+
+def _byte_level_symbols() -> dict[str, int]:
+    """Byte-level BPE's alphabet: each byte as a printable character (printable ASCII and Latin-1
+    bytes as themselves, the others as the code points from 256 up, in byte order), as a map from
+    character to byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(others)}
+
+
+_BYTE_OF_SYMBOL = _byte_level_symbols()
 
 
 def _token_content(value) -> str | None:
@@ -152,6 +165,28 @@ class Kosmos25Tokenizer:
         """Text of `ids` without special tokens (`<s>`, `</s>`, `<pad>`, `<image>`…); box tokens stay as text."""
         text = self._tok.decode(list(ids), skip_special_tokens=True)
         return _clean_up_spaces(text) if self._clean_up_spaces else text
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        """The text each id adds to `decode`'s, one string per id: empty for a special token, a
+        character completed by this id's bytes belongs to it. With a byte-level BPE (Kosmos-2.5's)
+        the pieces join to `decode`'s text, also when a character's bytes span several ids; with
+        another decoder each id is decoded alone, which may not."""
+        added = self._tok.get_added_tokens_decoder()
+        if type(self._tok.decoder).__name__ != "ByteLevel":
+            return ["" if i in added and added[i].special else self._tok.decode([i], skip_special_tokens=True)
+                    for i in ids]
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        parts = []
+        for i in ids:
+            token = added.get(i)
+            if token is not None:
+                parts.append("" if token.special else utf8.decode(token.content.encode()))
+            else:
+                symbols = self._tok.id_to_token(i) or ""
+                parts.append(utf8.decode(bytes(_BYTE_OF_SYMBOL.get(c, 0x3F) for c in symbols)))
+        if parts:
+            parts[-1] += utf8.decode(b"", final=True)
+        return parts
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..confidence import TokenScores
 from ..results import PageResult
 
 
@@ -23,8 +24,9 @@ class Task:
     default_model: str
     prompt: str
     max_new_tokens: int  # the default budget per page
-    # (raw model text, model input size, page size) -> the page result's task fields (text, lines, entities)
-    parse: Callable[[str, tuple[int, int], tuple[int, int]], dict]
+    # (raw model text, model input size, page size, the tokens' `TokenScores` or None) -> the page
+    # result's task fields (text, lines, entities; the confidence of each line and entity with scores)
+    parse: Callable[[str, tuple[int, int], tuple[int, int], TokenScores | None], dict]
     # A page result as plain text: what stdout shows and what a .txt document holds for the page.
     text: Callable[[PageResult], str]
     documents: tuple[str, ...]  # the document files written under -o by default, by suffix (see writers.formats)

@@ -50,6 +50,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from ..confidence import TokenScores
 from .base import Task, result_text
 
 __all__ = ["Entity", "parse_grounding", "boxes_to_pixels", "patch_indices_to_box", "GRID_SIZE", "TASK"]
@@ -72,6 +73,9 @@ class Entity:
     text: str
     span: tuple[int, int]
     boxes: list[Box] = field(default_factory=list)
+    # Where it lies in the generated text given to `parse_grounding`: from its <phrase> (its <object>
+    # when it has no phrase) to the end of its object block.
+    region: tuple[int, int] = field(default=(0, 0), compare=False)
 
 
 def patch_indices_to_box(first: int, second: int, grid: int = GRID_SIZE) -> Box:
@@ -90,8 +94,9 @@ def _clean_length(text: str) -> int:
     return len(_ANY_TAG.sub("", text))
 
 
-def _read_object(text: str, pos: int) -> list[list[int]]:
-    """Delimiter-separated groups of patch indices of the object block starting at ``pos``.
+def _read_object(text: str, pos: int) -> tuple[list[list[int]], int]:
+    """Delimiter-separated groups of patch indices of the object block starting at ``pos``, and where
+    the block ends.
 
     ``pos`` is just after ``<object>``; the block runs over directly adjacent patch indices and
     delimiters and ends at ``</object>``, at anything else, or at the end of the text.
@@ -108,7 +113,7 @@ def _read_object(text: str, pos: int) -> list[list[int]]:
             groups.append([])
         else:
             break
-    return groups
+    return groups, pos
 
 
 def _phrase_before(text: str, pos: int) -> tuple[int, int] | None:
@@ -125,7 +130,8 @@ def _phrase_before(text: str, pos: int) -> tuple[int, int] | None:
 
 def parse_grounding(generated_text: str, grid: int = GRID_SIZE) -> tuple[str, list[Entity]]:
     """Clean caption and grounded entities of Kosmos-2 output (rules in the module docstring)."""
-    text = generated_text.split("</image>")[-1]
+    base = generated_text.rfind("</image>") + len("</image>") if "</image>" in generated_text else 0
+    text = generated_text[base:]
     raw_caption = _ANY_TAG.sub("", text)
     caption = raw_caption.strip()
     lead = len(raw_caption) - len(raw_caption.lstrip())
@@ -137,7 +143,7 @@ def parse_grounding(generated_text: str, grid: int = GRID_SIZE) -> tuple[str, li
         start = text.find(_OBJECT_OPEN, search_from)
         if start < 0:
             break
-        groups = _read_object(text, start + len(_OBJECT_OPEN))
+        groups, end = _read_object(text, start + len(_OBJECT_OPEN))
         search_from = start + len(_OBJECT_OPEN)
         pairs = [(g[0], g[1]) for g in groups if len(g) >= 2]
         pairs = [(a, b) for a, b in pairs if a < n_cells and b < n_cells]
@@ -150,12 +156,13 @@ def parse_grounding(generated_text: str, grid: int = GRID_SIZE) -> tuple[str, li
             s = _clean_length(text[: phrase[0]]) + len(name) - len(name.lstrip()) - lead
             e = _clean_length(text[: phrase[1]]) - (len(name) - len(name.rstrip())) - lead
             s = min(max(s, 0), len(caption))
-            entities.append(Entity(name.strip(), (s, min(max(e, s), len(caption))), boxes))
+            region = (base + phrase[0] - len(_PHRASE_OPEN), base + end)
+            entities.append(Entity(name.strip(), (s, min(max(e, s), len(caption))), boxes, region))
         else:
             # No phrase: one entity per box, named after its corner indices, empty span.
             s = min(max(_clean_length(text[:start]) - lead, 0), len(caption))
             for (a, b), box in zip(pairs, boxes):
-                entities.append(Entity(f"<patch_index_{a}><patch_index_{b}>", (s, s), [box]))
+                entities.append(Entity(f"<patch_index_{a}><patch_index_{b}>", (s, s), [box], (base + start, base + end)))
     return caption, entities
 
 
@@ -178,18 +185,21 @@ def boxes_to_pixels(boxes, width: int, height: int) -> list[list[int]]:
 PROMPT = "<grounding> An image of"
 
 
-def page_fields(raw: str, model_size: tuple[int, int], page_size: tuple[int, int]) -> dict:
+def page_fields(raw: str, model_size: tuple[int, int], page_size: tuple[int, int],
+                scores: TokenScores | None = None) -> dict:
     """The page result's fields for raw Kosmos-2 output: caption and entities, boxes normalised
-    (``boxes``) and in pixels of the page as given (``pixel_boxes``)."""
+    (``boxes``) and in pixels of the page as given (``pixel_boxes``); with ``scores`` each entity's
+    confidence, over the tokens generated from its <phrase> to its </object> (a phrase the prompt
+    gave has only its object's)."""
     caption, entities = parse_grounding(raw)
-    return {
-        "text": caption,
-        "entities": [
-            {"text": e.text, "span": list(e.span), "boxes": [list(b) for b in e.boxes],
-             "pixel_boxes": boxes_to_pixels(e.boxes, *page_size)}
-            for e in entities
-        ],
-    }
+    fields = []
+    for e in entities:
+        entity = {"text": e.text, "span": list(e.span), "boxes": [list(b) for b in e.boxes],
+                  "pixel_boxes": boxes_to_pixels(e.boxes, *page_size)}
+        if scores is not None:
+            entity["confidence"] = scores.over(*e.region)
+        fields.append(entity)
+    return {"text": caption, "entities": fields}
 
 
 # Grounded captions are short; 128 tokens is the Kosmos-2 demo's budget.

@@ -29,8 +29,8 @@ def clean_markdown(raw: str) -> str:
     return text.strip()
 
 
-def page_fields(raw: str, model_size: tuple[int, int], page_size: tuple[int, int]) -> dict:
-    """The page result's fields for raw ``<md>`` output."""
+def page_fields(raw: str, model_size: tuple[int, int], page_size: tuple[int, int], scores=None) -> dict:
+    """The page result's fields for raw ``<md>`` output (a markdown page's confidence is the page's only)."""
     return {"text": clean_markdown(raw)}
 
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from ..confidence import TokenScores
 from ..results import PageResult
 from .base import Task
 
@@ -29,15 +30,20 @@ PROMPT = "<ocr>"
 _SPECIAL = re.compile(r"</?s>|<pad>|<unk>|<mask>|</?image>|</chunk>|</?bbox>|<ocr>|<md>|<[xy]_\d+>")
 # A special token cut short at the very end of the output (only possible when text is decoded byte-wise).
 _PARTIAL_TAIL = re.compile(r"\s*<(?:/?(?:b|bb|bbo|bbox)|[xy]_?\d*|/?s?|/)?\Z")
+_RUN = re.compile(r"\S+")
 _BOX = re.compile(r"\s*<x_(\d+)>\s*<y_(\d+)>\s*<x_(\d+)>\s*<y_(\d+)>\s*(?:</bbox>)?(.*)\Z", re.DOTALL)
 
 
 @dataclass
 class Line:
-    """One OCR line: text and polygon ``[x0, y0, x1, y0, x1, y1, x0, y1]`` in page pixels."""
+    """One OCR line: text and polygon ``[x0, y0, x1, y0, x1, y1, x0, y1]`` in page pixels; where it
+    lies in the raw text, from its ``<bbox>`` to the next line's (``region``), and where each of its
+    whitespace-separated words does (``word_regions``, None where they cannot be told apart)."""
 
     text: str
     polygon: list[int]
+    region: tuple[int, int] = field(default=(0, 0), compare=False)
+    word_regions: list[tuple[int, int]] | None = field(default=None, compare=False)
 
     @property
     def box(self) -> tuple[int, int, int, int]:
@@ -45,8 +51,33 @@ class Line:
         p = self.polygon
         return p[0], p[1], p[4], p[5]
 
-    def to_dict(self) -> dict:
-        return {"text": self.text, "polygon": list(self.polygon)}
+    def to_dict(self, scores: TokenScores | None = None) -> dict:
+        """The record's line; with ``scores``, its confidence and its words' (the line's where the
+        words cannot be told apart)."""
+        if scores is None:
+            return {"text": self.text, "polygon": list(self.polygon)}
+        confidence = scores.over(*self.region)
+        if self.word_regions is None:
+            words = [confidence] * len(self.text.split())
+        else:  # a word that no token starts in (its text came with the word before) takes the line's
+            words = [scores.over(*region) for region in self.word_regions]
+            words = [confidence if word is None else word for word in words]
+        return {"text": self.text, "polygon": list(self.polygon), "confidence": confidence,
+                "word_confidences": words}
+
+
+def _clean(text: str) -> str:
+    """A line's text as generated -> its text in the record."""
+    text = _PARTIAL_TAIL.sub("", _SPECIAL.sub("", text))
+    return re.sub(r"\s*\n\s*", " ", text).strip()
+
+
+def _word_regions(raw: str, start: int, end: int, words: int) -> list[tuple[int, int]] | None:
+    """Where the ``words`` words of the line text in raw[start:end] lie: its whitespace-separated runs
+    that keep some text once cleaned (a run of special tokens alone is dropped), None if that does not
+    give one run a word (a cut special token at the end removed a run, say)."""
+    runs = [(m.start(), m.end()) for m in _RUN.finditer(raw, start, end) if _SPECIAL.sub("", m.group())]
+    return runs if len(runs) == words else None
 
 
 def parse_ocr(raw: str, image_size: tuple[int, int], page_size: tuple[int, int]) -> list[Line]:
@@ -61,22 +92,23 @@ def parse_ocr(raw: str, image_size: tuple[int, int], page_size: tuple[int, int])
         raise ValueError(f"image_size must be positive, got {image_size}")
     sx, sy = page_w / width, page_h / height
     lines: list[Line] = []
-    for segment in raw.split("<bbox>")[1:]:  # text before the first box has no position
-        m = _BOX.match(segment)
+    starts = [m.start() for m in re.finditer("<bbox>", raw)]  # text before the first box has no position
+    for start, end in zip(starts, [*starts[1:], len(raw)]):
+        m = _BOX.match(raw, start + len("<bbox>"), end)
         if m is None:  # incomplete or malformed box
             continue
         x0, y0, x1, y1 = (int(v) for v in m.group(1, 2, 3, 4))
         if x0 >= x1 or y0 >= y1:
             continue
-        text = _PARTIAL_TAIL.sub("", _SPECIAL.sub("", m.group(5)))
-        text = re.sub(r"\s*\n\s*", " ", text).strip()
+        text = _clean(m.group(5))
         if not text:
             continue
         x0, x1 = (min(max(int(v * sx), 0), page_w) for v in (x0, x1))
         y0, y1 = (min(max(int(v * sy), 0), page_h) for v in (y0, y1))
         if x0 >= x1 or y0 >= y1:  # entirely outside the page
             continue
-        lines.append(Line(text, [x0, y0, x1, y0, x1, y1, x0, y1]))
+        words = _word_regions(raw, m.start(5), end, len(text.split()))
+        lines.append(Line(text, [x0, y0, x1, y0, x1, y1, x0, y1], (start, end), words))
     return lines
 
 
@@ -91,10 +123,12 @@ def format_line(line: Line | dict) -> str:
     return ",".join(str(int(v)) for v in polygon) + "," + text
 
 
-def page_fields(raw: str, model_size: tuple[int, int], page_size: tuple[int, int]) -> dict:
-    """The page result's fields for raw ``<ocr>`` output: text and lines with page-pixel polygons."""
+def page_fields(raw: str, model_size: tuple[int, int], page_size: tuple[int, int],
+                scores: TokenScores | None = None) -> dict:
+    """The page result's fields for raw ``<ocr>`` output: text and lines with page-pixel polygons,
+    and with ``scores`` each line's confidence and its words'."""
     lines = parse_ocr(raw, image_size=model_size, page_size=page_size)
-    return {"text": ocr_text(lines), "lines": [line.to_dict() for line in lines]}
+    return {"text": ocr_text(lines), "lines": [line.to_dict(scores) for line in lines]}
 
 
 def page_text(result: PageResult) -> str:

@@ -73,4 +73,5 @@ class LinedWorker(Worker):
 
 def with_line(page: int) -> dict:
     """The line `LinedWorker` gives an odd page."""
-    return {"text": f"page {page}", "polygon": [0, 0, 20, 0, 20, 8, 0, 8]}
+    return {"text": f"page {page}", "polygon": [0, 0, 20, 0, 20, 8, 0, 8], "confidence": 0.5,
+            "word_confidences": [0.25, 1.0]}

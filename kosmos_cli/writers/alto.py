@@ -4,19 +4,21 @@
 Every page selected gets its ``Page`` (``PHYSICAL_IMG_NR`` the page number in the input); Kosmos-2.5
 finds no blocks, so a page's lines make one ``TextBlock`` around them all, and a failed page has an
 empty ``PrintSpace``. Word boxes are split from their line's box (see `kosmos_cli.writers.markup`);
-``OCRProcessing`` names kosmos and the model and says so. The file validates against the official
-schema (http://www.loc.gov/standards/alto/v4/alto-4-4.xsd; the tests check it).
+``OCRProcessing`` names kosmos and the model and says so. Confidences (0-1) are the page's ``PC`` and
+each word's ``WC``, left out where unknown; ALTO has none for a ``TextLine``. The file validates
+against the official schema (http://www.loc.gov/standards/alto/v4/alto-4-4.xsd; the tests check it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..results import PageResult
 from ..tasks import Task
-from .markup import Box, ocr_lines, xml_attr, xml_text
+from .markup import Box, ocr_lines, probability, xml_attr, xml_text
 
 if TYPE_CHECKING:
     from .pdf import Original
@@ -51,7 +53,8 @@ def alto_document(task: Task, results: Sequence[PageResult], original: Original 
 
 def _page(result: PageResult) -> str:
     p = result.page
-    out = [f'<Page ID="p{p}" PHYSICAL_IMG_NR="{p}" WIDTH="{result.width}" HEIGHT="{result.height}">',
+    pc = _confidence("PC", probability(result.confidence))
+    out = [f'<Page ID="p{p}" PHYSICAL_IMG_NR="{p}" WIDTH="{result.width}" HEIGHT="{result.height}"{pc}>',
            f'<PrintSpace {_position(Box(0, 0, result.width, result.height))}>']
     lines = ocr_lines(result)
     if lines:
@@ -63,11 +66,18 @@ def _page(result: PageResult) -> str:
             for j, word in enumerate(line.words, 1):
                 if j > 1:
                     parts.append("<SP/>")
-                parts.append(f'<String ID="p{p}_l{i}_w{j}" CONTENT="{xml_attr(word.text)}" {_position(word.box)}/>')
+                parts.append(f'<String ID="p{p}_l{i}_w{j}" CONTENT="{xml_attr(word.text)}" {_position(word.box)}'
+                             f'{_confidence("WC", word.confidence)}/>')
             out.append(f'<TextLine ID="p{p}_l{i}" {_position(line.box)}>{"".join(parts)}</TextLine>')
         out.append("</TextBlock>")
     out += ["</PrintSpace>", "</Page>"]
     return "\n".join(out)
+
+
+def _confidence(name: str, value: float | None) -> str:
+    """`` NAME="value"`` (an xsd:float written without an exponent: 0.0001234, not 1.234e-04), or
+    nothing for an unknown value."""
+    return "" if value is None else f' {name}="{format(Decimal(repr(value)), "f")}"'
 
 
 def _position(box: Box) -> str:

@@ -3,7 +3,8 @@
 Every page selected gets its ``ocr_page`` (``bbox 0 0 W H`` in rendered-page pixels, ``ppageno``
 counting from 0 as the spec does, ``image`` naming the input file); a failed page's is empty.
 Word boxes are split from their line's box (see `kosmos_cli.writers.markup`); the ``description``
-metadata says so.
+metadata says so. Each ``ocrx_word`` and ``ocr_line`` has its confidence as ``x_wconf`` (0-100, the
+record's 0-1 value times 100, rounded), or no ``x_wconf`` where it is unknown.
 """
 
 from __future__ import annotations
@@ -55,12 +56,15 @@ def _page(result: PageResult, source: str) -> str:
     out = [f'<div class="ocr_page" id="page_{result.page}" title="{xml_attr(title)}">']
     for i, line in enumerate(ocr_lines(result), 1):
         line_id = f"line_{result.page}_{i}"
-        words = " ".join(f'<span class="ocrx_word" id="word_{result.page}_{i}_{j}" title="{_bbox(w.box)}">'
-                         f"{xml_text(w.text)}</span>" for j, w in enumerate(line.words, 1))
-        out.append(f' <span class="ocr_line" id="{line_id}" title="{_bbox(line.box)}">{words}</span>')
+        words = " ".join(f'<span class="ocrx_word" id="word_{result.page}_{i}_{j}" '
+                         f'title="{_title(w.box, w.confidence)}">{xml_text(w.text)}</span>'
+                         for j, w in enumerate(line.words, 1))
+        out.append(f' <span class="ocr_line" id="{line_id}" title="{_title(line.box, line.confidence)}">{words}</span>')
     out.append("</div>")
     return "\n".join(out)
 
 
-def _bbox(box: Box) -> str:
-    return f"bbox {box.x0} {box.y0} {box.x1} {box.y1}"
+def _title(box: Box, confidence: float | None) -> str:
+    """``bbox``, and ``x_wconf`` where the confidence is known."""
+    title = f"bbox {box.x0} {box.y0} {box.x1} {box.y1}"
+    return title if confidence is None else f"{title}; x_wconf {round(100 * confidence)}"

@@ -1,16 +1,21 @@
 """Confidences in the document outputs: hOCR ``x_wconf`` on words and lines, ALTO ``WC`` on words and
-``PC`` on pages (both files still valid). Unknown confidences (None, or records stored before
-confidences existed) are left out."""
+``PC`` on pages (both files still valid), and the overlay's colours by confidence with their legend.
+Unknown confidences (None, or records stored before confidences existed) are left out, or grey."""
 
 from __future__ import annotations
 
+from PIL import Image
 from lxml import etree
 
 from kosmos_cli.results import PageResult
 from kosmos_cli.writers.formats import FORMATS
+from kosmos_cli.writers.overlay import CONFIDENCE_BINS, UNKNOWN, confidence_colour, draw_overlay
 from tests.test_formats import ALTO, OCR, XHTML, alto_schema, assert_valid_alto, assert_valid_hocr, page
 
 __all__ = ["alto_schema"]  # the fixture, imported for the tests here
+
+TOP, HIGH, MID, LOW = (colour for _, colour, _ in CONFIDENCE_BINS)
+
 
 def scored_pages() -> list[PageResult]:
     """Page 1: a line with all its confidences; one whose line and one word are unknown; one of an
@@ -103,3 +108,62 @@ def test_older_records_give_the_files_they_gave_before(tmp_path, alto_schema):
     assert_valid_hocr(tmp_path / "a.hocr")
     assert ('<span class="ocr_line" id="line_3_1" title="bbox 10 20 600 80"><span class="ocrx_word" '
             'id="word_3_1_1" title="bbox 10 20 246 80">Page</span>') in hocr
+
+
+# --------------------------------------------------------------------------------------------------
+# Overlays
+# --------------------------------------------------------------------------------------------------
+
+
+def test_confidence_colours_bins():
+    assert [confidence_colour(c) for c in (1, 0.95, 0.949, 0.8, 0.5, 0.49, 0.0)] == [TOP, TOP, HIGH, HIGH, MID, LOW, LOW]
+    assert [confidence_colour(c) for c in (None, 1.5, -0.1, True, "0.9")] == [UNKNOWN] * 5
+    assert len({TOP, HIGH, MID, LOW, UNKNOWN}) == 5
+
+
+def legend_colours(im: Image.Image, corner: tuple[int, int, int, int]) -> dict[tuple[int, int, int], int]:
+    """How many pixels of each swatch colour lie in ``corner`` of ``im``."""
+    counts = dict((c, n) for n, c in im.crop(corner).getcolors(1 << 20))
+    return {c: counts.get(c, 0) for c in (TOP, HIGH, MID, LOW, UNKNOWN)}
+
+
+def test_ocr_polygons_take_their_confidence_colour_and_a_legend_says_which():
+    confidences = [0.99, 0.9, 0.6, 0.2, None]
+    lines = [{"text": "x", "polygon": [10, y, 200, y, 200, y + 30, 10, y + 30], "confidence": c}
+             for y, c in zip(range(20, 260, 45), confidences)]
+    lines.append({"text": "old", "polygon": [10, 250, 200, 250, 200, 290, 10, 290]})  # no key: unknown
+    out = draw_overlay(Image.new("RGB", (400, 300), "white"), PageResult("p.png", 1, "ocr", "m", 400, 300, lines=lines))
+    assert [out.getpixel((100, ln["polygon"][1])) for ln in lines] == [TOP, HIGH, MID, LOW, UNKNOWN, UNKNOWN]
+    assert out.getpixel((100, 35)) == (255, 255, 255)  # outlines only
+    # the legend: a swatch of every colour in the top-right corner, on white, and nothing elsewhere there
+    legend = legend_colours(out, (260, 0, 400, 150))
+    assert all(n >= 25 for n in legend.values()), legend  # a swatch is at least 5 x 5 pixels
+    assert legend_colours(out, (220, 150, 400, 300)) == dict.fromkeys(legend, 0)
+
+
+def test_the_legend_scales_with_the_page():
+    def swatch_pixels(size: int) -> int:
+        r = PageResult("p.png", 1, "ocr", "m", size, size, lines=[{"text": "x", "polygon": [1, 1, 5, 1, 5, 5, 1, 5]}])
+        out = draw_overlay(Image.new("RGB", (size, size), "white"), r)
+        return legend_colours(out, (size // 2, 0, size, size // 2))[TOP]
+
+    small, large = swatch_pixels(300), swatch_pixels(2400)
+    # readable on a small page (a swatch as high as the text, 10 pixels or more), larger on a large one
+    assert small >= 100 and large >= 4 * small
+    tiny = Image.new("RGB", (60, 40), "white")  # no room: no legend rather than one hiding the page
+    r = PageResult("p.png", 1, "ocr", "m", 60, 40, lines=[{"text": "x", "polygon": [1, 1, 5, 1, 5, 5, 1, 5]}])
+    assert legend_colours(draw_overlay(tiny, r), (0, 0, 60, 40))[TOP] == 0
+
+
+def test_grounding_boxes_and_labels_take_their_confidence_colour():
+    ents = [
+        {"text": "a snowman", "span": [12, 21], "boxes": [[0.1, 0.5, 0.4, 0.9]], "confidence": 0.97},
+        {"text": "a fire", "span": [26, 32], "boxes": [[10, 100, 100, 140]], "confidence": 0.3},
+        {"text": "a hat", "span": [36, 41], "boxes": [[0.5, 0.6, 0.9, 0.9]]},  # older record: unknown
+    ]
+    r = PageResult("s.png", 1, "ground", "m", 320, 320, text="…", entities=ents)
+    out = draw_overlay(Image.new("RGB", (320, 320), "white"), r)
+    assert [out.getpixel(xy) for xy in [(32, 240), (10, 120), (160, 250)]] == [TOP, LOW, UNKNOWN]  # left edges
+    # each label's background, just above its box's top-left corner, in the box's colour
+    assert [out.getpixel(xy) for xy in [(33, 158), (11, 98), (161, 190)]] == [TOP, LOW, UNKNOWN]
+    assert all(n >= 25 for n in legend_colours(out, (200, 0, 320, 110)).values())

@@ -74,6 +74,16 @@ class OutputDir:
     def overlay_file(self, stem: str, page: int) -> Path:
         return self._name(self.root, stem, f".overlay-{page:04d}.png")
 
+    @property
+    def review_file(self) -> Path:
+        """``OUT/<task>.review.tsv``: the pages listed by ``--review-below`` (`kosmos_cli.review`)."""
+        return self.root / f"{self.task.name}.review.tsv"
+
+    def write_review(self, content: str) -> Path:
+        """Replace the review file atomically (left untouched when its content is the same)."""
+        store(self.review_file, content.encode("utf-8"))
+        return self.review_file
+
     def document_files(self, stem: str) -> list[Path]:
         """The files `assemble` writes for ``stem``."""
         return [self._name(self.root, stem, suffix) for suffix in self.documents]

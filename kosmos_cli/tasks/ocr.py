@@ -74,10 +74,11 @@ def _clean(text: str) -> str:
 
 def _word_regions(raw: str, start: int, end: int, words: int) -> list[tuple[int, int]] | None:
     """Where the ``words`` words of the line text in raw[start:end] lie: its whitespace-separated runs
-    that keep some text once cleaned (a run of special tokens alone is dropped), None if that does not
+    that keep some text once cleaned (a run of special tokens alone is dropped), each with the
+    whitespace before it (BPE tokens carry the space before a word: " word"); None if that does not
     give one run a word (a cut special token at the end removed a run, say)."""
-    runs = [(m.start(), m.end()) for m in _RUN.finditer(raw, start, end) if _SPECIAL.sub("", m.group())]
-    return runs if len(runs) == words else None
+    ends = [m.end() for m in _RUN.finditer(raw, start, end) if _SPECIAL.sub("", m.group())]
+    return list(zip([start, *ends], ends)) if len(ends) == words else None
 
 
 def parse_ocr(raw: str, image_size: tuple[int, int], page_size: tuple[int, int]) -> list[Line]:

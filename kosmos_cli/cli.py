@@ -25,6 +25,7 @@ from .pages import PageJob, iter_pages
 from .paths import display_path, os_reason
 from .report import Progress, Report, library_output_held, say
 from .results import PageResult
+from .review import Review, parse_threshold
 from .tasks import TASKS, WrongModel
 from .writers.atomic import check_writable
 from .writers.directory import OutputDir
@@ -67,6 +68,7 @@ class Options:
     overlay: bool = False
     outputs: Optional[str] = None
     overwrite: bool = False
+    review_below: Optional[str] = None  # P, checked by run_command (review.parse_threshold)
     quiet: bool = False
     debug: bool = False
     compile: Optional[bool] = None
@@ -91,6 +93,7 @@ Format = Annotated[str, typer.Option("--format", "-f", help="stdout format: text
 Overlay = Annotated[bool, typer.Option(help="With -o: also write a PNG per page with the boxes drawn.")]
 Outputs = Annotated[Optional[str], typer.Option(help="With -o: the document files to write, a comma list: for ocr any of txt,json,pdf,hocr,alto (pdf: a searchable PDF, the input's pages or images with the OCR text as an invisible, selectable layer, needs the pdf extra; hOCR 1.2 <stem>.hocr, ALTO 4.4 <stem>.alto.xml, word boxes estimated from line boxes); md writes md, ground txt,json. A re-run that adds one builds it from the finished pages. [default: txt,json for ocr and ground, md for md]", show_default=False)]
 Overwrite = Annotated[bool, typer.Option(help="With -o: redo pages that are already written.")]
+ReviewBelow = Annotated[Optional[str], typer.Option("--review-below", metavar="P", show_default=False, help="List the pages of this run's inputs whose confidence (the geometric mean of the model's token probabilities: a ranking for review, not a calibrated accuracy) is below P (0 to 1), lowest first, on stderr at the end (20 at most; -q hides them). With -o, all of them go to OUT/<task>.review.tsv, rewritten from the stored pages at every run given the flag; a run without it leaves that file as it is.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, notes or summary: only errors.")]
 Debug = Annotated[bool, typer.Option(help="Show Python tracebacks for errors.")]
 Ray = Annotated[bool, typer.Option("--ray", help=f"Run on a Ray cluster (pip install \"{RAY_REQUIREMENT}\"): the one at --ray-address or RAY_ADDRESS, else a local one; one actor per cluster GPU (with none: one per --device entry). The files are written here, as without --ray.")]
@@ -102,8 +105,8 @@ Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help=
 def ocr(inputs: Inputs, output: Output = None, model: Model = None, device: Device = "auto", dtype: DType = "auto",
         batch_size: BatchSize = "auto", max_new_tokens: MaxNewTokens = None, pages: Pages = None,
         dpi: Dpi = documents.DEFAULT_DPI, password: Password = None, format: Format = "text", overlay: Overlay = False,
-        outputs: Outputs = None, overwrite: Overwrite = False, quiet: Quiet = False, debug: Debug = False,
-        compile: Compile = None, ray: Ray = False, ray_address: RayAddress = None) -> None:
+        outputs: Outputs = None, overwrite: Overwrite = False, review_below: ReviewBelow = None, quiet: Quiet = False,
+        debug: Debug = False, compile: Compile = None, ray: Ray = False, ray_address: RayAddress = None) -> None:
     """Kosmos-2.5 OCR: text lines with 8-point polygons (x0,y0,x1,y0,x1,y1,x0,y1) in page pixels."""
     _command("ocr", **locals())
 
@@ -112,8 +115,8 @@ def ocr(inputs: Inputs, output: Output = None, model: Model = None, device: Devi
 def md(inputs: Inputs, output: Output = None, model: Model = None, device: Device = "auto", dtype: DType = "auto",
        batch_size: BatchSize = "auto", max_new_tokens: MaxNewTokens = None, pages: Pages = None,
        dpi: Dpi = documents.DEFAULT_DPI, password: Password = None, format: Format = "text", overlay: Overlay = False,
-       outputs: Outputs = None, overwrite: Overwrite = False, quiet: Quiet = False, debug: Debug = False,
-       compile: Compile = None, ray: Ray = False, ray_address: RayAddress = None,
+       outputs: Outputs = None, overwrite: Overwrite = False, review_below: ReviewBelow = None, quiet: Quiet = False,
+       debug: Debug = False, compile: Compile = None, ray: Ray = False, ray_address: RayAddress = None,
        ask: Annotated[Optional[str], typer.Option("--ask", help="Ask a question about each page with microsoft/kosmos-2.5-chat (the default model then).")] = None) -> None:
     """Kosmos-2.5 markdown of each page (or answers with --ask)."""
     _command("md", **locals())
@@ -123,8 +126,9 @@ def md(inputs: Inputs, output: Output = None, model: Model = None, device: Devic
 def ground(inputs: GroundInputs, output: Output = None, model: Model = None, device: Device = "auto",
            dtype: DType = "auto", batch_size: BatchSize = "auto", max_new_tokens: MaxNewTokens = None,
            pages: Pages = None, dpi: Dpi = documents.DEFAULT_DPI, password: Password = None, format: Format = "text",
-           overlay: Overlay = False, outputs: Outputs = None, overwrite: Overwrite = False, quiet: Quiet = False,
-           debug: Debug = False, compile: Compile = None, ray: Ray = False, ray_address: RayAddress = None,
+           overlay: Overlay = False, outputs: Outputs = None, overwrite: Overwrite = False,
+           review_below: ReviewBelow = None, quiet: Quiet = False, debug: Debug = False, compile: Compile = None,
+           ray: Ray = False, ray_address: RayAddress = None,
            prompt: Annotated[Optional[str], typer.Option("--prompt", help="Prompt to ground, e.g. \"<grounding> An image of\" or \"<grounding><phrase> a dog</phrase>\".")] = None) -> None:
     """Kosmos-2 grounded caption of each image: caption, phrases and their boxes."""
     if inputs[-1].startswith("<"):  # PROMPT_RULE: by spelling only, never by the file system
@@ -216,6 +220,7 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
     except ValueError as err:
         _fail_usage(f"--pages: {err}")
     batch_size = _batch_size(opts.batch_size)
+    threshold = _review_threshold(opts.review_below)
     devices = _check_device(opts.device)
     if opts.ray_address is not None and not opts.ray:
         _fail_usage("--ray-address needs --ray")
@@ -241,10 +246,15 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
         sink = JsonlSink()
     else:
         sink = TextSink(task, several=len(files) > 1)
+    # Every page of the run's inputs goes by the loop below, from one device, local workers or Ray alike;
+    # a page skipped as done is read back from its stored record.
+    review = Review(threshold, read_back=out.read_page if out is not None else None) if threshold is not None else None
     for error in input_errors:
         _deliver(sink, report, error, report.input_error(error))
     if not files:
         if report.failed_inputs:
+            if review is not None:  # no page: an empty list, the old one's file replaced
+                _give_review(review, out, opts.quiet)
             return 1
         _fail_usage("no supported input files found (PDF, PNG, JPEG, TIFF, WebP, BMP, GIF)")
     skip = (lambda job: out.is_done(job.stem, job.page)) if out is not None else None
@@ -264,7 +274,10 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
         with progress, contextlib.closing(results):  # closed at once on Ctrl-C: no worker process outlives us
             for item, result in results:
                 interrupt.check()
-                _deliver(sink, report, item, report.account(item, result))
+                result = report.account(item, result)
+                _deliver(sink, report, item, result)
+                if review is not None:
+                    review.add(item, result)
                 progress.advance(item)
                 if isinstance(item, PageJob):
                     item.image = None  # the page is done: let its pixels go
@@ -281,7 +294,25 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
         return err.code
     if not opts.quiet:
         report.summary(time.monotonic() - started)
-    return 1 if report.failed or report.failed_inputs else 0
+    code = 1 if report.failed or report.failed_inputs else 0
+    if review is not None:
+        code = max(code, _give_review(review, out, opts.quiet))
+    return code
+
+
+def _give_review(review: Review, out: OutputDir | None, quiet: bool) -> int:
+    """The end of a run with --review-below: OUT/<task>.review.tsv written (with -o), then the pages
+    named on stderr (unless quiet). Returns 1 if the file could not be written, else 0."""
+    tsv = None
+    if out is not None:
+        try:
+            tsv = display_path(out.write_review(review.tsv()))
+        except OSError as err:
+            say(f"cannot write {display_path(out.review_file)}: {os_reason(err)}")
+            return 1
+    if not quiet:
+        say(review.message(tsv))
+    return 0
 
 
 def _deliver(sink, report: Report, item, result: PageResult | None) -> None:
@@ -293,6 +324,15 @@ def _deliver(sink, report: Report, item, result: PageResult | None) -> None:
         raise
     except OSError as err:
         report.write_failed(item, err)
+
+
+def _review_threshold(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_threshold(value)
+    except ValueError as err:
+        _fail_usage(str(err))
 
 
 def _check_device(value: str) -> list:

@@ -4,7 +4,9 @@ A page's confidence is the geometric mean of the probabilities of the tokens the
 (`kosmos_cli.confidence`): a ranking for review, not a calibrated accuracy. A run lists the pages of its
 own inputs (with ``-o``, the pages skipped as done too, read back from their stored records), never
 the pages of inputs it was not given; pages of unknown confidence (failed, or stored by a version
-before confidence existed) are not listed. Ties are in a stable order: source name, then page.
+before confidence existed) are not listed. Ties are in a stable order: source name (its display
+text, by code point), then page number. The command gives the review when a run reaches its end (exit
+code 0 or 1); a run stopped by Ctrl-C, a model that cannot load or lost workers leaves the file as it was.
 
     review = Review(0.8, read_back=out.read_page)   # read_back: with -o, for pages skipped as done
     for item, result in results: review.add(item, result)

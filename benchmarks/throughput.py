@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -41,8 +42,9 @@ SIZES = {
     ),
 }
 # kosmos systems and their attention choice (load(attention=...)): the default, and the compiled decode step's attention
-# forced to SDPA or to FlexAttention (see kosmos_cli/models/layers.py).
-KOSMOS_SYSTEMS = {"kosmos": "auto", "kosmos-sdpa": "sdpa", "kosmos-flex": "flex"}
+# forced to SDPA or to FlexAttention (see kosmos_cli/models/layers.py); kosmos-unscored is the default without the
+# tokens' log-probabilities (generation.SCORE_TOKENS), to measure what the confidence costs.
+KOSMOS_SYSTEMS = {"kosmos": "auto", "kosmos-sdpa": "sdpa", "kosmos-flex": "flex", "kosmos-unscored": "auto"}
 # Peak HBM bandwidth, bytes/s, by a part of the device name (first match wins).
 GPU_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12}
 
@@ -114,13 +116,15 @@ def run_transformers(model_dir: Path, batch: int, device: str, dtype):
     return go
 
 
-def run_kosmos(model_dir: Path, batch: int, device: str, dtype, compile: str, attention: str):
+def run_kosmos(model_dir: Path, batch: int, device: str, dtype, compile: str, attention: str, scored: bool = True):
     import kosmos_cli
+    from kosmos_cli.models import generation
 
     engine = kosmos_cli.load(model_dir, device=device, dtype=dtype, compile={"on": True, "off": False}.get(compile, "auto"),
                              attention=attention)
 
     def go(pages, lengths):
+        generation.SCORE_TOKENS = scored  # systems take turns: each sets it for its own runs
         engine.run(pages, "<ocr>", max_new_tokens=lengths, min_new_tokens=lengths, batch_size=batch)
 
     return go, engine
@@ -136,13 +140,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lengths", default="50-2000", help="per-page new tokens, uniform in LO-HI (or one number)")
     parser.add_argument("--systems", default="hf1,hfb,kosmos",
-                        help="which of hf1, hfb, kosmos, kosmos-sdpa, kosmos-flex to run")
+                        help="which of hf1, hfb, kosmos, kosmos-sdpa, kosmos-flex, kosmos-unscored to run")
     parser.add_argument("--hf1-pages", type=int, default=None, help="pages for transformers batch 1 (it is slow)")
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse a checkpoint built earlier")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                         help="kosmos' compiled decode step (auto: on CUDA only); warm-up includes compiling")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="timed rounds (each runs every system once, in turn); each system's best is reported")
+                        help="timed rounds (each runs every system once, in turn); each system's best is reported, "
+                             "and with several rounds the median and the spread (max - min) of its times")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -167,7 +172,8 @@ def main() -> None:
             attention = KOSMOS_SYSTEMS[system]
             # FlexAttention is only fast compiled: "auto" compiles it on the CPU too (off: a plumbing check).
             compile = "on" if attention == "flex" and args.compile == "auto" else args.compile
-            go, engine = run_kosmos(model_dir, args.batch_size, args.device, dtype, compile, attention)
+            go, engine = run_kosmos(model_dir, args.batch_size, args.device, dtype, compile, attention,
+                                    scored=system != "kosmos-unscored")
         else:
             go, engine = run_transformers(model_dir, 1 if system == "hf1" else args.batch_size, args.device, dtype), None
         # A compiled kosmos warms up on the whole timed workload: that compiles the step, records a
@@ -183,17 +189,18 @@ def main() -> None:
         # What stays allocated between runs (weights, a kept cache), counted in this system's peak.
         systems[system] = dict(go=go, engine=engine, pages=n, resident=allocated(args.device) - before)
 
-    seconds = {system: float("inf") for system in systems}
+    times = {system: [] for system in systems}
     peak = dict.fromkeys(systems, 0)
     for _ in range(args.repeat):
         for system, s in systems.items():
             n, base = s["pages"], allocated(args.device)
             if cuda:
                 torch.cuda.reset_peak_memory_stats(args.device)
-            seconds[system] = min(seconds[system], timed(lambda: s["go"](pages[:n], lengths[:n]), args.device))
+            times[system].append(timed(lambda: s["go"](pages[:n], lengths[:n]), args.device))
             if cuda:
                 peak[system] = max(peak[system], torch.cuda.max_memory_allocated(args.device) - base + s["resident"])
 
+    seconds = {system: min(t) for system, t in times.items()}
     rows = []
     bandwidth = peak_bandwidth(args.device)
     for system, s in systems.items():
@@ -202,6 +209,9 @@ def main() -> None:
         row = {"system": name, "pages": n, "batch": 1 if system == "hf1" else args.batch_size,
                "seconds": round(seconds[system], 2), "pages_per_s": round(n / seconds[system], 3),
                "new_tokens_per_s": round(tokens / seconds[system], 1)}
+        if args.repeat > 1:
+            row |= {"median_s": round(statistics.median(times[system]), 3),
+                    "spread_s": round(max(times[system]) - min(times[system]), 3)}
         if cuda:
             row["peak_gpu_gib"] = round(peak[system] / 2**30, 1)
         if system in KOSMOS_SYSTEMS and bandwidth:

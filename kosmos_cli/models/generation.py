@@ -321,6 +321,11 @@ class _Batch:
         return collected
 
 
+# The log-probability of each token picked costs one logsumexp over the logits. False (the raw logit
+# instead) only for benchmarks/throughput.py's kosmos-unscored, which measures that cost.
+SCORE_TOKENS = True
+
+
 def decode_step(decoder, cache, hidden, tokens, lengths, minimums, limits, done, eos, pad_id: int, ngram: int, span: int,
                 flex: bool = False):
     """Pick each row's next token from its last hidden state and run the decoder one step on it.
@@ -332,7 +337,7 @@ def decode_step(decoder, cache, hidden, tokens, lengths, minimums, limits, done,
     logits = decoder.logits(hidden).float()  # (k, V)
     # Normalised over the raw logits: the bans below only set -inf, never on the token picked, so
     # its masked logit is its raw one.
-    normaliser = torch.logsumexp(logits, dim=-1)  # (k,)
+    normaliser = torch.logsumexp(logits, dim=-1) if SCORE_TOKENS else 0.0  # (k,)
     early = (lengths < minimums).unsqueeze(1)
     logits[:, eos] = logits[:, eos].masked_fill(early, float("-inf"))
     if ngram > 0:

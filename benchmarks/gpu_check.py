@@ -205,8 +205,8 @@ def full_checkpoint(ctx: Context) -> Path:
     return ctx.work / "models" / "full"
 
 
-def throughput(ctx: Context, systems: str) -> None:
-    """benchmarks/throughput.py on the full-size checkpoint, one system set."""
+def throughput(ctx: Context, systems: str, repeat: int = 1) -> None:
+    """benchmarks/throughput.py on the full-size checkpoint, one system set, `repeat` timed rounds."""
     path = full_checkpoint(ctx)
     if not (path / "config.json").exists():
         raise RuntimeError("no full-size checkpoint: the checkpoint step did not run")
@@ -214,7 +214,7 @@ def throughput(ctx: Context, systems: str) -> None:
     load = ctx.load
     args = ["benchmarks/throughput.py", "--size", load.size, "--device", ctx.device, "--pages", str(load.pages),
             "--batch-size", str(load.batch), "--lengths", load.lengths, "--hf1-pages", str(load.hf1_pages),
-            "--systems", systems, "--model-dir", str(path), "--json", str(result)]
+            "--systems", systems, "--repeat", str(repeat), "--model-dir", str(path), "--json", str(result)]
     if ctx.dry:
         args += ["--compile", "off"]  # the dry run's one compile is the cuda_graphs step's
     started = time.perf_counter()
@@ -231,6 +231,12 @@ def step_kosmos(ctx: Context) -> None:
 def step_kosmos_flex(ctx: Context) -> None:
     """kosmos with FlexAttention decoding (opt-in on CUDA until this says otherwise)."""
     throughput(ctx, "kosmos-flex")
+
+
+def step_confidence_cost(ctx: Context) -> None:
+    """What the tokens' log-probabilities cost: kosmos (SDPA) with and without them, 3 interleaved
+    rounds; each row has the median and spread of its times."""
+    throughput(ctx, "kosmos-sdpa,kosmos-unscored", repeat=3)
 
 
 def step_transformers(ctx: Context) -> None:
@@ -396,9 +402,11 @@ STEPS = [
     Step("transformers", step_transformers, 120, 25),
     Step("auto_batch", step_auto_batch, 60, 15),
     Step("bf16", step_bf16, 30, 15),
+    Step("confidence_cost", step_confidence_cost, 150, 30),
     Step("gpu_tests", step_gpu_tests, 150, 30),
 ]
 BY_NAME = {step.name: step for step in STEPS}
+THROUGHPUT_STEPS = ("kosmos", "kosmos_flex", "transformers", "confidence_cost")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -586,13 +594,13 @@ def markdown(meta: dict, steps: dict[str, dict]) -> str:
     for name, step in steps.items():
         lines.append(f"| {name} | {step['status']} | {step.get('seconds', '')} | "
                      f"{step.get('why', '') or summary(name, step['measured'])} |")
-    rows = [row for name in ("kosmos", "kosmos_flex", "transformers")
-            for row in steps.get(name, {}).get("measured", {}).get("rows", [])]
+    rows = [row for name in THROUGHPUT_STEPS for row in steps.get(name, {}).get("measured", {}).get("rows", [])]
     if rows:
-        lines += ["", "| system | pages | batch | pages/s | new tokens/s | peak GPU GiB | bandwidth fraction |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "| system | pages | batch | pages/s | new tokens/s | peak GPU GiB | bandwidth fraction | "
+                  "median s | spread s |", "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['system']} | {r['pages']} | {r['batch']} | {r['pages_per_s']} | {r['new_tokens_per_s']} | "
-                  f"{r.get('peak_gpu_gib', '–')} | {r.get('bandwidth_fraction', '–')} |" for r in rows]
+                  f"{r.get('peak_gpu_gib', '–')} | {r.get('bandwidth_fraction', '–')} | {r.get('median_s', '–')} | "
+                  f"{r.get('spread_s', '–')} |" for r in rows]
     runs = steps.get("cuda_graphs", {}).get("measured", {}).get("runs", [])
     if runs:
         lines += ["", "| attention | inductor cache | dynamo graphs | CUDA graphs | skips | ids = eager | s |",
@@ -613,7 +621,7 @@ def summary(name: str, m: dict) -> str:
                          f"graphs, ids {'=' if r['same_ids_as_eager'] else '≠'} eager" for r in m.get("runs", []))
     if name == "checkpoint":
         return f"{m.get('size')}, {m.get('gib')} GiB"
-    if name in ("kosmos", "kosmos_flex", "transformers"):
+    if name in THROUGHPUT_STEPS:
         return "; ".join(f"{r['system']} {r['pages_per_s']} pages/s" for r in m.get("rows", []))
     if name == "first_page":
         return "; ".join(f"{r['cache']} cache: first page at {r['first_page_s']} s" for r in m.get("runs", []))

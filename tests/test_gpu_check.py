@@ -53,9 +53,10 @@ def test_the_dry_run_measures_every_step(tmp_path):
 
     runs = steps["cuda_graphs"]["measured"]["runs"]
     assert [(r["cache"], r["dynamo_graphs"], r["same_ids_as_eager"]) for r in runs] == [("cold", 1, True), ("warm", 1, True)]
-    systems = [row["system"] for name in ("kosmos", "kosmos_flex", "transformers")
+    systems = [row["system"] for name in ("kosmos", "kosmos_flex", "transformers", "confidence_cost")
                for row in steps[name]["measured"]["rows"]]
-    assert systems == ["kosmos-sdpa", "kosmos-flex", "hf1", "hfb"]
+    assert systems == ["kosmos-sdpa", "kosmos-flex", "hf1", "hfb", "kosmos-sdpa", "kosmos-unscored"]
+    assert all("median_s" in row for row in steps["confidence_cost"]["measured"]["rows"])
     assert [r["cache"] for r in steps["first_page"]["measured"]["runs"]] == ["cold", "warm"]
     assert all(0 < r["first_page_s"] <= r["process_s"] for r in steps["first_page"]["measured"]["runs"])
     assert steps["auto_batch"]["measured"]["slots_tried"] == [4]

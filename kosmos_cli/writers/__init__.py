@@ -10,7 +10,8 @@ Output layout under ``-o OUT`` (``<stem>`` is the document's relative stem from
     ├── <stem>.json                      ocr, ground: {"source", "task", "model", "pages": [page objects]}
     ├── <stem>.pdf                       ocr with --outputs: the searchable PDF (writers.pdf)
     ├── <stem>.hocr, <stem>.alto.xml     ocr with --outputs: hOCR 1.2 and ALTO 4.4 (writers.hocr, writers.alto)
-    ├── <stem>.overlay-0003.png          --overlay: page 3 with OCR polygons / labelled grounding boxes
+    ├── <stem>.overlay-0003.png          --overlay: page 3, OCR polygons / labelled grounding boxes coloured by confidence
+    ├── <task>.review.tsv                --review-below P: the run's pages below P (kosmos_cli.review)
     └── .kosmos/<task>/<stem>/0003.json  resume state: finished page 3, one page object (JSONL schema)
 
 In ``.txt`` files pages are separated by a form-feed line (``"\\f\\n"``, as pdftotext does); polygons

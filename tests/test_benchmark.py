@@ -23,5 +23,5 @@ def test_throughput_benchmark_runs_every_system(tmp_path, kosmos25_sharded):
     rows = json.loads(out.read_text())["rows"]
     assert [r["system"] for r in rows] == ["hf1", "hfb", "kosmos", "kosmos-flex+compile", "kosmos-unscored"]
     assert [r["pages"] for r in rows] == [2, 3, 3, 3, 3]
-    assert all(r["pages_per_s"] > 0 and r["new_tokens_per_s"] > 0 and r["median_s"] >= r["seconds"] for r in rows)
+    assert all(r["pages_per_s"] > 0 and r["new_tokens_per_s"] > 0 and r["median_s"] > 0 <= r["spread_s"] for r in rows)
     assert "kosmos / hfb" in done.stdout and "kosmos-flex / hfb" in done.stdout

@@ -60,9 +60,10 @@ def test_the_command_on_ray_gives_what_a_local_run_gives(cluster, folder, k25, l
     trees = []
     for how in (["--device", "cpu"], ["--ray", "--device", "cpu"]):  # one actor: each start costs seconds
         out = tmp_path / how[0]
-        assert kosmos("ocr", folder, *common, *how, "-o", out).exit_code == 1
+        assert kosmos("ocr", folder, *common, *how, "-o", out, "--review-below", "1").exit_code == 1
         trees.append({p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
     assert trees[0] == trees[1]
+    assert len(trees[1]["ocr.review.tsv"].splitlines()) == 1 + 10  # the header, every page done
     again = kosmos("ocr", folder, *common, "--ray", "-o", tmp_path / "--ray")  # resume: all done, no page redone
     assert again.exit_code == 1 and "0 pages in" in again.stderr and "10 already done" in again.stderr
 

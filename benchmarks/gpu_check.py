@@ -180,7 +180,9 @@ def step_cuda_graphs(ctx: Context) -> None:
             got = json.loads(ctx.python(*common, "--attention", attention, cache=cache).stdout.splitlines()[-1])
             if got["compile_broken"]:
                 raise RuntimeError(f"{attention}: the compiled step fell back to eager")
+            logprobs = [abs(x - y) for a, b in zip(got["logprobs"], eager["logprobs"]) for x, y in zip(a, b)]
             runs.append({"attention": attention, "cache": state, "same_ids_as_eager": got["ids"] == eager["ids"],
+                         "logprob_difference": max(logprobs, default=0.0),
                          **{k: got[k] for k in ("dynamo_graphs", "cuda_graphs", "cudagraph_skips", "seconds")}})
             ctx.record(runs=runs, seconds=round(time.perf_counter() - started, 1))
     bad = [r for r in runs if not r["same_ids_as_eager"] or r["dynamo_graphs"] != 1 or r["cudagraph_skips"]]
@@ -603,10 +605,11 @@ def markdown(meta: dict, steps: dict[str, dict]) -> str:
                   f"{r.get('spread_s', '–')} |" for r in rows]
     runs = steps.get("cuda_graphs", {}).get("measured", {}).get("runs", [])
     if runs:
-        lines += ["", "| attention | inductor cache | dynamo graphs | CUDA graphs | skips | ids = eager | s |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "| attention | inductor cache | dynamo graphs | CUDA graphs | skips | ids = eager | "
+                  "log-prob diff (nats) | s |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['attention']} | {r['cache']} | {r['dynamo_graphs']} | {r['cuda_graphs']} | "
-                  f"{r['cudagraph_skips']} | {r['same_ids_as_eager']} | {r['seconds']} |" for r in runs]
+                  f"{r['cudagraph_skips']} | {r['same_ids_as_eager']} | {r['logprob_difference']:.2g} | "
+                  f"{r['seconds']} |" for r in runs]
     return "\n".join(lines) + "\n"
 
 

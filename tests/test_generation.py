@@ -281,16 +281,17 @@ def test_the_callers_code_between_results_is_not_in_inference_mode(engine):
 
 
 @pytest.fixture(scope="module")
-def workload_ids(engine):
-    """The compile workload's ids, decoded eagerly in this process."""
+def workload(engine):
+    """The compile workload's outputs, decoded eagerly in this process."""
     return compile_run.run(engine)
 
 
 @pytest.mark.parametrize("attention, schedule", [("sdpa", "cpu"), pytest.param("flex", "cpu", marks=needs_flex),
                                                   ("sdpa", "cuda")])
-def test_one_compile_with_a_cold_and_then_a_warm_cache(kosmos25_sharded, workload_ids, attention, schedule, tmp_path):
+def test_one_compile_with_a_cold_and_then_a_warm_cache(kosmos25_sharded, workload, attention, schedule, tmp_path):
     """torch.compile of the decode step (CUDA graphs on a GPU; inductor here), attending with SDPA or
-    FlexAttention, on the CPU's and the GPU's loop schedule: the same ids as eager, and one compile
+    FlexAttention, on the CPU's and the GPU's loop schedule: the same ids as eager (and log-probabilities
+    within 1e-5 nats), and one compile
     for the whole workload (a draining run, pages that cross several span buckets, two slots, one
     image), in a fresh process with an empty inductor cache and again in another fresh process with
     the cache the first one left, as every run after a user's first has."""
@@ -302,7 +303,9 @@ def test_one_compile_with_a_cold_and_then_a_warm_cache(kosmos25_sharded, workloa
         assert done.returncode == 0, done.stderr[-3000:]
         got = json.loads(done.stdout.splitlines()[-1])
         assert not got["compile_broken"] and got["flex"] == (attention == "flex")
-        assert got["ids"] == workload_ids, run
+        assert got["ids"] == [out.ids for out in workload], run
+        assert max(abs(a - b) for got_row, out in zip(got["logprobs"], workload, strict=True)
+                   for a, b in zip(got_row, out.logprobs, strict=True)) <= 1e-5, run
         assert got["dynamo_graphs"] == 1, (run, got["dynamo_graphs"], done.stderr[-3000:])
 
 

@@ -53,6 +53,7 @@ def test_the_dry_run_measures_every_step(tmp_path):
 
     runs = steps["cuda_graphs"]["measured"]["runs"]
     assert [(r["cache"], r["dynamo_graphs"], r["same_ids_as_eager"]) for r in runs] == [("cold", 1, True), ("warm", 1, True)]
+    assert all(0 <= r["logprob_difference"] <= 1e-5 for r in runs)
     systems = [row["system"] for name in ("kosmos", "kosmos_flex", "transformers", "confidence_cost")
                for row in steps[name]["measured"]["rows"]]
     assert systems == ["kosmos-sdpa", "kosmos-flex", "hf1", "hfb", "kosmos-sdpa", "kosmos-unscored"]

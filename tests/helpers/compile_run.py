@@ -1,5 +1,5 @@
-"""One engine's run of a fixed workload in a fresh process: the ids, the dynamo graphs compiled and
-the CUDA graphs recorded, as one JSON object on stdout.
+"""One engine's run of a fixed workload in a fresh process: the ids and their log-probabilities, the
+dynamo graphs compiled and the CUDA graphs recorded, as one JSON object on stdout.
 
     python -m tests.helpers.compile_run MODEL_DIR --device cpu --schedule cuda --attention flex
 
@@ -36,8 +36,8 @@ def prompts() -> list[str]:
     return [chat_prompt(p[1]) if isinstance(p, tuple) else p for p in PROMPTS]
 
 
-def run(engine, longest: int = LONGER[2]) -> list[list[int]]:
-    """The workload's ids, in the order: the draining run, the longer pages, two slots, one image.
+def run(engine, longest: int = LONGER[2]) -> list:
+    """The workload's outputs, in the order: the draining run, the longer pages, two slots, one image.
     `longest` shortens the longest page (the GPU check's dry run, which proves plumbing, not shapes)."""
     ims, texts = images(), prompts()
     longer = [min(n, longest) for n in LONGER]
@@ -45,7 +45,7 @@ def run(engine, longest: int = LONGER[2]) -> list[list[int]]:
     outputs += engine.run(ims[:4], "<ocr>", longer, min_new_tokens=longer, batch_size=3)
     outputs += engine.run(ims[:2], texts[:2], LIMITS[:2], batch_size=2)
     outputs += engine.run(ims[:1], texts[:1], LIMITS[:1])
-    return [out.ids for out in outputs]
+    return outputs
 
 
 def main() -> None:
@@ -79,9 +79,10 @@ def main() -> None:
         torch.cuda.CUDAGraph.capture_begin = lambda graph, *a, **k: (captures.append(1), begin(graph, *a, **k))[1]
     engine = kosmos_cli.load(args.model, device=args.device, dtype=args.dtype, compile=not args.eager,
                              attention=args.attention)
-    ids = run(engine, args.longest)
+    outputs = run(engine, args.longest)
     print(json.dumps({
-        "ids": ids,
+        "ids": [out.ids for out in outputs],
+        "logprobs": [out.logprobs for out in outputs],
         "dynamo_graphs": counters["stats"]["unique_graphs"],
         "cuda_graphs": len(captures),
         "cudagraph_skips": counters["inductor"]["cudagraph_skips"],

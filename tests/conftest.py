@@ -114,6 +114,14 @@ def png(tmp_path):
     return write_image(tmp_path / "good.png")
 
 
+@pytest.fixture(scope="session")
+def alto_schema():
+    """The official ALTO 4.4 schema (tests/helpers/validators.py)."""
+    from tests.helpers.validators import load_alto_schema
+
+    return load_alto_schema()
+
+
 # --------------------------------------------------------------------------------------------------
 # Model answers
 # --------------------------------------------------------------------------------------------------

@@ -10,9 +10,8 @@ from lxml import etree
 from kosmos_cli.results import PageResult
 from kosmos_cli.writers.formats import FORMATS
 from kosmos_cli.writers.overlay import CONFIDENCE_BINS, UNKNOWN, confidence_colour, draw_overlay
-from tests.test_formats import ALTO, OCR, XHTML, alto_schema, assert_valid_alto, assert_valid_hocr, page
-
-__all__ = ["alto_schema"]  # the fixture, imported for the tests here
+from tests.helpers.validators import ALTO, XHTML, assert_valid_alto, assert_valid_hocr
+from tests.test_formats import OCR, page
 
 TOP, HIGH, MID, LOW = (colour for _, colour, _ in CONFIDENCE_BINS)
 

@@ -247,3 +247,43 @@ def test_pages_stored_without_confidence_resume_as_unknown(kosmos25_tied, png, t
     assert fresh.exit_code == 0, fresh.stderr
     assert json.loads(stored.read_text())["confidence"] is not None
 
+
+
+def test_the_known_transcript_in_every_document_file(scripted, tmp_path, alto_schema):
+    """The same run writing hOCR, ALTO and an overlay: x_wconf, WC and PC carry the record's values,
+    both files stay valid, and each polygon is drawn in its line's colour."""
+    from lxml import etree
+    from PIL import Image
+
+    from kosmos_cli.writers.overlay import confidence_colour
+    from tests.helpers.validators import ALTO, XHTML, assert_valid_alto, assert_valid_hocr
+
+    out = tmp_path / "out"
+    page = save(noise_image(64, 48, seed=3), tmp_path / "page.png")
+    result = kosmos("ocr", page, "--model", scripted, "-o", out, "--outputs", "json,hocr,alto", "--overlay")
+    assert result.exit_code == 0, result.stderr
+    (record,) = json.loads((out / "page.json").read_text())["pages"]
+    lines = record["lines"]
+    assert [line["text"] for line in lines] == ["ab", "cd ef", "gh"]
+
+    assert_valid_hocr(out / "page.hocr")
+    hocr = etree.parse(str(out / "page.hocr"))
+    wconf = lambda el: int(el.get("title").rsplit("x_wconf ", 1)[1])
+    hocr_lines = hocr.findall(f".//{XHTML}span[@class='ocr_line']")
+    assert [wconf(el) for el in hocr_lines] == [round(100 * line["confidence"]) for line in lines]
+    assert [[wconf(w) for w in el.findall(f"{XHTML}span[@class='ocrx_word']")] for el in hocr_lines] == \
+        [[round(100 * c) for c in line["word_confidences"]] for line in lines]
+
+    alto = (out / "page.alto.xml").read_text()
+    assert_valid_alto(alto_schema, alto)
+    tree = etree.fromstring(alto.encode())
+    assert float(tree.find(f".//{ALTO}Page").get("PC")) == pytest.approx(record["confidence"], rel=1e-5)
+    assert [float(s.get("WC")) for s in tree.iter(f"{ALTO}String")] == \
+        pytest.approx([c for line in lines for c in line["word_confidences"]], rel=1e-5)
+
+    overlay = Image.open(out / "page.overlay-0001.png").convert("RGB")
+    colours = [confidence_colour(line["confidence"]) for line in lines]
+    assert len(set(colours)) >= 2  # the lines' values fall in different bins
+    for line, colour in zip(lines, colours):
+        x0, y0, x1 = line["polygon"][0], line["polygon"][1], line["polygon"][2]
+        assert overlay.getpixel(((x0 + x1) // 2, y0)) == colour

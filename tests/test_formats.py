@@ -23,10 +23,8 @@ from kosmos_cli.writers.formats import FORMATS, Original, choose_documents
 from tests.helpers.cli import FAST, kosmos
 from tests.helpers.images import write_image
 from tests.helpers.pdfs import make_image_pdf
+from tests.helpers.validators import ALTO, XHTML, assert_valid_alto, assert_valid_hocr
 
-ALTO_DIR = Path(__file__).parent / "data" / "alto"
-ALTO = "{http://www.loc.gov/standards/alto/ns-v4#}"
-XHTML = "{http://www.w3.org/1999/xhtml}"
 MODEL = "microsoft/kosmos-2.5"
 OCR = TASKS["ocr"]
 
@@ -88,33 +86,6 @@ def read_alto(text: str) -> list[dict]:
         pages.append({"size": [int(el.get("WIDTH")), int(el.get("HEIGHT"))],
                       "number": int(el.get("PHYSICAL_IMG_NR")), "lines": lines})
     return pages
-
-
-class _LocalSchemas(etree.Resolver):
-    """The ALTO schema imports XLink from loc.gov: read the copy in tests/data instead (no network)."""
-
-    def resolve(self, url, pubid, context):
-        if url == "http://www.loc.gov/standards/xlink/xlink.xsd":
-            return self.resolve_filename(str(ALTO_DIR / "xlink.xsd"), context)
-        return None
-
-
-@pytest.fixture(scope="module")
-def alto_schema() -> etree.XMLSchema:
-    parser = etree.XMLParser(no_network=True)
-    parser.resolvers.add(_LocalSchemas())
-    return etree.XMLSchema(etree.parse(str(ALTO_DIR / "alto-4-4.xsd"), parser))
-
-
-def assert_valid_alto(schema: etree.XMLSchema, text: str) -> None:
-    doc = etree.fromstring(text.encode("utf-8"))
-    assert schema.validate(doc), schema.error_log
-
-
-def assert_valid_hocr(path: Path) -> None:
-    report = HocrValidator("standard").validate(str(path))
-    problems = [str(item) for item in report.items if item.level in ("ERROR", "FATAL", "WARN")]
-    assert report.is_valid() and problems == [], problems
 
 
 # --------------------------------------------------------------------------------------------------

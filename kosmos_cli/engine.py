@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections import deque
+import threading
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -13,7 +14,8 @@ from PIL import Image
 from .confidence import align
 from .models import kosmos2, kosmos2_5
 from .models.config import Architecture
-from .models.generation import ADMIT_CHUNK, CompiledDecodeStep, DecodeSettings, LoopCheck, Prompt, Request, stream
+from .models.generation import (ADMIT_CHUNK, CompiledDecodeStep, DecodeSettings, LoopCheck, Prompt, Request, RequestQueue,
+                                stream)
 from .models.layers import MultiheadAttention, check_attention, cuda_capability, flash_available
 from .models.loading import ModelLoadError, load_weights, read_json, resolve_model_dir
 from .processing.images import read_image_processor_config
@@ -254,7 +256,7 @@ class Engine:
 
     def stream(
         self,
-        jobs: Iterable[Job],
+        jobs: Iterable[Job] | JobQueue,
         *,
         slots: int,
         max_prompt_tokens: int | None = None,
@@ -264,7 +266,8 @@ class Engine:
     ) -> Iterator[tuple[Any, Output]]:
         """Continuous batching: yield (job.key, Output) as pages finish, for jobs that may arrive lazily.
 
-        A lazy stream must bound its prompts and budgets up front (max_prompt_tokens,
+        ``jobs`` may be a `JobQueue` (`job_queue`): the stream then runs until the queue is closed, with
+        the queue's bounds. A lazy stream must bound its prompts and budgets up front (max_prompt_tokens,
         max_new_tokens) to size the KV cache; a job beyond them raises ValueError naming its key as
         soon as it is pulled, before any work on it, and ends the stream: jobs pulled before it and
         not yet yielded are not returned (pass the bounds of every job to be safe).
@@ -312,39 +315,42 @@ class Engine:
                 yield waiting.popleft().key, None
 
     def _stream(self, jobs, slots, max_prompt_tokens, max_new_tokens, no_repeat_ngram_size, loop_check):
-        encoded: dict[str, Prompt] = {}  # every page of a run usually shares one prompt: tokenize it once
+        if isinstance(jobs, JobQueue):
+            requests, sizes = jobs.requests, jobs.sizes
+            max_prompt_tokens, max_new_tokens = jobs.max_prompt_tokens, jobs.max_new_tokens
+        else:
+            prompts = _Prompts(self)
+            if max_prompt_tokens is None or max_new_tokens is None:
+                jobs = list(jobs)
+                if not jobs:
+                    return
+                max_prompt_tokens = max(len(prompts[job.prompt].ids) for job in jobs)
+                max_new_tokens = max(job.max_new_tokens for job in jobs)
+            sizes: dict[Any, tuple[int, int]] = {}
 
-        def encode(prompt: str) -> Prompt:
-            if prompt not in encoded:
-                encoded[prompt] = Prompt(*self.tokenizer.prompt(prompt, self.config.latent_query_num))
-            return encoded[prompt]
+            def requests() -> Iterator[Request]:
+                for job in jobs:
+                    request = _request(job, prompts[job.prompt], max_prompt_tokens, max_new_tokens)
+                    sizes[job.key] = job.prepared.model_size
+                    yield request
 
-        if max_prompt_tokens is None or max_new_tokens is None:
-            jobs = list(jobs)
-            if not jobs:
-                return
-            max_prompt_tokens = max(len(encode(job.prompt).ids) for job in jobs)
-            max_new_tokens = max(job.max_new_tokens for job in jobs)
-        sizes: dict[Any, tuple[int, int]] = {}
-
-        def requests() -> Iterator[Request]:
-            for job in jobs:
-                tokens = encode(job.prompt)
-                if len(tokens.ids) > max_prompt_tokens or job.max_new_tokens > max_new_tokens:
-                    raise ValueError(f"job {job.key!r}: a prompt of {len(tokens.ids)} tokens and {job.max_new_tokens} new "
-                                     f"tokens exceed the stream's bounds ({max_prompt_tokens} and {max_new_tokens})")
-                sizes[job.key] = job.prepared.model_size
-                yield Request(tokens, job.max_new_tokens, job.prepared.vision_input, job.key, job.min_new_tokens)
+            requests = requests()
 
         ngram = self.architecture.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size
         settings = DecodeSettings(tuple(self.eos_ids), self.config.text.pad_token_id, ngram, loop_check)
         for key, generated in stream(
-            self.model.encode_images, self.model.text, requests(), slots=slots,
+            self.model.encode_images, self.model.text, requests, slots=slots,
             capacity=max_prompt_tokens + max_new_tokens, settings=settings, dtype=self.dtype, device=self.device,
             decode=self.compiled, cache=self._cache if self.compiled is not None else None,
         ):
-            yield key, Output(generated.ids, self.decode(generated.ids), generated.stop, sizes.pop(key),
-                              generated.logprobs)
+            size = sizes.pop(key, None)
+            if size is None:  # cancelled while it finished
+                continue
+            yield key, Output(generated.ids, self.decode(generated.ids), generated.stop, size, generated.logprobs)
+
+    def job_queue(self, max_prompt_tokens: int, max_new_tokens: int) -> JobQueue:
+        """An open-ended source of jobs for `stream` (a server's): see `JobQueue`."""
+        return JobQueue(self, max_prompt_tokens, max_new_tokens)
 
     def auto_batch_size(self, prompt: str, max_new_tokens: int, limit: int = 64) -> int:
         """The most slots that fit: on CUDA, free memory (after the weights), less the activations of
@@ -395,6 +401,70 @@ class Engine:
     def token_starts(self, ids: Sequence[int], text: str) -> list[int] | None:
         """Where each id's text starts in ``text``, `decode(ids)`; None if that cannot be told."""
         return align(self.tokenizer.pieces(list(ids)), text)
+
+
+class _Prompts:
+    """Prompt texts tokenized for one engine, the most recent KEPT of them kept (every page of
+    a run usually shares one prompt; a server's chat questions are many)."""
+
+    KEPT = 256
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._encoded: OrderedDict[str, Prompt] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getitem__(self, text: str) -> Prompt:
+        with self._lock:
+            if text in self._encoded:
+                self._encoded.move_to_end(text)
+                return self._encoded[text]
+        prompt = Prompt(*self.engine.tokenizer.prompt(text, self.engine.config.latent_query_num))
+        with self._lock:
+            self._encoded[text] = prompt
+            while len(self._encoded) > self.KEPT:
+                self._encoded.popitem(last=False)
+        return prompt
+
+
+def _request(job: Job, prompt: Prompt, max_prompt_tokens: int, max_new_tokens: int) -> Request:
+    """The batch's request for a job; ValueError if it exceeds the stream's bounds."""
+    if len(prompt.ids) > max_prompt_tokens or job.max_new_tokens > max_new_tokens:
+        raise ValueError(f"job {job.key!r}: a prompt of {len(prompt.ids)} tokens and {job.max_new_tokens} new "
+                         f"tokens exceed the stream's bounds ({max_prompt_tokens} and {max_new_tokens})")
+    return Request(prompt, job.max_new_tokens, job.prepared.vision_input, job.key, job.min_new_tokens)
+
+
+class JobQueue:
+    """Jobs for an engine's stream that outlives them (a server): `engine.stream(queue, slots=...)`
+    runs until `close`, taking jobs as slots free up without holding back the rows running.
+
+    `put` (any thread) checks a job against the queue's bounds first: one beyond them raises
+    ValueError to its caller and the stream goes on. `cancel(key)` drops a queued job, or frees a
+    running one's slot at the next host sync; a cancelled job gives no output."""
+
+    def __init__(self, engine: Engine, max_prompt_tokens: int, max_new_tokens: int):
+        self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
+        self.requests = RequestQueue()
+        self.sizes: dict[Any, tuple[int, int]] = {}  # model-space size of each job put and not yet done
+        self._prompts = _Prompts(engine)
+
+    def put(self, job: Job) -> None:
+        request = _request(job, self._prompts[job.prompt], self.max_prompt_tokens, self.max_new_tokens)
+        self.sizes[job.key] = job.prepared.model_size
+        self.requests.put(request)
+
+    def cancel(self, key: Any) -> None:
+        self.requests.cancel(key)
+        self.sizes.pop(key, None)
+
+    def close(self) -> None:
+        """No more jobs: the stream ends once those put are done."""
+        self.requests.close()
+
+    def __len__(self) -> int:
+        """Jobs waiting for a slot."""
+        return len(self.requests)
 
 
 def _eos_ids(model_dir: Path, configured: int | list[int]) -> list[int]:

@@ -8,7 +8,9 @@ Nothing a slot computes depends on the other slots, so results equal decoding ea
 
 from __future__ import annotations
 
+import threading
 import warnings
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -98,6 +100,76 @@ class LoopCheck:
     may_loop: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
+class RequestQueue:
+    """The requests of a batch that outlives them (a server): `put` and `cancel` from any thread,
+    `close` to end the batch once what was put is done.
+
+    The batch takes requests without waiting while it has rows running (a source that blocked would
+    stall them all), and waits for one when it has none. `cancel(key)` drops a queued request, or
+    frees a running one's row at the next host sync; a cancelled request gives no result."""
+
+    def __init__(self):
+        self._waiting: deque[Request] = deque()
+        self._cancelled: set = set()
+        self._closed = False
+        self._changed = threading.Condition()
+
+    def put(self, request: Request) -> None:
+        with self._changed:
+            if self._closed:
+                raise RuntimeError("the queue is closed")
+            self._waiting.append(request)
+            self._changed.notify_all()
+
+    def cancel(self, key: Any) -> None:
+        with self._changed:
+            before = len(self._waiting)
+            self._waiting = deque(r for r in self._waiting if r.key != key)
+            if len(self._waiting) == before:  # taken already: running, or done
+                self._cancelled.add(key)
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def __len__(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self._waiting)
+
+    def take(self, wait: bool) -> Request | None:
+        """The next request; None when there is none now (only without ``wait``); StopIteration once
+        closed and empty."""
+        with self._changed:
+            while wait and not self._waiting and not self._closed:
+                self._changed.wait()
+            if self._waiting:
+                return self._waiting.popleft()
+            if self._closed:
+                raise StopIteration
+            return None
+
+    def cancelled(self) -> set:
+        """The keys cancelled since the last call (those of requests taken already)."""
+        with self._changed:
+            keys, self._cancelled = self._cancelled, set()
+            return keys
+
+
+class _Requests:
+    """A plain iterable of requests as the batch takes them: every take may wait (it is the caller's
+    iterator), nothing is cancelled."""
+
+    def __init__(self, requests: Iterable[Request]):
+        self._requests = iter(requests)
+
+    def take(self, wait: bool) -> Request:
+        return next(self._requests)
+
+    def cancelled(self) -> set:
+        return set()
+
+
 @dataclass
 class DecodeSettings:
     eos_ids: tuple[int, ...] = (2,)
@@ -109,7 +181,7 @@ class DecodeSettings:
 def stream(
     encode_images: Callable[[torch.Tensor], torch.Tensor],
     decoder: TextDecoder,
-    requests: Iterable[Request],
+    requests: Iterable[Request] | RequestQueue,
     *,
     slots: int,
     capacity: int,
@@ -119,7 +191,8 @@ def stream(
     decode: Callable | None = None,
     cache: Callable[[int, int], KVCache] | None = None,
 ) -> Iterator[tuple[Any, Generated]]:
-    """Yield (request.key, Generated) as sequences finish (not in request order).
+    """Yield (request.key, Generated) as sequences finish (not in request order). ``requests``: an
+    iterable (the stream ends when it does), or a `RequestQueue` (it ends when the queue is closed).
 
     slots: sequences decoded together; capacity: the longest prompt + max_new_tokens any request
     may need (the caller checks every request against it, as Engine.stream does).
@@ -128,7 +201,7 @@ def stream(
     use (default: a new one)."""
     cache = cache or (lambda n, c: decoder.new_cache(n, c, dtype=dtype, device=device))
     batch = _Batch(encode_images, decoder, slots, capacity, settings, dtype, device, decode or decode_step, cache)
-    yield from batch.drain(iter(requests))
+    yield from batch.drain(requests if isinstance(requests, RequestQueue) else _Requests(requests))
 
 
 class _Batch:
@@ -162,16 +235,20 @@ class _Batch:
         self.owner: list[Request | None] = [None] * slots
         self.lengths_host = [0] * slots
         self.looped: dict[int, int] = {}
+        self.cancelled: set[int] = set()  # rows whose request was cancelled: freed without a result
 
-    def drain(self, requests: Iterator[Request]) -> Iterator[tuple[Any, Generated]]:
+    def drain(self, requests: RequestQueue | _Requests) -> Iterator[tuple[Any, Generated]]:
         """Decode until every request is done, admitting new ones as slots free up."""
         exhausted = False
         step = 0
         while True:
             if not exhausted:
                 exhausted = self._admit(requests)
+            self._cancel(requests.cancelled())
             if all(owner is None for owner in self.owner):
-                return
+                if exhausted:
+                    return
+                continue  # a queue with nothing yet: the next admission waits for a request
             for _ in range(self.schedule.sync_every):
                 self._advance()
                 step += 1
@@ -180,16 +257,20 @@ class _Batch:
             yield from self._collect()
 
     @torch.inference_mode()
-    def _admit(self, requests: Iterator[Request]) -> bool:
-        """Fill free slots with waiting requests (encode + prefill). Returns True when none are left."""
+    def _admit(self, requests: RequestQueue | _Requests) -> bool:
+        """Fill free slots with waiting requests (encode + prefill). Returns True when none are left.
+        Waits for a request only when no row is running."""
         free = [s for s, owner in enumerate(self.owner) if owner is None]
+        idle = len(free) == self.slots
         newcomers: list[Request] = []
         exhausted = False
         while len(newcomers) < len(free):
             try:
-                request = next(requests)
+                request = requests.take(wait=idle and not newcomers)
             except StopIteration:
                 exhausted = True
+                break
+            if request is None:
                 break
             newcomers.append(request)
         if not newcomers:
@@ -289,6 +370,14 @@ class _Batch:
                 self.done[s] = True
 
     @torch.inference_mode()
+    def _cancel(self, keys: set) -> None:
+        """Stop the rows of cancelled requests; the next collect frees them without a result."""
+        for s, owner in enumerate(self.owner):
+            if owner is not None and owner.key in keys:
+                self.cancelled.add(s)
+                self.done[s] = True
+
+    @torch.inference_mode()
     def _collect(self) -> list[tuple[Any, Generated]]:
         """Hand finished sequences back and free their slots."""
         finished = [s for s, done in enumerate(self.done.tolist()) if done and self.owner[s] is not None]
@@ -298,6 +387,12 @@ class _Batch:
         host, host_logprobs = self.tokens[finished].tolist(), self.logprobs[finished].tolist()
         for s, row, row_logprobs in zip(finished, host, host_logprobs):
             request = self.owner[s]
+            self.owner[s] = None
+            self.lengths_host[s] = 0
+            if s in self.cancelled:
+                self.cancelled.discard(s)
+                self.looped.pop(s, None)
+                continue
             start = len(request.prompt.ids)
             new = row[start : start + request.max_new_tokens]
             logprobs = row_logprobs[start : start + request.max_new_tokens]
@@ -312,8 +407,6 @@ class _Batch:
                     result = Generated(new[:stop], "eos", logprobs[: stop + 1])
                 else:
                     result = Generated(new, "length", logprobs[: len(new)])
-            self.owner[s] = None
-            self.lengths_host[s] = 0
             collected.append((request.key, result))
         free = torch.tensor(finished, device=self.device)
         self.advance[free] = 0

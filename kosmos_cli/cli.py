@@ -26,7 +26,8 @@ from .paths import display_path, os_reason
 from .report import Progress, Report, library_output_held, say
 from .results import PageResult
 from .review import Review, parse_threshold
-from .tasks import TASKS, WrongModel
+from .runner import ModelUnusable, Settings, renders_here, run_pages
+from .tasks import TASKS
 from .writers.atomic import check_writable
 from .writers.directory import OutputDir
 from .writers.formats import choose_documents
@@ -198,7 +199,6 @@ def _main(version: bool = typer.Option(False, "--version", callback=_print_versi
 def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str | None = None, question: str | None = None) -> int:
     """Run one command; returns the exit code."""
     from .models.layers import ATTENTION_CHOICES
-    from .pipeline import transcribe
 
     task = TASKS[task_name]
     if opts.attention not in ATTENTION_CHOICES:
@@ -221,7 +221,7 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
         _fail_usage(f"--pages: {err}")
     batch_size = _batch_size(opts.batch_size)
     threshold = _review_threshold(opts.review_below)
-    devices = _check_device(opts.device)
+    _check_device(opts.device)
     if opts.ray_address is not None and not opts.ray:
         _fail_usage("--ray-address needs --ray")
     if opts.ray and importlib.util.find_spec("ray") is None:
@@ -257,15 +257,14 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
                 _give_review(review, out, opts.quiet)
             return 1
         _fail_usage("no supported input files found (PDF, PNG, JPEG, TIFF, WebP, BMP, GIF)")
+    settings = Settings(model=model_name, device=opts.device, dtype=opts.dtype,
+                        compile="auto" if opts.compile is None else opts.compile, attention=opts.attention,
+                        batch_size=batch_size, max_new_tokens=opts.max_new_tokens, dpi=opts.dpi,
+                        password=opts.password, prompt=prompt, ray=opts.ray, ray_address=opts.ray_address,
+                        keep_images=opts.overlay)
     skip = (lambda job: out.is_done(job.stem, job.page)) if out is not None else None
-    jobs = iter_pages(files, selection, opts.dpi, opts.password, skip=skip, render=len(devices) == 1 and not opts.ray)
-    if opts.ray:
-        results = _on_ray(devices, task, model_name, jobs, opts, report, prompt=prompt, batch_size=batch_size)
-    elif len(devices) == 1:
-        results = transcribe(lambda: _load_engine(task, model_name, opts), task, jobs, prompt=prompt,
-                             batch_size=batch_size, max_new_tokens=opts.max_new_tokens, on_page=report.page_done)
-    else:
-        results = _on_devices(devices, task, model_name, jobs, opts, report, prompt=prompt, batch_size=batch_size)
+    jobs = iter_pages(files, selection, opts.dpi, opts.password, skip=skip, render=renders_here(settings))
+    results = run_pages(task, jobs, settings, on_page=report.page_done, log=None if opts.quiet else say)
 
     show_progress = not opts.quiet and sys.stderr.isatty()
     progress = Progress(show_progress, _count_pages(files, selection, opts) if show_progress else None, report)
@@ -287,7 +286,7 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
     except WorkersLost as err:
         say(str(err))
         return 2 if err.wrong_model else 1
-    except _Fatal as err:
+    except ModelUnusable as err:
         say(str(err.__cause__ if opts.debug else err))
         if opts.debug:
             traceback.print_exception(err.__cause__, file=sys.stderr)
@@ -345,33 +344,6 @@ def _check_device(value: str) -> list:
         _fail_usage(str(err))
 
 
-def _on_devices(devices, task, model_name: str, jobs, opts: Options, report: Report, **options):
-    """The run on one worker process a device (`kosmos_cli.distributed.local`)."""
-    from .distributed.local import transcribe_on_devices
-
-    specs = [_engine_spec(model_name, opts, str(device)) for device in devices]
-    return transcribe_on_devices(specs, task.name, jobs, dpi=opts.dpi, password=opts.password,
-                                 max_new_tokens=opts.max_new_tokens, keep_images=opts.overlay,
-                                 on_page=report.page_done, log=None if opts.quiet else say, **options)
-
-
-def _on_ray(devices, task, model_name: str, jobs, opts: Options, report: Report, **options):
-    """The run on a Ray actor pool (`kosmos_cli.distributed.ray_data`): one actor per GPU of the
-    cluster, or per --device entry on a cluster without GPUs."""
-    import ray
-
-    from .distributed.ray_data import connect, transcribe_on_ray
-
-    connect(opts.ray_address)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    spec = _engine_spec(model_name, opts, "cuda" if gpus else "cpu")
-    if not opts.quiet:
-        say(f"running on Ray: {gpus or len(devices)} {'GPU' if gpus else 'CPU'} actor{'s' * ((gpus or len(devices)) != 1)}")
-    return transcribe_on_ray(spec, gpus or len(devices), task.name, jobs, dpi=opts.dpi, password=opts.password,
-                             gpus=gpus > 0, max_new_tokens=opts.max_new_tokens, keep_images=opts.overlay,
-                             on_page=report.page_done, **options)
-
-
 def _check_dtype(value: str) -> None:
     from .engine import DTYPES
 
@@ -390,14 +362,6 @@ def _check_output(folder: Path) -> None:
         _fail_usage(f"-o {display_path(folder)}: {os_reason(err)}")
 
 
-class _Fatal(Exception):
-    """An error that stops the whole run (the model cannot be loaded)."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
-
-
 def _batch_size(value: str) -> int | None:
     if value == "auto":
         return None
@@ -408,30 +372,6 @@ def _batch_size(value: str) -> int | None:
     if size < 1:
         _fail_usage(f"--batch-size must be a positive number or auto, not {value!r}")
     return size
-
-
-def _engine_spec(model_name: str, opts: Options, device: str):
-    """How an engine of this run is loaded (here, in a worker process or in a Ray actor)."""
-    from .distributed.worker import EngineSpec
-
-    return EngineSpec(model_name, device, opts.dtype, "auto" if opts.compile is None else opts.compile,
-                      opts.attention)
-
-
-def _load_engine(task, model_name: str, opts: Options):
-    """Load the model (once the first page needs it: a run whose pages are all done loads nothing)."""
-    try:
-        engine = _engine_spec(model_name, opts, opts.device).load()
-    except (ValueError, FileNotFoundError, RuntimeError) as err:  # ModelLoadError is a ValueError too
-        raise _Fatal(f"cannot load model {model_name}: {err}", 1) from err
-    interrupt.check()
-    try:
-        task.check_model(engine.kind, model_name)
-    except WrongModel as err:
-        raise _Fatal(str(err), 2) from None
-    if not opts.quiet:
-        say(f"running {engine}")
-    return engine
 
 
 def _count_pages(files, selection, opts: Options) -> int:

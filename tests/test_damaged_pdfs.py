@@ -12,7 +12,6 @@ import weakref
 from pathlib import Path
 
 import pikepdf
-import pypdfium2 as pdfium
 import pytest
 from PIL import Image, ImageChops, ImageStat
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from urllib.parse import quote
 
 import pypdfium2 as pdfium
@@ -265,7 +264,7 @@ def test_a_rerun_that_adds_formats_needs_no_model(k25, tmp_path, fixed_answers, 
 
 def test_ocr_writes_a_searchable_pdf_of_a_pdf_and_of_an_image(k25, tmp_path, fixed_answers):
     pdf = make_image_pdf(tmp_path / "in" / "doc.pdf", 2)
-    image = write_image(tmp_path / "in" / "scan.png", (300, 200), color="navy")
+    write_image(tmp_path / "in" / "scan.png", (300, 200), color="navy")
     out = tmp_path / "out"
     result = kosmos("ocr", tmp_path / "in", "-o", out, "--outputs", "json,pdf", "--model", k25, *FAST)
     assert result.exit_code == 0, result.stderr

@@ -26,7 +26,7 @@ from .paths import display_path, os_reason
 from .report import Progress, Report, library_output_held, say
 from .results import PageResult
 from .review import Review, parse_threshold
-from .runner import ModelUnusable, Settings, renders_here, run_pages
+from .runner import ModelUnusable, Settings, engine_spec, renders_here, run_pages
 from .tasks import TASKS
 from .writers.atomic import check_writable
 from .writers.directory import OutputDir
@@ -139,6 +139,56 @@ def ground(inputs: GroundInputs, output: Output = None, model: Model = None, dev
         if not inputs:
             _fail_usage("no input files given (a last argument that starts with < is the prompt)")
     _command("ground", **locals())
+
+
+@app.command()
+def serve(model: Annotated[str, typer.Option("--model", "-m", help="Hugging Face repo id or local checkpoint directory.")] = "microsoft/kosmos-2.5",
+          device: Annotated[str, typer.Option(help="auto (the GPU when there is one, else the CPU), cpu, cuda or cuda:N: one device.")] = "auto",
+          dtype: DType = "auto",
+          host: Annotated[str, typer.Option(help="Address to listen on; beyond loopback, set an API key and put a TLS proxy in front.")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+          api_key: Annotated[Optional[str], typer.Option(envvar="KOSMOS_API_KEY", show_envvar=True, help="Every API route then needs Authorization: Bearer KEY (/health does not).")] = None,
+          batch_size: BatchSize = "auto", max_new_tokens: MaxNewTokens = None,
+          dpi: Annotated[float, typer.Option(min=36, max=1200, help="Default PDF rendering resolution (a request may ask for another).")] = documents.DEFAULT_DPI,
+          max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest upload, in MiB: past it, 413.")] = 100,
+          max_pages: Annotated[int, typer.Option(min=1, help="Most pages one request may have: past it, 413.")] = 1000,
+          grace: Annotated[float, typer.Option(min=0, help="Seconds running requests get to finish on SIGTERM or Ctrl-C.")] = 30,
+          compile: Compile = None, quiet: Quiet = False, debug: Debug = False) -> None:
+    """Keep one model warm for many clients: POST a PDF or image to /v1/ocr, /v1/md or /v1/ground and get
+    one JSON record a page back, as --format jsonl prints them (API docs at /docs)."""
+    from .server import SERVE_REQUIREMENTS
+
+    missing = [name for name in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(name) is None]
+    if missing:
+        _fail_usage(f"kosmos serve needs the server's libraries: pip install {' '.join(SERVE_REQUIREMENTS)}")
+    from .engine import pick_device
+
+    try:
+        picked = str(pick_device(device, "--device"))
+    except ValueError as err:
+        _fail_usage(str(err))
+    _check_dtype(dtype)
+    slots = _batch_size(batch_size)
+    with library_output_held():
+        try:
+            engine = engine_spec(model, Settings(model=model, device=picked, dtype=dtype,
+                                                 compile="auto" if compile is None else compile,
+                                                 attention=os.environ.get("KOSMOS_ATTENTION", "auto")), picked).load()
+        except (ValueError, FileNotFoundError, RuntimeError) as err:  # ModelLoadError is a ValueError too
+            say(f"cannot load model {model}: {err}")
+            if debug:
+                traceback.print_exception(err, file=sys.stderr)
+            raise typer.Exit(1)
+    if not quiet:
+        say(f"running {engine}")
+    if slots is None:
+        task = next(t for t in TASKS.values() if t.model_kind == engine.kind)
+        slots = engine.auto_batch_size(task.prompt, max_new_tokens or task.max_new_tokens)
+    from .server import serve as run_server
+
+    raise typer.Exit(run_server(engine, host=host, port=port, api_key=api_key, slots=slots,
+                                max_new_tokens=max_new_tokens, dpi=dpi, max_upload_bytes=int(max_upload_mb * 2**20),
+                                max_pages=max_pages, grace=grace, quiet=quiet))
 
 
 def _fail_usage(message: str) -> None:

@@ -89,7 +89,7 @@ def transcribe(
         if out is None:
             result = PageResult.failed(page.source, page.page, task.name, engine.name, OUT_OF_MEMORY)
         else:
-            result = _result(engine, task, page, out, prompt)
+            result = page_result(engine, task, page, out, prompt)
             if on_page is not None:
                 on_page(result, len(out.ids))
         order.finish(key, page, result)
@@ -130,7 +130,9 @@ class _Preparer:
         return None if engine is None else engine.prepare(image)
 
 
-def _result(engine: Engine, task: Task, page: PageJob, out: Output, prompt: str) -> PageResult:
+def page_result(engine: Engine, task: Task, page: PageJob, out: Output, prompt: str) -> PageResult:
+    """The record of a page the engine has done: the task's fields parsed from its text, with the
+    confidence of the page and of its parts."""
     shown = prompt if task.caption_task else ""  # the caption's start is the prompt's end
     raw = shown + out.text
     starts = engine.token_starts(out.ids, out.text)

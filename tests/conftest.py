@@ -91,6 +91,14 @@ def engine(kosmos25_sharded):
 
 
 @pytest.fixture(scope="session")
+def scripted(build_once):
+    """Tiny Kosmos-2.5 that writes a known three-line OCR transcript (tests/helpers/scripted.py)."""
+    from tests.helpers.scripted import STRENGTHS, TRANSCRIPT, make_scripted_checkpoint
+
+    return build_once("scripted", lambda path: make_scripted_checkpoint(path, TRANSCRIPT, STRENGTHS))
+
+
+@pytest.fixture(scope="session")
 def k2_dir(build_once):
     """Tiny Kosmos-2 (seed 0): untied lm_head, greedy output depends on the image; tokenizer_config.json
     without an added_tokens_decoder block."""

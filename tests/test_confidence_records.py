@@ -14,7 +14,7 @@ from kosmos_cli.tasks import grounding, ocr
 from tests.helpers.cli import FAST, jsonl, kosmos, state_file
 from tests.helpers.images import noise_image
 from tests.helpers.kosmos2_5 import load_kosmos2_5_oracle
-from tests.helpers.scripted import make_scripted_checkpoint, transcript_ids
+from tests.helpers.scripted import LINES, STRENGTHS, TRANSCRIPT, WORDS, transcript_ids
 
 MODEL_SIZE = PAGE_SIZE = (1000, 1000)  # OCR boxes as generated
 
@@ -135,19 +135,6 @@ def test_an_entity_takes_its_phrase_and_its_location_tokens(k2_tokenizer):
 # A checkpoint that writes a known transcript
 # --------------------------------------------------------------------------------------------------
 
-TRANSCRIPT = ("<bbox><x_10><y_10><x_200><y_40></bbox>ab\n"  # in the model's pixels (about 288 x 208)
-              "<bbox><x_10><y_60><x_250><y_90></bbox>cd ef\n"
-              "<bbox><x_10><y_110><x_120><y_140></bbox>gh")
-# Its tokens (the tiny tokenizer): 6 box tokens, "ab", "\n" | 6 box tokens, "c", "d", " e", "f", "\n" |
-# 6 box tokens, "gh" | EOS; each with its own logit, so lines and words differ.
-STRENGTHS = [12] * 6 + [9, 12] + [11] * 6 + [6, 7, 10, 12, 11] + [10] * 6 + [5] + [12]
-LINES = [range(0, 8), range(8, 19), range(19, 26)]
-WORDS = [[range(6, 7)], [range(14, 16), range(16, 18)], [range(25, 26)]]
-
-
-@pytest.fixture(scope="module")
-def scripted(build_once):
-    return build_once("scripted", lambda path: make_scripted_checkpoint(path, TRANSCRIPT, STRENGTHS))
 
 
 def test_a_known_transcript_end_to_end(scripted, tmp_path):

@@ -26,6 +26,17 @@ from tests.helpers.kosmos2_5 import make_kosmos2_5_checkpoint
 
 EOS = 2
 
+# The transcript the tests' checkpoint writes (the `scripted` fixture), in the model's pixels (its
+# input is about 288 x 208 for a small image).
+TRANSCRIPT = ("<bbox><x_10><y_10><x_200><y_40></bbox>ab\n"
+              "<bbox><x_10><y_60><x_250><y_90></bbox>cd ef\n"
+              "<bbox><x_10><y_110><x_120><y_140></bbox>gh")
+# Its tokens (the tiny tokenizer): 6 box tokens, "ab", "\n" | 6 box tokens, "c", "d", " e", "f", "\n" |
+# 6 box tokens, "gh" | EOS; each with its own logit, so lines and words differ.
+STRENGTHS = [12] * 6 + [9, 12] + [11] * 6 + [6, 7, 10, 12, 11] + [10] * 6 + [5] + [12]
+LINES = [range(0, 8), range(8, 19), range(19, 26)]
+WORDS = [[range(6, 7)], [range(14, 16), range(16, 18)], [range(25, 26)]]
+
 
 def transcript_ids(path: Path, transcript: str) -> list[int]:
     """The transcript's ids under the checkpoint's tokenizer (the tokenizers package, not ours), then EOS."""

@@ -1,0 +1,103 @@
+"""`kosmos serve`: one warm model for many clients.
+
+`app` holds the HTTP routes, `bridge` the way every request's pages reach the engine's one running
+batch. `serve` loads the model (a model that cannot load ends the command as a run would), starts the
+server, warms the model up with one page (/health says 503 until then) and, on SIGTERM or Ctrl-C,
+stops taking requests, lets those running finish within ``grace`` seconds and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+
+from PIL import Image
+
+__all__ = ["SERVE_REQUIREMENTS", "serve"]
+
+# What the server needs beyond kosmos' own dependencies, as pyproject.toml's `serve` extra pins it.
+SERVE_REQUIREMENTS = ('"fastapi>=0.115,<1"', '"uvicorn>=0.30,<1"', '"python-multipart>=0.0.18,<0.1"',
+                      '"prometheus-client>=0.20,<1"')
+
+
+def serve(engine, *, host: str, port: int, api_key: str | None, slots: int, max_new_tokens: int | None,
+          dpi: float, max_upload_bytes: int, max_pages: int, grace: float, quiet: bool) -> int:
+    """Run the server for a loaded engine until it is stopped; returns the exit code."""
+    import uvicorn
+
+    from ..tasks import TASKS
+    from .app import MAX_QUESTION_TOKENS, ServerConfig, create_app, is_loopback
+    from .bridge import Bridge, Upload
+
+    logger = logging.getLogger("kosmos.server")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("kosmos: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+    tasks = [task for task in TASKS.values() if task.model_kind == engine.kind]
+    longest = max(engine.prompt_length(task.prompt) for task in tasks) + MAX_QUESTION_TOKENS
+    budget = max_new_tokens or max(task.max_new_tokens for task in tasks)
+    bridge = Bridge(engine, slots=slots, max_new_tokens=budget, max_prompt_tokens=longest)
+    config = ServerConfig(host=host, api_key=api_key, max_upload_bytes=max_upload_bytes, max_pages=max_pages,
+                          max_new_tokens=max_new_tokens, dpi=dpi)
+    if not is_loopback(host) and api_key is None:
+        logger.warning(f"listening on {host} without an API key: anyone who can reach this port can use the model "
+                       "and read what it returns; set --api-key (or KOSMOS_API_KEY) and put a TLS-terminating proxy "
+                       "in front")
+    ready = threading.Event()
+
+    def warm_up():
+        page = config.uploads / "warm-up.png"
+        Image.new("RGB", (64, 64), "white").save(page)
+        submission = bridge.submit(Upload(page, page.name, tasks[0], tasks[0].prompt, max_new_tokens=4))
+        list(submission.records())
+        page.unlink()
+        ready.set()
+        logger.info(f"ready: {engine}, http://{host}:{port}")
+
+    app = create_app(engine, bridge, config, ready)
+    threading.Thread(target=warm_up, name="kosmos-warm-up", daemon=True).start()
+    server = _server_class(uvicorn)(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                                   timeout_graceful_shutdown=grace))
+    try:
+        server.run()
+    finally:
+        bridge.close(timeout=grace)
+        shutil.rmtree(config.uploads, ignore_errors=True)
+    return 0
+
+
+def _server_class(uvicorn):
+    """uvicorn's server with the command's signal rules: the first SIGTERM or Ctrl-C stops taking
+    requests and lets those running finish (within the grace period), and the command then exits 0;
+    a second one exits at once with 130. (uvicorn's own handlers would end the process by the signal.)"""
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+
+            def stop(signum, frame):
+                if self.should_exit:
+                    os._exit(130)
+                logging.getLogger("kosmos.server").info("stopping: no new requests; a second signal ends it at once")
+                self.should_exit = True
+
+            originals = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in originals.items():
+                    signal.signal(sig, handler)
+
+    return Server

@@ -1,0 +1,297 @@
+"""`kosmos serve`'s HTTP API: FastAPI routes over one `Bridge`.
+
+    GET  /health            200 once the model is loaded and warmed up, 503 before
+    GET  /v1/info           the model, its kind, the tasks it can do, the limits
+    POST /v1/ocr|md|ground  multipart ``file`` (+ pages, dpi, password, max_new_tokens, prompt/question):
+                            application/x-ndjson, one record a page, the command's --format jsonl record
+
+With an API key every route but /health needs ``Authorization: Bearer KEY``. A server bound to a
+loopback address answers only requests addressed to a loopback name (DNS rebinding). Uploads are
+counted as they arrive, whatever Content-Length says: past the limit, 413 at once. No traceback
+reaches a client: a 500 carries an id that the server's log prints with the traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .. import __version__
+from ..documents import DEFAULT_DPI, DocumentError
+from ..engine import Engine
+from ..inputs import parse_pages
+from ..tasks import TASKS, WrongModel
+from .bridge import Bridge, Upload
+
+__all__ = ["ServerConfig", "create_app", "is_loopback"]
+
+log = logging.getLogger("kosmos.server")
+NDJSON = "application/x-ndjson"
+# The most tokens a request's own prompt (a chat question, a Kosmos-2 prompt) may add to a task's.
+MAX_QUESTION_TOKENS = 256
+
+
+@dataclass
+class ServerConfig:
+    """What a server allows: ``api_key`` (None: no key), the address it is bound to, the upload and page
+    limits, and the default and largest token budget a request may ask for."""
+
+    host: str = "127.0.0.1"
+    api_key: str | None = None
+    max_upload_bytes: int = 100 * 2**20
+    max_pages: int = 1000
+    max_new_tokens: int | None = None  # None: each task's default (3072 for Kosmos-2.5)
+    dpi: float = DEFAULT_DPI
+    uploads: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kosmos-serve-")))
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _CountBody:
+    """Counts each request's body as it arrives (Content-Length can lie): past ``limit`` bytes, the
+    read raises `_TooLarge` in whoever reads it (the upload route answers 413)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class _Refused(Exception):
+    """A request refused with ``status`` and a message in plain words."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name, without port) is this machine's loopback."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def create_app(engine: Engine, bridge: Bridge, config: ServerConfig, ready: asyncio.Event | None = None) -> FastAPI:
+    """The app for one loaded engine. ``ready`` (None: ready at once) is set once the warm-up is done."""
+    tasks = [task for task in TASKS.values() if task.model_kind == engine.kind]
+    config.uploads.mkdir(mode=0o700, parents=True, exist_ok=True)
+    app = FastAPI(title="kosmos", version=__version__, docs_url="/docs",
+                  description="Kosmos-2.5 and Kosmos-2 on documents and images: one warm model for many clients.")
+    app.state.ready = ready
+    app.add_middleware(_CountBody, limit=config.max_upload_bytes)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        started = time.monotonic()
+        try:
+            _check_host(request, config)
+            if request.url.path != "/health":
+                _check_key(request, config)
+            response = await call_next(request)
+        except _Refused as err:
+            response = _error(err.status, str(err))
+            if err.status == 401:
+                response.headers["WWW-Authenticate"] = "Bearer"
+        if not getattr(request.state, "logged_by_route", False):  # a stream logs when it ends
+            log.info("%s %s %s %.2fs", request.method, request.url.path, response.status_code, time.monotonic() - started)
+        return response
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception):
+        incident = uuid.uuid4().hex[:12]
+        log.error("internal error %s on %s %s", incident, request.method, request.url.path, exc_info=err)
+        return _error(500, f"internal error (id {incident}: the server's log has the details)")
+
+    @app.get("/health")
+    async def health():
+        if app.state.ready is not None and not app.state.ready.is_set():
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/v1/info")
+    async def info():
+        return {"model": engine.name, "kind": engine.kind, "version": __version__,
+                "tasks": [task.name for task in tasks],
+                "limits": {"max_upload_bytes": config.max_upload_bytes, "max_pages": config.max_pages,
+                           "max_new_tokens": bridge.max_new_tokens}}
+
+    for name in ("ocr", "md", "ground"):
+        _add_task_route(app, name, engine, bridge, config)
+    return app
+
+
+def _add_task_route(app: FastAPI, name: str, engine: Engine, bridge: Bridge, config: ServerConfig) -> None:
+    task = TASKS[name]
+    fields = {"file": {"type": "string", "format": "binary"}, "pages": {"type": "string", "example": "1-3,7"},
+              "dpi": {"type": "number"}, "password": {"type": "string"}, "max_new_tokens": {"type": "integer"}}
+    if name == "ground":
+        fields["prompt"] = {"type": "string", "example": task.prompt}
+    if name == "md":
+        fields["question"] = {"type": "string", "description": "with microsoft/kosmos-2.5-chat"}
+    body = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file"], "properties": fields}}}}}
+
+    @app.post(f"/v1/{name}", openapi_extra=body, response_class=StreamingResponse,
+              summary=f"`kosmos {name}` on one uploaded file: one JSON record a page (application/x-ndjson)")
+    async def run_task(request: Request):
+        if app.state.ready is not None and not app.state.ready.is_set():
+            return _error(503, "the model is still warming up")
+        try:
+            task.check_model(engine.kind, engine.name)
+            upload = await _read_upload(request, task, engine, bridge, config)
+        except WrongModel as err:
+            return _error(400, str(err))
+        except _Refused as err:
+            return _error(err.status, str(err))
+        try:
+            submission = await asyncio.to_thread(bridge.submit, upload)
+        except DocumentError as err:  # its message would name the server's private copy: say the label
+            _remove(upload.path)
+            return _error(422, f"{upload.name}: {err.reason}")
+        if submission.pages > config.max_pages:
+            submission.cancel()
+            _remove(upload.path)
+            return _error(413, f"{upload.name}: {submission.pages} pages, more than this server takes ({config.max_pages})")
+
+        started, sent = time.monotonic(), 0
+        request.state.logged_by_route = True
+
+        async def records():
+            nonlocal sent
+            try:
+                while (record := await asyncio.to_thread(submission.next_record)) is not None:
+                    yield record.to_json() + "\n"
+                    sent += 1
+            finally:  # the client is gone (or it is all sent): nothing of this request keeps running
+                submission.cancel()
+                _remove(upload.path)
+                gone = "" if sent == submission.pages else f" (client gone after {sent} of {submission.pages})"
+                log.info("%s %s 200 %d pages %.2fs%s", request.method, request.url.path, sent,
+                         time.monotonic() - started, gone)
+
+        return StreamingResponse(records(), media_type=NDJSON, headers={"X-Kosmos-Pages": str(submission.pages)})
+
+
+async def _read_upload(request: Request, task, engine: Engine, bridge: Bridge, config: ServerConfig) -> Upload:
+    """The request's form, its file stored privately while the bytes are counted."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > config.max_upload_bytes:
+        raise _Refused(413, f"the upload is larger than this server takes ({config.max_upload_bytes} bytes)")
+    try:
+        form = await request.form(max_files=1, max_fields=16)
+    except _TooLarge:
+        raise _Refused(413, f"the upload is larger than this server takes ({config.max_upload_bytes} bytes)") from None
+    except Exception as err:  # a body that is not multipart form data
+        raise _Refused(400, f"the body must be multipart/form-data with a file field ({err})") from None
+    try:
+        file = form.get("file")
+        if file is None or isinstance(file, str):
+            raise _Refused(400, "no file: send the document as the multipart field 'file'")
+        label = Path(file.filename or "upload").name or "upload"  # a label only: it names no path here
+        suffix = "".join(re.findall(r"\.[A-Za-z0-9]{1,5}$", label))
+        path = config.uploads / f"{uuid.uuid4().hex}{suffix}"
+        with open(path, "wb") as out:
+            await asyncio.to_thread(shutil.copyfileobj, file.file, out)
+        try:
+            return _upload(form, task, engine, bridge, config, path, label)
+        except _Refused:
+            _remove(path)
+            raise
+    finally:
+        await form.close()
+
+
+def _upload(form, task, engine: Engine, bridge: Bridge, config: ServerConfig, path: Path, label: str) -> Upload:
+    """The request's fields, checked."""
+    text = lambda key: (form.get(key) or "").strip() or None
+    try:
+        pages = parse_pages(text("pages")) if text("pages") else None
+    except ValueError as err:
+        raise _Refused(400, f"pages: {err}") from None
+    dpi = _number(text("dpi"), "dpi", float, 36, 1200, config.dpi)
+    limit = _number(text("max_new_tokens"), "max_new_tokens", int, 1, bridge.max_new_tokens, None)
+    prompt = task.prompt
+    if task.name == "ground" and text("prompt"):
+        prompt = text("prompt")
+    if task.name == "md" and text("question"):
+        from ..processing.kosmos2_5 import chat_prompt
+
+        prompt = chat_prompt(text("question"))
+    if engine.prompt_length(prompt) > bridge.jobs.max_prompt_tokens:
+        raise _Refused(400, f"the prompt is too long: at most {MAX_QUESTION_TOKENS} tokens beyond the task's")
+    return Upload(path, label, task, prompt, pages, dpi, form.get("password") or None, limit)
+
+
+def _number(value: str | None, name: str, kind, low, high, default):
+    if value is None:
+        return default
+    try:
+        number = kind(value)
+    except ValueError:
+        raise _Refused(400, f"{name} must be a number, not {value!r}") from None
+    if not low <= number <= high:
+        raise _Refused(400, f"{name} must be from {low} to {high}, not {value}")
+    return number
+
+
+def _check_key(request: Request, config: ServerConfig) -> None:
+    if config.api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+        raise _Refused(401, "an API key is needed: Authorization: Bearer KEY")
+
+
+def _check_host(request: Request, config: ServerConfig) -> None:
+    """On loopback, only requests addressed to a loopback name (a page elsewhere cannot reach us
+    through a name that resolves to 127.0.0.1)."""
+    if not is_loopback(config.host):
+        return
+    host = request.headers.get("host", "")
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if not is_loopback(name):
+        raise _Refused(403, f"this server answers requests for localhost only, not for {host!r}")
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _remove(path: Path) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,245 @@
+"""The bridge between a server's requests and its one running batch.
+
+    bridge = Bridge(engine, slots=8, max_new_tokens=3072)
+    submission = bridge.submit(Upload(path, "scan.pdf", TASKS["ocr"], "<ocr>"))   # DocumentError: 422
+    submission.pages                      # how many records will come
+    for record in submission.records():  # page order, each as soon as it and those before it are done
+        ...
+    submission.cancel()                   # a client gone: its queued pages dropped, running rows freed
+
+Every request's pages go into the engine's one stream (`Engine.stream` over a `JobQueue`), whatever
+the number of clients: that is what continuous batching is for. Two threads serve it: the batch thread
+runs the stream and turns outputs into records (`pipeline.page_result`, the command's own), and the
+feeder renders and prepares pages, taking one page from each request in turn (a 1,000-page upload does
+not hold back a one-page request behind it), and only while fewer than ``ahead`` pages wait for a slot:
+the rendered pages the server holds are bounded for the whole server, not per request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..documents import DocumentError, open_document
+from ..engine import Engine, Job
+from ..inputs import InputFile, PageSelection
+from ..pages import ErrorJob, PageJob, iter_pages
+from ..pipeline import LOOP_GUARD, page_result
+from ..results import PageResult
+from ..tasks import Task
+
+__all__ = ["Bridge", "Submission", "Upload"]
+
+log = logging.getLogger("kosmos.server")
+_END = object()  # the last item of a submission's records
+
+
+@dataclass
+class Upload:
+    """What one request asks: a file the server keeps privately (``path``), the name the client gave
+    it (a label for the records' ``source``, never a path), the task and its prompt, and the page
+    selection, resolution, password and token budget."""
+
+    path: Path
+    name: str
+    task: Task
+    prompt: str
+    pages: PageSelection | None = None
+    dpi: float = 200.0
+    password: str | None = None
+    max_new_tokens: int | None = None
+
+
+class Submission:
+    """One request's pages on their way through the batch."""
+
+    def __init__(self, bridge: Bridge, upload: Upload, pages: int):
+        self.bridge, self.upload, self.pages = bridge, upload, pages
+        self.id = next(bridge.ids)
+        self.cancelled = False
+        self._items: Iterator[PageJob | ErrorJob] | None = iter_pages(
+            [InputFile(upload.path, "upload")], upload.pages, upload.dpi, upload.password)
+        self._listed = 0  # pages taken from the document, each with its index in page order
+        self._done: dict[int, PageResult] = {}
+        self._next = 0  # the index of the next record to hand out
+        self._out: queue.Queue = queue.Queue()
+
+    def records(self) -> Iterator[PageResult]:
+        """The records in page order, each as soon as it and those before it are done (blocking)."""
+        while (record := self._out.get()) is not _END:
+            yield record
+
+    def next_record(self, timeout: float | None = None) -> PageResult | None:
+        """The next record, None at the end; queue.Empty after ``timeout`` seconds without one."""
+        record = self._out.get(timeout=timeout)
+        return None if record is _END else record
+
+    def cancel(self) -> None:
+        self.bridge._cancel(self)
+
+    # The bridge's side (under its lock) ----------------------------------------------------------
+
+    def _take(self) -> tuple[int, PageJob | ErrorJob] | None:
+        """The next page of the document and its index; None when there are no more."""
+        if self._items is None:
+            return None
+        for item in self._items:
+            if isinstance(item, ErrorJob) and item.warning:  # a note (pages past the end): no record
+                continue
+            index, self._listed = self._listed, self._listed + 1
+            return index, item
+        self._close_items()
+        return None
+
+    def _close_items(self) -> None:
+        if self._items is not None:
+            self._items.close()
+            self._items = None
+
+    def _finish(self, index: int, record: PageResult) -> None:
+        self._done[index] = record
+        while self._next in self._done:
+            self._out.put(self._done.pop(self._next))
+            self._next += 1
+        if self._items is None and self._next == self._listed:
+            self._out.put(_END)
+
+
+class Bridge:
+    """One engine's stream fed by every request (see the module docstring). ``slots``: rows decoded
+    together; ``max_new_tokens``: the most a request may ask for (the KV cache is sized for it);
+    ``max_prompt_tokens``: the longest prompt a request may bring (a chat question past it is refused);
+    ``ahead``: pages rendered and waiting for a slot, for the whole server."""
+
+    def __init__(self, engine: Engine, *, slots: int, max_new_tokens: int, max_prompt_tokens: int,
+                 ahead: int | None = None):
+        self.engine, self.slots, self.max_new_tokens = engine, slots, max_new_tokens
+        self.ahead = ahead or max(4, slots)
+        self.jobs = engine.job_queue(max_prompt_tokens, max_new_tokens)
+        self.ids = itertools.count(1)
+        self._active: deque[Submission] = deque()  # round-robin order of requests with pages to render
+        self._running: dict[tuple[int, int], tuple[Submission, PageJob]] = {}  # key -> what it is
+        self._lock = threading.Condition()
+        self._closed = False
+        self._feeder = threading.Thread(target=self._feed, name="kosmos-feeder", daemon=True)
+        self._batch = threading.Thread(target=self._decode, name="kosmos-batch", daemon=True)
+        self._feeder.start()
+        self._batch.start()
+
+    def submit(self, upload: Upload) -> Submission:
+        """Queue a request's pages; raises DocumentError (with the command's words) for a file that
+        cannot be opened or has no page the selection names, before anything is queued."""
+        with open_document(upload.path, upload.dpi, upload.password) as document:
+            count = document.num_pages
+        pages = len(upload.pages.select(count)[0]) if upload.pages is not None else count
+        if pages == 0:
+            raise DocumentError(upload.name, f"the selection names none of its {count} pages")
+        submission = Submission(self, upload, pages)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the server is stopping")
+            self._active.append(submission)
+            self._lock.notify_all()
+        return submission
+
+    def close(self, timeout: float | None = None) -> None:
+        """Take no more requests; the batch ends once the pages queued are done."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        self._feeder.join(timeout)
+        self.jobs.close()
+        self._batch.join(timeout)
+
+    @property
+    def busy(self) -> int:
+        """Pages in the batch or waiting for a slot."""
+        with self._lock:
+            return len(self._running)
+
+    def _cancel(self, submission: Submission) -> None:
+        with self._lock:
+            submission.cancelled = True
+            submission._close_items()
+            if submission in self._active:
+                self._active.remove(submission)
+            for key in [k for k, (s, _) in self._running.items() if s is submission]:
+                del self._running[key]
+                self.jobs.cancel(key)
+            submission._out.put(_END)
+
+    def _feed(self) -> None:
+        """Render and prepare pages, one request's at a time in turn, while fewer than ``ahead`` wait."""
+        while True:
+            with self._lock:
+                while not self._closed and (not self._active or len(self.jobs) >= self.ahead):
+                    self._lock.wait(0.05)  # a slot taken frees room without telling us: look again soon
+                if self._closed and not self._active:
+                    return
+                if not self._active:
+                    continue
+                submission = self._active.popleft()
+                taken = submission._take()
+                if taken is None:
+                    if submission._next == submission._listed:
+                        submission._out.put(_END)
+                    continue
+                self._active.append(submission)
+            index, item = taken
+            self._start(submission, index, item)
+
+    def _start(self, submission: Submission, index: int, item: PageJob | ErrorJob) -> None:
+        """Render one page and queue it (outside the lock: rendering takes time)."""
+        upload = submission.upload
+        if isinstance(item, PageJob):
+            item = item.load()
+        if isinstance(item, ErrorJob):
+            record = PageResult.failed(upload.name, item.page or 0, upload.task.name, self.engine.name, item.error)
+            with self._lock:
+                if not submission.cancelled:
+                    submission._finish(index, record)
+            return
+        prepared = self.engine.prepare(item.image)
+        key = (submission.id, index)
+        limit = upload.max_new_tokens or upload.task.max_new_tokens
+        with self._lock:
+            if submission.cancelled:
+                return
+            self._running[key] = (submission, item)
+        try:
+            self.jobs.put(Job(key, prepared, upload.prompt, min(limit, self.max_new_tokens)))
+        except ValueError as err:  # beyond the stream's bounds: the route checks first, so rarely here
+            self._deliver(key, None, str(err))
+
+    def _decode(self) -> None:
+        """The batch thread: the engine's one stream, for as long as the server runs."""
+        for key, out in self.engine.stream(self.jobs, slots=self.slots, loop_check=LOOP_GUARD):
+            self._deliver(key, out)
+
+    def _deliver(self, key: tuple[int, int], out, error: str | None = None) -> None:
+        with self._lock:
+            found = self._running.pop(key, None)
+        if found is None:  # cancelled
+            return
+        submission, page = found
+        upload = submission.upload
+        try:
+            if out is None:
+                raise RuntimeError(error)
+            record = page_result(self.engine, upload.task, page, out, upload.prompt)
+            record = dataclasses.replace(record, source=upload.name)
+        except Exception as err:  # one page's failure, not the server's
+            log.exception("page %s of request %s", page.page, submission.id)
+            record = PageResult.failed(upload.name, page.page, upload.task.name, self.engine.name,
+                                       f"{type(err).__name__}: {err}")
+        page.image = None
+        with self._lock:
+            if not submission.cancelled:
+                submission._finish(key[1], record)

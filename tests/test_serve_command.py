@@ -1,0 +1,68 @@
+"""The `kosmos serve` command: a real server process answers, warns when it listens beyond loopback
+without a key, and stops cleanly on SIGTERM; without its libraries, or with a model that cannot load,
+it says so as a run would."""
+
+import importlib.util
+import signal
+import socket
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from tests.helpers.cli import KOSMOS, kosmos, needs_script
+from tests.helpers.images import noise_image
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_script
+def test_a_server_process_answers_and_stops_on_sigterm(scripted, tmp_path):
+    port = free_port()
+    server = subprocess.Popen([KOSMOS, "serve", "--model", str(scripted), "--host", "0.0.0.0", "--port", str(port),
+                               "--max-new-tokens", "64", "--batch-size", "2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail("the server did not become healthy")
+        page = tmp_path / "page.png"
+        noise_image(64, 48, seed=3).save(page)
+        with open(page, "rb") as f:
+            response = httpx.post(f"{url}/v1/ocr", files={"file": ("page.png", f)}, timeout=60)
+        assert response.status_code == 200 and response.json()["text"] == "ab\ncd ef\ngh"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        stdout, stderr = server.communicate(timeout=60)
+    assert server.returncode == 0, stderr
+    assert stdout == ""
+    assert "without an API key: anyone who can reach this port" in stderr and "TLS-terminating proxy" in stderr
+    assert "POST /v1/ocr 200 1 pages" in stderr and "Traceback" not in stderr
+
+
+def test_without_the_server_libraries_it_is_a_usage_error(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    result = kosmos("serve")
+    assert result.exit_code == 2
+    assert result.stderr.startswith('kosmos: kosmos serve needs the server\'s libraries: pip install "fastapi>=0.115,<1"')
+
+
+def test_a_model_that_does_not_load_ends_it_as_a_run(tmp_path):
+    result = kosmos("serve", "--model", tmp_path, "--device", "cpu")
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"kosmos: cannot load model {tmp_path}: ")
+    assert kosmos("serve", "--device", "cpu,cpu").exit_code == 2

@@ -1,0 +1,166 @@
+"""`kosmos serve`'s API through FastAPI's test client, on the checkpoint that writes a known
+transcript: the records are the command's own, page by page and in order; the key, the host check,
+the upload limits and bad requests get their status and a plain message; requests run side by side;
+a request cancelled mid-run leaves nothing running. (`test_installed_command`-style runs of the real
+server process are in test_serve_command.py.)"""
+
+import json
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+
+from kosmos_cli import load
+from kosmos_cli.server.app import ServerConfig, create_app
+from kosmos_cli.server.bridge import Bridge, Upload
+from kosmos_cli.tasks import TASKS
+from tests.helpers.cli import jsonl, kosmos
+from tests.helpers.images import noise_image
+from tests.helpers.pdfs import make_image_pdf
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def bridge(scripted):
+    engine = load(str(scripted), device="cpu", compile=False)
+    bridge = Bridge(engine, slots=2, max_new_tokens=64, max_prompt_tokens=engine.prompt_length("<ocr>") + 64)
+    yield bridge
+    bridge.close(timeout=60)
+
+
+def client(bridge, tmp_path, **config) -> TestClient:
+    app = create_app(bridge.engine, bridge, ServerConfig(uploads=tmp_path, **config))
+    return TestClient(app, base_url="http://localhost")
+
+
+@pytest.fixture
+def page(tmp_path):
+    path = tmp_path / "page.png"
+    noise_image(64, 48, seed=3).save(path)
+    return path
+
+
+def post(http, path, task="ocr", name=None, headers=None, **fields):
+    with open(path, "rb") as f:
+        return http.post(f"/v1/{task}", files={"file": (name or path.name, f)}, data=fields, headers=headers or {})
+
+
+def records(response) -> list[dict]:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/x-ndjson"
+    return [json.loads(line) for line in response.text.splitlines()]
+
+
+def test_a_page_is_the_commands_record(bridge, scripted, page, tmp_path):
+    http = client(bridge, tmp_path / "uploads")
+    assert http.get("/health").json() == {"status": "ok"}
+    info = http.get("/v1/info").json()
+    assert (info["model"], info["kind"], info["tasks"]) == (str(scripted), "kosmos-2.5", ["ocr", "md"])
+
+    response = post(http, page, name="scan 1.png")
+    assert response.headers["x-kosmos-pages"] == "1"
+    (record,) = records(response)
+    command = kosmos("ocr", page, "--model", scripted, "-f", "jsonl", "--max-new-tokens", "64")
+    (expected,) = jsonl(command.stdout)
+    assert record == {**expected, "source": "scan 1.png"}
+    assert [line["text"] for line in record["lines"]] == ["ab", "cd ef", "gh"]
+    assert list((tmp_path / "uploads").iterdir()) == []  # the upload is gone with its request
+
+
+def test_pages_come_in_order(bridge, tmp_path):
+    http = client(bridge, tmp_path / "uploads")
+    pdf = make_image_pdf(tmp_path / "doc.pdf", 4)
+    response = post(http, pdf, task="md", pages="2-4", max_new_tokens="5", dpi="72")
+    assert response.headers["x-kosmos-pages"] == "3"
+    got = records(response)
+    assert [(r["source"], r["page"], r["task"]) for r in got] == [("doc.pdf", n, "md") for n in (2, 3, 4)]
+    assert all(r["new_tokens"] == 5 and r["truncated"] for r in got)
+
+
+def test_the_key_and_the_host(bridge, page, tmp_path):
+    http = client(bridge, tmp_path, api_key=KEY)
+    assert http.get("/health").status_code == 200  # no key needed
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        refused = http.get("/v1/info", headers=headers)
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        assert post(http, page, headers=headers).status_code == 401
+    assert http.get("/v1/info", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert len(records(post(http, page, headers={"Authorization": f"Bearer {KEY}"}))) == 1
+
+    elsewhere = http.get("/v1/info", headers={"Authorization": f"Bearer {KEY}", "Host": "evil.example:8000"})
+    assert elsewhere.status_code == 403 and "localhost only" in elsewhere.json()["error"]
+    public = client(bridge, tmp_path, host="0.0.0.0")  # bound beyond loopback: any name
+    assert public.get("/v1/info", headers={"Host": "ocr.example.org"}).status_code == 200
+
+
+def test_uploads_past_the_limit_are_refused_as_they_arrive(bridge, tmp_path):
+    http = client(bridge, tmp_path / "uploads", max_upload_bytes=20_000)
+    big = tmp_path / "big.png"
+    noise_image(400, 300, seed=1).save(big)
+    assert big.stat().st_size > 20_000
+    assert post(http, big).status_code == 413
+
+    # No Content-Length (chunked): the bytes are counted as they come.
+    boundary = "kosmos-test-boundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode()
+    chunks = iter([head, big.read_bytes(), f"\r\n--{boundary}--\r\n".encode()])
+    response = http.post("/v1/ocr", content=chunks, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 413 and "larger than this server takes" in response.json()["error"]
+    assert list((tmp_path / "uploads").iterdir()) == []
+
+
+def test_bad_requests_say_what_is_wrong(bridge, page, tmp_path):
+    http = client(bridge, tmp_path)
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image at all")
+    cases = [
+        (post(http, junk), 422, "junk.png: "),
+        (post(http, page, task="ground"), 400, "needs a kosmos-2 model"),
+        (post(http, page, pages="0"), 400, "pages: "),
+        (post(http, page, pages="5-"), 422, "none of its 1 pages"),
+        (post(http, page, max_new_tokens="65"), 400, "max_new_tokens must be from 1 to 64"),
+        (post(http, page, dpi="lots"), 400, "dpi must be a number"),
+        (http.post("/v1/ocr", data={"pages": "1"}), 400, "no file"),
+    ]
+    for response, status, words in cases:
+        assert response.status_code == status, response.text
+        assert words in response.json()["error"]
+        assert str(tmp_path) not in response.text  # the server's own paths stay its own
+    too_many = client(bridge, tmp_path, max_pages=2)
+    pdf = make_image_pdf(tmp_path / "doc.pdf", 3)
+    assert post(too_many, pdf, dpi="72").status_code == 413
+
+
+def test_requests_side_by_side(bridge, page, tmp_path):
+    http = client(bridge, tmp_path)
+    got = [None] * 5
+
+    def one(i):
+        got[i] = records(post(http, page, name=f"copy{i}.png"))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [r[0]["source"] for r in got] == [f"copy{i}.png" for i in range(5)]
+    assert len({json.dumps({**r[0], "source": ""}) for r in got}) == 1
+
+
+def test_a_cancelled_request_leaves_nothing_running(bridge, tmp_path):
+    """Cancelled at once, with pages being rendered, queued and running: the rest are dropped, its
+    records end, nothing of it stays in the batch, and the next request gets the slots."""
+    pdf = make_image_pdf(tmp_path / "doc.pdf", 20)
+    submission = bridge.submit(Upload(pdf, "doc.pdf", TASKS["md"], "<md>", dpi=72, max_new_tokens=64))
+    submission.cancel()
+    got = []
+    while (record := submission.next_record(timeout=10)) is not None:
+        got.append(record)
+    assert len(got) < 20
+    assert bridge.busy == 0
+    page = tmp_path / "after.png"
+    noise_image(64, 48, seed=3).save(page)
+    after = bridge.submit(Upload(page, "after.png", TASKS["ocr"], "<ocr>", max_new_tokens=64))
+    assert [r.page for r in after.records()] == [1]

@@ -3,6 +3,7 @@ without a key, and stops cleanly on SIGTERM; without its libraries, or with a mo
 it says so as a run would."""
 
 import importlib.util
+import re
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 from tests.helpers.cli import KOSMOS, kosmos, needs_script
 from tests.helpers.images import noise_image
+from tests.helpers.pdfs import make_image_pdf
 
 
 def free_port() -> int:
@@ -44,6 +46,13 @@ def test_a_server_process_answers_and_stops_on_sigterm(scripted, tmp_path):
         with open(page, "rb") as f:
             response = httpx.post(f"{url}/v1/ocr", files={"file": ("page.png", f)}, timeout=60)
         assert response.status_code == 200 and response.json()["text"] == "ab\ncd ef\ngh"
+
+        # A client that leaves after the first record: the server cancels the rest of its pages.
+        pdf = make_image_pdf(tmp_path / "long.pdf", 40)
+        with open(pdf, "rb") as f, httpx.stream("POST", f"{url}/v1/md", files={"file": ("long.pdf", f)},
+                                                data={"dpi": "72"}, timeout=60) as streamed:
+            assert streamed.headers["x-kosmos-pages"] == "40"
+            next(streamed.iter_lines())
     finally:
         server.send_signal(signal.SIGTERM)
         stdout, stderr = server.communicate(timeout=60)
@@ -51,6 +60,7 @@ def test_a_server_process_answers_and_stops_on_sigterm(scripted, tmp_path):
     assert stdout == ""
     assert "without an API key: anyone who can reach this port" in stderr and "TLS-terminating proxy" in stderr
     assert "POST /v1/ocr 200 1 pages" in stderr and "Traceback" not in stderr
+    assert re.search(r"POST /v1/md 200 \d+ pages [\d.]+s \(client gone after \d+ of 40\)", stderr), stderr
 
 
 def test_without_the_server_libraries_it_is_a_usage_error(monkeypatch):

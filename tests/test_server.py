@@ -5,6 +5,7 @@ a request cancelled mid-run leaves nothing running. (`test_installed_command`-st
 server process are in test_serve_command.py.)"""
 
 import json
+import re
 import threading
 
 import pytest
@@ -164,3 +165,84 @@ def test_a_cancelled_request_leaves_nothing_running(bridge, tmp_path):
     noise_image(64, 48, seed=3).save(page)
     after = bridge.submit(Upload(page, "after.png", TASKS["ocr"], "<ocr>", max_new_tokens=64))
     assert [r.page for r in after.records()] == [1]
+
+
+# --------------------------------------------------------------------------------------------------
+# OpenAI-compatible: through the official client
+# --------------------------------------------------------------------------------------------------
+
+
+def openai_client(bridge, tmp_path):
+    import openai
+
+    return openai.OpenAI(base_url="http://localhost/v1", api_key="unused",
+                         http_client=client(bridge, tmp_path / "uploads"), max_retries=0)
+
+
+def message(page, text="<ocr>", url=None):
+    import base64
+
+    url = url or "data:image/png;base64," + base64.b64encode(page.read_bytes()).decode()
+    return [{"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+def test_chat_completions_with_the_openai_client(bridge, scripted, page, tmp_path):
+    from tests.helpers.scripted import TRANSCRIPT
+
+    ai = openai_client(bridge, tmp_path)
+    assert [m.id for m in ai.models.list()] == [str(scripted)]
+    done = ai.chat.completions.create(model=str(scripted), messages=message(page), max_tokens=64)
+    (choice,) = done.choices
+    assert (choice.message.role, choice.message.content, choice.finish_reason) == ("assistant", TRANSCRIPT, "stop")
+    assert done.usage.completion_tokens == 27  # the transcript's tokens and EOS: the record's new_tokens
+    assert done.usage.prompt_tokens == bridge.engine.prompt_length("<ocr>")
+
+    cut = ai.chat.completions.create(model=str(scripted), messages=message(page), max_completion_tokens=6)
+    assert cut.choices[0].finish_reason == "length" and TRANSCRIPT.startswith(cut.choices[0].message.content)
+
+    chunks = list(ai.chat.completions.create(model=str(scripted), messages=message(page), stream=True,
+                                             stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == TRANSCRIPT
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 27
+    assert list((tmp_path / "uploads").iterdir()) == []  # every decoded image deleted with its request
+
+
+def test_chat_completions_refuse_what_they_cannot_do(bridge, scripted, page, tmp_path):
+    import openai
+
+    ai = openai_client(bridge, tmp_path)
+    model = str(scripted)
+    refused = [
+        (dict(model=model, messages=message(page, url="https://example.com/page.png")), openai.BadRequestError, "data: URL"),
+        (dict(model=model, messages=message(page, url="file:///etc/passwd")), openai.BadRequestError, "data: URL"),
+        (dict(model=model, messages=message(page), n=2), openai.BadRequestError, "n must be 1"),
+        (dict(model=model, messages=message(page), temperature=0.7), openai.BadRequestError, "greedy"),
+        (dict(model=model, messages=message(page), max_tokens=65), openai.BadRequestError, "max_tokens"),
+        (dict(model=model, messages=message(page), tools=[{"type": "function", "function": {"name": "f"}}]),
+         openai.BadRequestError, "tools"),
+        (dict(model="gpt-4o", messages=message(page)), openai.NotFoundError, "does not exist"),
+        (dict(model=model, messages=message(page, url="data:image/png;base64,bm90IGFuIGltYWdl")),
+         openai.UnprocessableEntityError, "cannot be read"),
+    ]
+    for request, error, words in refused:
+        with pytest.raises(error, match=words):
+            ai.chat.completions.create(**request)
+
+
+def test_metrics_and_a_full_queue(bridge, page, tmp_path):
+    http = client(bridge, tmp_path)
+    before = http.get("/metrics").text
+    pages_before = float(re.search(r"^kosmos_pages_total (\S+)$", before, re.M)[1])
+    assert len(records(post(http, page))) == 1
+    text = http.get("/metrics").text
+    assert float(re.search(r"^kosmos_pages_total (\S+)$", text, re.M)[1]) == pages_before + 1
+    assert re.search(r'^kosmos_requests_total\{route="/v1/ocr",status="200"\} \d', text, re.M)
+    assert re.search(r"^kosmos_page_seconds_count \d", text, re.M) and "kosmos_busy_slots" in text
+
+    full = client(bridge, tmp_path, max_queue=0)
+    refused = post(full, page)
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "2"
+    chat = full.post("/v1/chat/completions", json={"messages": message(page)})
+    assert chat.status_code == 429 and "waiting already" in chat.json()["error"]["message"]

@@ -26,7 +26,7 @@ SERVE_REQUIREMENTS = ('"fastapi>=0.115,<1"', '"uvicorn>=0.30,<1"', '"python-mult
 
 
 def serve(engine, *, host: str, port: int, api_key: str | None, slots: int, max_new_tokens: int | None,
-          dpi: float, max_upload_bytes: int, max_pages: int, grace: float, quiet: bool) -> int:
+          dpi: float, max_upload_bytes: int, max_pages: int, max_queue: int, grace: float, quiet: bool) -> int:
     """Run the server for a loaded engine until it is stopped; returns the exit code."""
     import uvicorn
 
@@ -47,7 +47,7 @@ def serve(engine, *, host: str, port: int, api_key: str | None, slots: int, max_
     budget = max_new_tokens or max(task.max_new_tokens for task in tasks)
     bridge = Bridge(engine, slots=slots, max_new_tokens=budget, max_prompt_tokens=longest)
     config = ServerConfig(host=host, api_key=api_key, max_upload_bytes=max_upload_bytes, max_pages=max_pages,
-                          max_new_tokens=max_new_tokens, dpi=dpi)
+                          max_queue=max_queue, max_new_tokens=max_new_tokens, dpi=dpi)
     if not is_loopback(host) and api_key is None:
         logger.warning(f"listening on {host} without an API key: anyone who can reach this port can use the model "
                        "and read what it returns; set --api-key (or KOSMOS_API_KEY) and put a TLS-terminating proxy "

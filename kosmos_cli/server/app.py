@@ -2,6 +2,7 @@
 
     GET  /health            200 once the model is loaded and warmed up, 503 before
     GET  /v1/info           the model, its kind, the tasks it can do, the limits
+    POST /v1/chat/completions, GET /v1/models: OpenAI-compatible (openai_api.py)
     POST /v1/ocr|md|ground  multipart ``file`` (+ pages, dpi, password, max_new_tokens, prompt/question):
                             application/x-ndjson, one record a page, the command's --format jsonl record
 
@@ -20,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import tempfile
 import time
 import uuid
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .. import __version__
 from ..documents import DEFAULT_DPI, DocumentError
@@ -35,6 +37,8 @@ from ..engine import Engine
 from ..inputs import parse_pages
 from ..tasks import TASKS, WrongModel
 from .bridge import Bridge, Upload
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .openai_api import add_openai_routes
 
 __all__ = ["ServerConfig", "create_app", "is_loopback"]
 
@@ -53,6 +57,7 @@ class ServerConfig:
     api_key: str | None = None
     max_upload_bytes: int = 100 * 2**20
     max_pages: int = 1000
+    max_queue: int = 64  # requests waiting to be queued for the batch: past it, 429
     max_new_tokens: int | None = None  # None: each task's default (3072 for Kosmos-2.5)
     dpi: float = DEFAULT_DPI
     uploads: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kosmos-serve-")))
@@ -103,7 +108,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def create_app(engine: Engine, bridge: Bridge, config: ServerConfig, ready: asyncio.Event | None = None) -> FastAPI:
+def create_app(engine: Engine, bridge: Bridge, config: ServerConfig, ready: threading.Event | None = None) -> FastAPI:
     """The app for one loaded engine. ``ready`` (None: ready at once) is set once the warm-up is done."""
     tasks = [task for task in TASKS.values() if task.model_kind == engine.kind]
     config.uploads.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -111,6 +116,8 @@ def create_app(engine: Engine, bridge: Bridge, config: ServerConfig, ready: asyn
                   description="Kosmos-2.5 and Kosmos-2 on documents and images: one warm model for many clients.")
     app.state.ready = ready
     app.add_middleware(_CountBody, limit=config.max_upload_bytes)
+    metrics = Metrics(bridge)
+    bridge.on_page = metrics.page_done
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -124,6 +131,8 @@ def create_app(engine: Engine, bridge: Bridge, config: ServerConfig, ready: asyn
             response = _error(err.status, str(err))
             if err.status == 401:
                 response.headers["WWW-Authenticate"] = "Bearer"
+        route = request.scope.get("route")
+        metrics.requests.labels(route.path if route is not None else "other", str(response.status_code)).inc()
         if not getattr(request.state, "logged_by_route", False):  # a stream logs when it ends
             log.info("%s %s %s %.2fs", request.method, request.url.path, response.status_code, time.monotonic() - started)
         return response
@@ -140,6 +149,10 @@ def create_app(engine: Engine, bridge: Bridge, config: ServerConfig, ready: asyn
             return JSONResponse({"status": "starting"}, status_code=503)
         return {"status": "ok"}
 
+    @app.get("/metrics", summary="Prometheus text: requests, pages, tokens, page latency, queues and slots")
+    async def prometheus():
+        return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/info")
     async def info():
         return {"model": engine.name, "kind": engine.kind, "version": __version__,
@@ -149,6 +162,7 @@ def create_app(engine: Engine, bridge: Bridge, config: ServerConfig, ready: asyn
 
     for name in ("ocr", "md", "ground"):
         _add_task_route(app, name, engine, bridge, config)
+    add_openai_routes(app, engine, bridge, config.uploads, ready, _TooLarge, config.max_queue)
     return app
 
 
@@ -168,6 +182,8 @@ def _add_task_route(app: FastAPI, name: str, engine: Engine, bridge: Bridge, con
     async def run_task(request: Request):
         if app.state.ready is not None and not app.state.ready.is_set():
             return _error(503, "the model is still warming up")
+        if bridge.waiting >= config.max_queue:
+            return _busy(config)
         try:
             task.check_model(engine.kind, engine.name)
             upload = await _read_upload(request, task, engine, bridge, config)
@@ -284,6 +300,12 @@ def _check_host(request: Request, config: ServerConfig) -> None:
     name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
     if not is_loopback(name):
         raise _Refused(403, f"this server answers requests for localhost only, not for {host!r}")
+
+
+def _busy(config: ServerConfig) -> JSONResponse:
+    response = _error(429, f"{config.max_queue} requests are waiting already; try again shortly")
+    response.headers["Retry-After"] = "2"
+    return response
 
 
 def _error(status: int, message: str) -> JSONResponse:

@@ -22,8 +22,9 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,13 +120,13 @@ class Bridge:
     ``ahead``: pages rendered and waiting for a slot, for the whole server."""
 
     def __init__(self, engine: Engine, *, slots: int, max_new_tokens: int, max_prompt_tokens: int,
-                 ahead: int | None = None):
-        self.engine, self.slots, self.max_new_tokens = engine, slots, max_new_tokens
+                 ahead: int | None = None, on_page: Callable[[PageResult, float], None] | None = None):
+        self.engine, self.slots, self.max_new_tokens, self.on_page = engine, slots, max_new_tokens, on_page
         self.ahead = ahead or max(4, slots)
         self.jobs = engine.job_queue(max_prompt_tokens, max_new_tokens)
         self.ids = itertools.count(1)
         self._active: deque[Submission] = deque()  # round-robin order of requests with pages to render
-        self._running: dict[tuple[int, int], tuple[Submission, PageJob]] = {}  # key -> what it is
+        self._running: dict[tuple[int, int], tuple[Submission, PageJob, float]] = {}  # key -> what, since when
         self._lock = threading.Condition()
         self._closed = False
         self._feeder = threading.Thread(target=self._feed, name="kosmos-feeder", daemon=True)
@@ -164,13 +165,19 @@ class Bridge:
         with self._lock:
             return len(self._running)
 
+    @property
+    def waiting(self) -> int:
+        """Requests with pages not yet queued for the batch."""
+        with self._lock:
+            return len(self._active)
+
     def _cancel(self, submission: Submission) -> None:
         with self._lock:
             submission.cancelled = True
             submission._close_items()
             if submission in self._active:
                 self._active.remove(submission)
-            for key in [k for k, (s, _) in self._running.items() if s is submission]:
+            for key in [k for k, (s, _, _) in self._running.items() if s is submission]:
                 del self._running[key]
                 self.jobs.cancel(key)
             submission._out.put(_END)
@@ -212,7 +219,7 @@ class Bridge:
         with self._lock:
             if submission.cancelled:
                 return
-            self._running[key] = (submission, item)
+            self._running[key] = (submission, item, time.monotonic())
         try:
             self.jobs.put(Job(key, prepared, upload.prompt, min(limit, self.max_new_tokens)))
         except ValueError as err:  # beyond the stream's bounds: the route checks first, so rarely here
@@ -228,7 +235,7 @@ class Bridge:
             found = self._running.pop(key, None)
         if found is None:  # cancelled
             return
-        submission, page = found
+        submission, page, queued = found
         upload = submission.upload
         try:
             if out is None:
@@ -240,6 +247,8 @@ class Bridge:
             record = PageResult.failed(upload.name, page.page, upload.task.name, self.engine.name,
                                        f"{type(err).__name__}: {err}")
         page.image = None
+        if self.on_page is not None:
+            self.on_page(record, time.monotonic() - queued)
         with self._lock:
             if not submission.cancelled:
                 submission._finish(key[1], record)

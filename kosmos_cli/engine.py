@@ -454,9 +454,18 @@ class JobQueue:
         self.sizes[job.key] = job.prepared.model_size
         self.requests.put(request)
 
+    def put_again(self, jobs: list[Job]) -> None:
+        """Jobs a stream took and did not finish (it ran out of memory), first in line for the next one."""
+        self.requests.put_first([_request(job, self._prompts[job.prompt], self.max_prompt_tokens, self.max_new_tokens)
+                                 for job in jobs])
+
     def cancel(self, key: Any) -> None:
         self.requests.cancel(key)
         self.sizes.pop(key, None)
+
+    def is_waiting(self, key: Any) -> bool:
+        """Whether the job is still waiting for a slot (put, not yet taken by the stream)."""
+        return self.requests.is_waiting(key)
 
     def close(self) -> None:
         """No more jobs: the stream ends once those put are done."""

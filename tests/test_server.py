@@ -246,3 +246,35 @@ def test_metrics_and_a_full_queue(bridge, page, tmp_path):
     assert refused.status_code == 429 and refused.headers["retry-after"] == "2"
     chat = full.post("/v1/chat/completions", json={"messages": message(page)})
     assert chat.status_code == 429 and "waiting already" in chat.json()["error"]["message"]
+
+
+def test_running_out_of_memory_queues_the_pages_again_with_fewer_slots(bridge, scripted, page, tmp_path, monkeypatch):
+    """A stream that runs out of memory after taking a page: the page goes back to the head of the
+    queue, the next stream has half the slots, and the record is the one a clean run gives."""
+    import torch
+
+    engine = load(str(scripted), device="cpu", compile=False)  # its own: the module's engine is streaming
+    real = engine.stream
+    calls = []
+
+    def running_out_once(jobs, **options):
+        calls.append(options["slots"])
+        if len(calls) == 1:
+            jobs.requests.take(wait=True)  # admitted, then the memory runs out
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        yield from real(jobs, **options)
+
+    monkeypatch.setattr(engine, "stream", running_out_once)
+    fresh = Bridge(engine, slots=2, max_new_tokens=64, max_prompt_tokens=bridge.jobs.max_prompt_tokens)
+    try:
+        got = records(post(client(fresh, tmp_path), page))
+    finally:
+        fresh.close(timeout=60)
+    assert calls == [2, 1]
+    (want,) = records(post(client(bridge, tmp_path), page))
+    (record,) = got
+    # The same record, its confidences up to float rounding: one slot now, two there.
+    plain = lambda r: {**r, "confidence": None, "lines": [{**line, "confidence": None, "word_confidences": None}
+                                                          for line in r["lines"]]}
+    assert plain(record) == plain(want)
+    assert record["confidence"] == pytest.approx(want["confidence"], rel=2e-5)

@@ -121,6 +121,12 @@ class RequestQueue:
             self._waiting.append(request)
             self._changed.notify_all()
 
+    def put_first(self, requests: list[Request]) -> None:
+        """Requests taken by a batch that ended without finishing them, back at the head, in order."""
+        with self._changed:
+            self._waiting.extendleft(reversed(requests))
+            self._changed.notify_all()
+
     def cancel(self, key: Any) -> None:
         with self._changed:
             before = len(self._waiting)
@@ -136,6 +142,10 @@ class RequestQueue:
     def __len__(self) -> int:
         """Requests waiting for a slot."""
         return len(self._waiting)
+
+    def is_waiting(self, key: Any) -> bool:
+        with self._changed:
+            return any(r.key == key for r in self._waiting)
 
     def take(self, wait: bool) -> Request | None:
         """The next request; None when there is none now (only without ``wait``); StopIteration once

@@ -28,11 +28,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..documents import DocumentError, open_document
 from ..engine import Engine, Job
 from ..inputs import InputFile, PageSelection
 from ..pages import ErrorJob, PageJob, iter_pages
-from ..pipeline import LOOP_GUARD, page_result
+from ..pipeline import LOOP_GUARD, OUT_OF_MEMORY, page_result
 from ..results import PageResult
 from ..tasks import Task
 
@@ -127,6 +129,7 @@ class Bridge:
         self.ids = itertools.count(1)
         self._active: deque[Submission] = deque()  # round-robin order of requests with pages to render
         self._running: dict[tuple[int, int], tuple[Submission, PageJob, float]] = {}  # key -> what, since when
+        self._jobs: dict[tuple[int, int], Job] = {}  # key -> its job, to queue it again after running out of memory
         self._lock = threading.Condition()
         self._closed = False
         self._feeder = threading.Thread(target=self._feed, name="kosmos-feeder", daemon=True)
@@ -179,6 +182,7 @@ class Bridge:
                 self._active.remove(submission)
             for key in [k for k, (s, _, _) in self._running.items() if s is submission]:
                 del self._running[key]
+                self._jobs.pop(key, None)
                 self.jobs.cancel(key)
             submission._out.put(_END)
 
@@ -220,19 +224,47 @@ class Bridge:
             if submission.cancelled:
                 return
             self._running[key] = (submission, item, time.monotonic())
+        job = Job(key, prepared, upload.prompt, min(limit, self.max_new_tokens))
         try:
-            self.jobs.put(Job(key, prepared, upload.prompt, min(limit, self.max_new_tokens)))
+            self.jobs.put(job)
         except ValueError as err:  # beyond the stream's bounds: the route checks first, so rarely here
             self._deliver(key, None, str(err))
+            return
+        with self._lock:
+            if key in self._running:
+                self._jobs[key] = job
 
     def _decode(self) -> None:
-        """The batch thread: the engine's one stream, for as long as the server runs."""
-        for key, out in self.engine.stream(self.jobs, slots=self.slots, loop_check=LOOP_GUARD):
-            self._deliver(key, out)
+        """The batch thread: the engine's one stream, for as long as the server runs. Running out of
+        memory ends a stream: its pages go back to the head of the queue and the next stream has half
+        the slots (a page that runs out of memory alone fails); any other failure fails the pages it
+        had and the next stream goes on."""
+        slots = self.slots
+        while True:
+            try:
+                for key, out in self.engine.stream(self.jobs, slots=slots, loop_check=LOOP_GUARD):
+                    self._deliver(key, out)
+                return  # closed
+            except torch.OutOfMemoryError:
+                failure = OUT_OF_MEMORY if slots == 1 else None
+            except Exception as err:
+                log.exception("the batch failed")
+                failure = f"{type(err).__name__}: {err}"
+            self.engine.release_memory()
+            with self._lock:
+                taken = [key for key in self._running if key in self._jobs and not self.jobs.is_waiting(key)]
+            if failure is None:
+                slots //= 2
+                log.warning(f"out of memory: decoding {slots} pages at a time from now on")
+                self.jobs.put_again([self._jobs[key] for key in taken])
+            else:
+                for key in taken:
+                    self._deliver(key, None, failure)
 
     def _deliver(self, key: tuple[int, int], out, error: str | None = None) -> None:
         with self._lock:
             found = self._running.pop(key, None)
+            self._jobs.pop(key, None)
         if found is None:  # cancelled
             return
         submission, page, queued = found

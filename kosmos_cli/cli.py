@@ -153,6 +153,8 @@ def serve(model: Annotated[str, typer.Option("--model", "-m", help="Hugging Face
           max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest upload, in MiB: past it, 413.")] = 100,
           max_pages: Annotated[int, typer.Option(min=1, help="Most pages one request may have: past it, 413.")] = 1000,
           max_queue: Annotated[int, typer.Option(min=1, help="Requests that may wait for their pages to be queued: past it, 429 with Retry-After.")] = 64,
+          keep_results: Annotated[float, typer.Option(min=0, metavar="MINUTES", help="Keep each finished request's upload and records this long, for GET /v1/results/ID (records, document files, pages); 0: keep nothing.")] = 10,
+          keep_results_mb: Annotated[float, typer.Option(min=0, help="The most the kept results may take, in MiB; the oldest go first.")] = 1024,
           grace: Annotated[float, typer.Option(min=0, help="Seconds running requests get to finish on SIGTERM or Ctrl-C.")] = 30,
           compile: Compile = None, quiet: Quiet = False, debug: Debug = False) -> None:
     """Keep one model warm for many clients: POST a PDF or image to /v1/ocr, /v1/md or /v1/ground and get
@@ -189,7 +191,8 @@ def serve(model: Annotated[str, typer.Option("--model", "-m", help="Hugging Face
 
     raise typer.Exit(run_server(engine, host=host, port=port, api_key=api_key, slots=slots,
                                 max_new_tokens=max_new_tokens, dpi=dpi, max_upload_bytes=int(max_upload_mb * 2**20),
-                                max_pages=max_pages, max_queue=max_queue, grace=grace, quiet=quiet))
+                                max_pages=max_pages, max_queue=max_queue, keep_minutes=keep_results,
+                                keep_bytes=int(keep_results_mb * 2**20), grace=grace, quiet=quiet))
 
 
 def _fail_usage(message: str) -> None:

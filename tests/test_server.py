@@ -66,7 +66,8 @@ def test_a_page_is_the_commands_record(bridge, scripted, page, tmp_path):
     (expected,) = jsonl(command.stdout)
     assert record == {**expected, "source": "scan 1.png"}
     assert [line["text"] for line in record["lines"]] == ["ab", "cd ef", "gh"]
-    assert list((tmp_path / "uploads").iterdir()) == []  # the upload is gone with its request
+    # the upload left the uploads folder: kept with the result (see the tests of kept results)
+    assert [p.name for p in (tmp_path / "uploads").iterdir()] == ["results"]
 
 
 def test_pages_come_in_order(bridge, tmp_path):
@@ -109,7 +110,7 @@ def test_uploads_past_the_limit_are_refused_as_they_arrive(bridge, tmp_path):
     chunks = iter([head, big.read_bytes(), f"\r\n--{boundary}--\r\n".encode()])
     response = http.post("/v1/ocr", content=chunks, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert response.status_code == 413 and "larger than this server takes" in response.json()["error"]
-    assert list((tmp_path / "uploads").iterdir()) == []
+    assert [p.name for p in (tmp_path / "uploads").iterdir()] == ["results"]  # no upload left behind
 
 
 def test_bad_requests_say_what_is_wrong(bridge, page, tmp_path):
@@ -206,7 +207,7 @@ def test_chat_completions_with_the_openai_client(bridge, scripted, page, tmp_pat
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == TRANSCRIPT
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 27
-    assert list((tmp_path / "uploads").iterdir()) == []  # every decoded image deleted with its request
+    assert [p.name for p in (tmp_path / "uploads").iterdir()] == ["results"]  # each decoded image deleted
 
 
 def test_chat_completions_refuse_what_they_cannot_do(bridge, scripted, page, tmp_path):
@@ -278,3 +279,76 @@ def test_running_out_of_memory_queues_the_pages_again_with_fewer_slots(bridge, s
                                                           for line in r["lines"]]}
     assert plain(record) == plain(want)
     assert record["confidence"] == pytest.approx(want["confidence"], rel=2e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Kept results
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_finished_request_is_kept_with_the_files_the_writer_makes(bridge, scripted, page, tmp_path, monkeypatch):
+    """Records, document files (the -o writer's, byte for byte, without running the model again) and
+    pages of a finished request, under the id its answer gave."""
+    from PIL import Image
+    import io
+
+    http = client(bridge, tmp_path / "private")
+    response = post(http, page)
+    result = response.headers["x-kosmos-result"]
+    assert http.get(f"/v1/results/{result}").text == response.text
+
+    monkeypatch.chdir(page.parent)  # the command's records name the file as given: page.png
+    command = kosmos("ocr", "page.png", "--model", scripted, "-o", "out", "--outputs", "txt,json,hocr,alto",
+                     "--max-new-tokens", "64")
+    assert command.exit_code == 0, command.stderr
+    for name in ("page.txt", "page.json", "page.hocr", "page.alto.xml"):
+        got = http.get(f"/v1/results/{result}/{name}")
+        assert got.status_code == 200 and got.content == (page.parent / "out" / name).read_bytes(), name
+        assert got.headers["content-disposition"] == f"attachment; filename*=UTF-8''{name}"
+    png = http.get(f"/v1/results/{result}/pages/1.png")
+    assert png.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(png.content)).size == (64, 48)
+
+    assert http.get(f"/v1/results/{result}/pages/2.png").status_code == 404
+    wrong = http.get(f"/v1/results/{result}/page.md")
+    assert wrong.status_code == 404 and "page.txt" in wrong.json()["error"]
+    assert http.get("/v1/results/0123456789abcdef").status_code == 404
+
+
+def test_kept_results_expire_and_make_room(bridge, page, tmp_path):
+    import time
+
+    off = post(client(bridge, tmp_path / "a", keep_minutes=0), page)
+    assert "x-kosmos-result" not in off.headers and list((tmp_path / "a" / "results").iterdir()) == []
+
+    brief = client(bridge, tmp_path / "b", keep_minutes=0.5 / 60)  # half a second
+    result = post(brief, page).headers["x-kosmos-result"]
+    assert brief.get(f"/v1/results/{result}").status_code == 200
+    time.sleep(0.6)
+    assert brief.get(f"/v1/results/{result}").status_code == 404
+    assert list((tmp_path / "b" / "results").iterdir()) == []
+
+    small = client(bridge, tmp_path / "c", keep_bytes=page.stat().st_size + 3000)  # room for one
+    first, second = (post(small, page).headers["x-kosmos-result"] for _ in range(2))
+    assert small.get(f"/v1/results/{first}").status_code == 404
+    assert small.get(f"/v1/results/{second}").status_code == 200
+
+
+def test_folders_of_servers_that_are_gone_are_removed(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import tempfile
+
+    from kosmos_cli.server import FOLDER_PREFIX, remove_stale_folders
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # reaped: its pid names no process now
+    folders = {name: tmp_path / f"{FOLDER_PREFIX}{name}" for name in ("gone", "alive", "mine", "no-pid")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["gone"] / "pid").write_text(str(dead.pid))
+    (folders["alive"] / "pid").write_text(str(os.getppid()))
+    remove_stale_folders(folders["mine"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{FOLDER_PREFIX}alive", f"{FOLDER_PREFIX}mine"]
+    assert (folders["mine"] / "pid").read_text() == str(os.getpid())

@@ -14,11 +14,15 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 from PIL import Image
 
-__all__ = ["SERVE_REQUIREMENTS", "serve"]
+__all__ = ["FOLDER_PREFIX", "SERVE_REQUIREMENTS", "remove_stale_folders", "serve"]
+
+FOLDER_PREFIX = "kosmos-serve-"  # a server's private folder in the temporary directory
 
 # What the server needs beyond kosmos' own dependencies, as pyproject.toml's `serve` extra pins it.
 SERVE_REQUIREMENTS = ('"fastapi>=0.115,<1"', '"uvicorn>=0.30,<1"', '"python-multipart>=0.0.18,<0.1"',
@@ -26,7 +30,8 @@ SERVE_REQUIREMENTS = ('"fastapi>=0.115,<1"', '"uvicorn>=0.30,<1"', '"python-mult
 
 
 def serve(engine, *, host: str, port: int, api_key: str | None, slots: int, max_new_tokens: int | None,
-          dpi: float, max_upload_bytes: int, max_pages: int, max_queue: int, grace: float, quiet: bool) -> int:
+          dpi: float, max_upload_bytes: int, max_pages: int, max_queue: int, keep_minutes: float, keep_bytes: int,
+          grace: float, quiet: bool) -> int:
     """Run the server for a loaded engine until it is stopped; returns the exit code."""
     import uvicorn
 
@@ -47,7 +52,9 @@ def serve(engine, *, host: str, port: int, api_key: str | None, slots: int, max_
     budget = max_new_tokens or max(task.max_new_tokens for task in tasks)
     bridge = Bridge(engine, slots=slots, max_new_tokens=budget, max_prompt_tokens=longest)
     config = ServerConfig(host=host, api_key=api_key, max_upload_bytes=max_upload_bytes, max_pages=max_pages,
-                          max_queue=max_queue, max_new_tokens=max_new_tokens, dpi=dpi)
+                          max_queue=max_queue, keep_minutes=keep_minutes, keep_bytes=keep_bytes,
+                          max_new_tokens=max_new_tokens, dpi=dpi)
+    remove_stale_folders(config.uploads)
     if not is_loopback(host) and api_key is None:
         logger.warning(f"listening on {host} without an API key: anyone who can reach this port can use the model "
                        "and read what it returns; set --api-key (or KOSMOS_API_KEY) and put a TLS-terminating proxy "
@@ -73,6 +80,23 @@ def serve(engine, *, host: str, port: int, api_key: str | None, slots: int, max_
         bridge.close(timeout=grace)
         shutil.rmtree(config.uploads, ignore_errors=True)
     return 0
+
+
+def remove_stale_folders(mine: Path) -> None:
+    """Delete the private folders (uploads, kept results) that servers which are gone left behind: a
+    folder names its server's process in a file ``pid``; ``mine`` gets this one's."""
+    (mine / "pid").write_text(str(os.getpid()))
+    for folder in Path(tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*"):
+        if folder == mine or not folder.is_dir():
+            continue
+        try:
+            pid = int((folder / "pid").read_text())
+            os.kill(pid, 0)  # still running: leave it
+            continue
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # another user's server, alive
+            continue
 
 
 def _server_class(uvicorn):

@@ -1,7 +1,9 @@
 """`kosmos serve`'s HTTP API: FastAPI routes over one `Bridge`.
 
     GET  /health            200 once the model is loaded and warmed up, 503 before
-    GET  /v1/info           the model, its kind, the tasks it can do, the limits
+    GET  /v1/info           the model, its kind, the tasks it can do, the document formats, the limits
+    GET  /v1/results/{id}[/{stem}.{suffix} | /pages/{n}.png]: a finished request's records, document
+                            files and pages, kept for --keep-results minutes (store.py)
     POST /v1/chat/completions, GET /v1/models: OpenAI-compatible (openai_api.py)
     POST /v1/ocr|md|ground  multipart ``file`` (+ pages, dpi, password, max_new_tokens, prompt/question):
                             application/x-ndjson, one record a page, the command's --format jsonl record
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.util
 import ipaddress
 import logging
 import os
@@ -27,6 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -36,7 +40,10 @@ from ..documents import DEFAULT_DPI, DocumentError
 from ..engine import Engine
 from ..inputs import parse_pages
 from ..tasks import TASKS, WrongModel
+from ..writers.formats import FormatError, format_name
+from . import FOLDER_PREFIX
 from .bridge import Bridge, Upload
+from .store import ResultStore
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .openai_api import add_openai_routes
 
@@ -44,6 +51,9 @@ __all__ = ["ServerConfig", "create_app", "is_loopback"]
 
 log = logging.getLogger("kosmos.server")
 NDJSON = "application/x-ndjson"
+NOT_KEPT = "no such result: unknown, expired, dropped for room, or its request did not finish"
+MEDIA_TYPES = {".md": "text/markdown; charset=utf-8", ".txt": "text/plain; charset=utf-8", ".json": "application/json",
+               ".pdf": "application/pdf", ".hocr": "application/xhtml+xml", ".alto.xml": "application/xml"}
 # The most tokens a request's own prompt (a chat question, a Kosmos-2 prompt) may add to a task's.
 MAX_QUESTION_TOKENS = 256
 
@@ -58,9 +68,11 @@ class ServerConfig:
     max_upload_bytes: int = 100 * 2**20
     max_pages: int = 1000
     max_queue: int = 64  # requests waiting to be queued for the batch: past it, 429
+    keep_minutes: float = 10  # finished requests kept for GET /v1/results/... (0: none)
+    keep_bytes: int = 2**30  # the most the kept uploads and records take; the oldest go first
     max_new_tokens: int | None = None  # None: each task's default (3072 for Kosmos-2.5)
     dpi: float = DEFAULT_DPI
-    uploads: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kosmos-serve-")))
+    uploads: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX)))  # private
 
 
 class _TooLarge(Exception):
@@ -118,6 +130,8 @@ def create_app(engine: Engine, bridge: Bridge, config: ServerConfig, ready: thre
     app.add_middleware(_CountBody, limit=config.max_upload_bytes)
     metrics = Metrics(bridge)
     bridge.on_page = metrics.page_done
+    store = ResultStore(config.uploads / "results", config.keep_minutes, config.keep_bytes)
+    app.state.store = store
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -157,16 +171,51 @@ def create_app(engine: Engine, bridge: Bridge, config: ServerConfig, ready: thre
     async def info():
         return {"model": engine.name, "kind": engine.kind, "version": __version__,
                 "tasks": [task.name for task in tasks],
+                "formats": {task.name: [format_name(s) for s in _documents(task)] for task in tasks},
+                "keep_results_minutes": config.keep_minutes,
                 "limits": {"max_upload_bytes": config.max_upload_bytes, "max_pages": config.max_pages,
-                           "max_new_tokens": bridge.max_new_tokens}}
+                           "max_queue": config.max_queue, "max_new_tokens": bridge.max_new_tokens}}
+
+    @app.get("/v1/results/{result}", summary="A finished request's records, again (application/x-ndjson)")
+    async def result_records(result: str):
+        kept = store.get(result)
+        if kept is None:
+            return _error(404, NOT_KEPT)
+        return Response("".join(r.to_json() + "\n" for r in kept.records), media_type=NDJSON)
+
+    @app.get("/v1/results/{result}/pages/{number}.png", summary="A page of a finished request, as rendered")
+    async def result_page(result: str, number: int):
+        kept = store.get(result)
+        png = await asyncio.to_thread(kept.page_png, number) if kept is not None else None
+        if png is None:
+            return _error(404, NOT_KEPT if kept is None else f"page {number} is not in this result")
+        return Response(png, media_type="image/png")
+
+    @app.get("/v1/results/{result}/{filename}", summary="A document file of a finished request, made from its "
+             "records (the model does not run again): <stem>.md|txt|json|pdf|hocr|alto.xml")
+    async def result_document(result: str, filename: str):
+        kept = store.get(result)
+        if kept is None:
+            return _error(404, NOT_KEPT)
+        suffix = next((s for s in _documents(kept.task) if filename == kept.stem + s), None)
+        if suffix is None:
+            names = ", ".join(kept.stem + s for s in _documents(kept.task))
+            return _error(404, f"no {filename!r} here: this result has {names}")
+        try:
+            content = await asyncio.to_thread(kept.document, suffix)
+        except FormatError as err:
+            return _error(422, f"{filename}: {err.reason}")
+        disposition = f"attachment; filename*=UTF-8''{quote(filename)}"
+        return Response(content, media_type=MEDIA_TYPES[suffix], headers={"Content-Disposition": disposition})
 
     for name in ("ocr", "md", "ground"):
-        _add_task_route(app, name, engine, bridge, config)
+        _add_task_route(app, name, engine, bridge, config, store)
     add_openai_routes(app, engine, bridge, config.uploads, ready, _TooLarge, config.max_queue)
     return app
 
 
-def _add_task_route(app: FastAPI, name: str, engine: Engine, bridge: Bridge, config: ServerConfig) -> None:
+def _add_task_route(app: FastAPI, name: str, engine: Engine, bridge: Bridge, config: ServerConfig,
+                    store: ResultStore) -> None:
     task = TASKS[name]
     fields = {"file": {"type": "string", "format": "binary"}, "pages": {"type": "string", "example": "1-3,7"},
               "dpi": {"type": "number"}, "password": {"type": "string"}, "max_new_tokens": {"type": "integer"}}
@@ -201,23 +250,31 @@ def _add_task_route(app: FastAPI, name: str, engine: Engine, bridge: Bridge, con
             _remove(upload.path)
             return _error(413, f"{upload.name}: {submission.pages} pages, more than this server takes ({config.max_pages})")
 
-        started, sent = time.monotonic(), 0
+        started, sent, result = time.monotonic(), [], uuid.uuid4().hex
         request.state.logged_by_route = True
 
         async def records():
-            nonlocal sent
+            finished = False
             try:
                 while (record := await asyncio.to_thread(submission.next_record)) is not None:
                     yield record.to_json() + "\n"
-                    sent += 1
+                    sent.append(record)
+                finished = len(sent) == submission.pages
             finally:  # the client is gone (or it is all sent): nothing of this request keeps running
                 submission.cancel()
-                _remove(upload.path)
-                gone = "" if sent == submission.pages else f" (client gone after {sent} of {submission.pages})"
-                log.info("%s %s 200 %d pages %.2fs%s", request.method, request.url.path, sent,
+                if finished:
+                    await asyncio.to_thread(store.keep, result, task, upload.name, upload.path, sent, upload.password,
+                                            upload.dpi)
+                else:
+                    _remove(upload.path)
+                gone = "" if finished else f" (client gone after {len(sent)} of {submission.pages})"
+                log.info("%s %s 200 %d pages %.2fs%s", request.method, request.url.path, len(sent),
                          time.monotonic() - started, gone)
 
-        return StreamingResponse(records(), media_type=NDJSON, headers={"X-Kosmos-Pages": str(submission.pages)})
+        headers = {"X-Kosmos-Pages": str(submission.pages)}
+        if store.enabled:
+            headers["X-Kosmos-Result"] = result
+        return StreamingResponse(records(), media_type=NDJSON, headers=headers)
 
 
 async def _read_upload(request: Request, task, engine: Engine, bridge: Bridge, config: ServerConfig) -> Upload:
@@ -300,6 +357,11 @@ def _check_host(request: Request, config: ServerConfig) -> None:
     name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
     if not is_loopback(name):
         raise _Refused(403, f"this server answers requests for localhost only, not for {host!r}")
+
+
+def _documents(task) -> tuple[str, ...]:
+    """The document files a task's results can be fetched as here (pdf only with pikepdf)."""
+    return tuple(s for s in task.possible_documents if s != ".pdf" or importlib.util.find_spec("pikepdf") is not None)
 
 
 def _busy(config: ServerConfig) -> JSONResponse:

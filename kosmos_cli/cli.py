@@ -155,6 +155,7 @@ def serve(model: Annotated[str, typer.Option("--model", "-m", help="Hugging Face
           max_queue: Annotated[int, typer.Option(min=1, help="Requests that may wait for their pages to be queued: past it, 429 with Retry-After.")] = 64,
           keep_results: Annotated[float, typer.Option(min=0, metavar="MINUTES", help="Keep each finished request's upload and records this long, for GET /v1/results/ID (records, document files, pages); 0: keep nothing.")] = 10,
           keep_results_mb: Annotated[float, typer.Option(min=0, help="The most the kept results may take, in MiB; the oldest go first.")] = 1024,
+          cors_origin: Annotated[Optional[str], typer.Option(metavar="ORIGIN", help="Let pages of this one origin (e.g. https://app.example.org) call the API from a browser; none by default.")] = None,
           grace: Annotated[float, typer.Option(min=0, help="Seconds running requests get to finish on SIGTERM or Ctrl-C.")] = 30,
           compile: Compile = None, quiet: Quiet = False, debug: Debug = False) -> None:
     """Keep one model warm for many clients: POST a PDF or image to /v1/ocr, /v1/md or /v1/ground and get
@@ -192,7 +193,8 @@ def serve(model: Annotated[str, typer.Option("--model", "-m", help="Hugging Face
     raise typer.Exit(run_server(engine, host=host, port=port, api_key=api_key, slots=slots,
                                 max_new_tokens=max_new_tokens, dpi=dpi, max_upload_bytes=int(max_upload_mb * 2**20),
                                 max_pages=max_pages, max_queue=max_queue, keep_minutes=keep_results,
-                                keep_bytes=int(keep_results_mb * 2**20), grace=grace, quiet=quiet))
+                                keep_bytes=int(keep_results_mb * 2**20), cors_origin=cors_origin, grace=grace,
+                                quiet=quiet))
 
 
 def _fail_usage(message: str) -> None:

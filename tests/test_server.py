@@ -352,3 +352,14 @@ def test_folders_of_servers_that_are_gone_are_removed(tmp_path, monkeypatch):
     remove_stale_folders(folders["mine"])
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{FOLDER_PREFIX}alive", f"{FOLDER_PREFIX}mine"]
     assert (folders["mine"] / "pid").read_text() == str(os.getpid())
+
+
+def test_cors_headers_only_for_the_origin_named(bridge, tmp_path):
+    preflight = {"Origin": "https://app.example.org", "Access-Control-Request-Method": "POST"}
+    plain = client(bridge, tmp_path).options("/v1/ocr", headers=preflight)
+    assert "access-control-allow-origin" not in plain.headers
+    allowed = client(bridge, tmp_path, cors_origin="https://app.example.org")
+    answer = allowed.options("/v1/ocr", headers=preflight)
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "https://app.example.org"
+    other = allowed.options("/v1/ocr", headers={**preflight, "Origin": "https://evil.example"})
+    assert other.headers.get("access-control-allow-origin") != "https://evil.example"

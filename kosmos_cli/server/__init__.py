@@ -31,7 +31,7 @@ SERVE_REQUIREMENTS = ('"fastapi>=0.115,<1"', '"uvicorn>=0.30,<1"', '"python-mult
 
 def serve(engine, *, host: str, port: int, api_key: str | None, slots: int, max_new_tokens: int | None,
           dpi: float, max_upload_bytes: int, max_pages: int, max_queue: int, keep_minutes: float, keep_bytes: int,
-          grace: float, quiet: bool) -> int:
+          cors_origin: str | None, grace: float, quiet: bool) -> int:
     """Run the server for a loaded engine until it is stopped; returns the exit code."""
     import uvicorn
 
@@ -52,7 +52,7 @@ def serve(engine, *, host: str, port: int, api_key: str | None, slots: int, max_
     budget = max_new_tokens or max(task.max_new_tokens for task in tasks)
     bridge = Bridge(engine, slots=slots, max_new_tokens=budget, max_prompt_tokens=longest)
     config = ServerConfig(host=host, api_key=api_key, max_upload_bytes=max_upload_bytes, max_pages=max_pages,
-                          max_queue=max_queue, keep_minutes=keep_minutes, keep_bytes=keep_bytes,
+                          max_queue=max_queue, keep_minutes=keep_minutes, keep_bytes=keep_bytes, cors_origin=cors_origin,
                           max_new_tokens=max_new_tokens, dpi=dpi)
     remove_stale_folders(config.uploads)
     if not is_loopback(host) and api_key is None:

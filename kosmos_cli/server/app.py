@@ -33,6 +33,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .. import __version__
@@ -70,6 +71,7 @@ class ServerConfig:
     max_queue: int = 64  # requests waiting to be queued for the batch: past it, 429
     keep_minutes: float = 10  # finished requests kept for GET /v1/results/... (0: none)
     keep_bytes: int = 2**30  # the most the kept uploads and records take; the oldest go first
+    cors_origin: str | None = None  # the one origin whose pages may call the API from a browser (None: no CORS headers)
     max_new_tokens: int | None = None  # None: each task's default (3072 for Kosmos-2.5)
     dpi: float = DEFAULT_DPI
     uploads: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX)))  # private
@@ -128,6 +130,9 @@ def create_app(engine: Engine, bridge: Bridge, config: ServerConfig, ready: thre
                   description="Kosmos-2.5 and Kosmos-2 on documents and images: one warm model for many clients.")
     app.state.ready = ready
     app.add_middleware(_CountBody, limit=config.max_upload_bytes)
+    if config.cors_origin is not None:
+        app.add_middleware(CORSMiddleware, allow_origins=[config.cors_origin], allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization"], expose_headers=["X-Kosmos-Pages", "X-Kosmos-Result"])
     metrics = Metrics(bridge)
     bridge.on_page = metrics.page_done
     store = ResultStore(config.uploads / "results", config.keep_minutes, config.keep_bytes)

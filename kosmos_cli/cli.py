@@ -75,6 +75,8 @@ class Options:
     compile: Optional[bool] = None
     ray: bool = False
     ray_address: Optional[str] = None
+    server: Optional[str] = None
+    api_key: Optional[str] = None
     attention: str = "auto"  # from KOSMOS_ATTENTION, not a flag: a setting for experiments (see README)
 
 
@@ -95,6 +97,8 @@ Overlay = Annotated[bool, typer.Option(help="With -o: also write a PNG per page 
 Outputs = Annotated[Optional[str], typer.Option(help="With -o: the document files to write, a comma list: for ocr any of txt,json,pdf,hocr,alto (pdf: a searchable PDF, the input's pages or images with the OCR text as an invisible, selectable layer, needs the pdf extra; hOCR 1.2 <stem>.hocr, ALTO 4.4 <stem>.alto.xml, word boxes estimated from line boxes); md writes md, ground txt,json. A re-run that adds one builds it from the finished pages. [default: txt,json for ocr and ground, md for md]", show_default=False)]
 Overwrite = Annotated[bool, typer.Option(help="With -o: redo pages that are already written.")]
 ReviewBelow = Annotated[Optional[str], typer.Option("--review-below", metavar="P", show_default=False, help="List the pages of this run's inputs whose confidence (the geometric mean of the model's token probabilities: a ranking for review, not a calibrated accuracy) is below P (0 to 1), lowest first, on stderr at the end (20 at most; -q hides them). With -o, all of them go to OUT/<task>.review.tsv, rewritten from the stored pages at every run given the flag; a run without it leaves that file as it is.")]
+Server = Annotated[Optional[str], typer.Option("--server", metavar="URL", help="Let a `kosmos serve` at URL (e.g. http://gpu-box:8000) do the model work: the same outputs, resume and exit codes; the records name the server's model.")]
+ApiKey = Annotated[Optional[str], typer.Option(envvar="KOSMOS_API_KEY", show_envvar=True, help="With --server: the server's API key.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, notes or summary: only errors.")]
 Debug = Annotated[bool, typer.Option(help="Show Python tracebacks for errors.")]
 Ray = Annotated[bool, typer.Option("--ray", help=f"Run on a Ray cluster (pip install \"{RAY_REQUIREMENT}\"): the one at --ray-address or RAY_ADDRESS, else a local one; one actor per cluster GPU (with none: one per --device entry). The files are written here, as without --ray.")]
@@ -106,7 +110,7 @@ Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help=
 def ocr(inputs: Inputs, output: Output = None, model: Model = None, device: Device = "auto", dtype: DType = "auto",
         batch_size: BatchSize = "auto", max_new_tokens: MaxNewTokens = None, pages: Pages = None,
         dpi: Dpi = documents.DEFAULT_DPI, password: Password = None, format: Format = "text", overlay: Overlay = False,
-        outputs: Outputs = None, overwrite: Overwrite = False, review_below: ReviewBelow = None, quiet: Quiet = False,
+        outputs: Outputs = None, overwrite: Overwrite = False, review_below: ReviewBelow = None, server: Server = None, api_key: ApiKey = None, quiet: Quiet = False,
         debug: Debug = False, compile: Compile = None, ray: Ray = False, ray_address: RayAddress = None) -> None:
     """Kosmos-2.5 OCR: text lines with 8-point polygons (x0,y0,x1,y0,x1,y1,x0,y1) in page pixels."""
     _command("ocr", **locals())
@@ -116,7 +120,7 @@ def ocr(inputs: Inputs, output: Output = None, model: Model = None, device: Devi
 def md(inputs: Inputs, output: Output = None, model: Model = None, device: Device = "auto", dtype: DType = "auto",
        batch_size: BatchSize = "auto", max_new_tokens: MaxNewTokens = None, pages: Pages = None,
        dpi: Dpi = documents.DEFAULT_DPI, password: Password = None, format: Format = "text", overlay: Overlay = False,
-       outputs: Outputs = None, overwrite: Overwrite = False, review_below: ReviewBelow = None, quiet: Quiet = False,
+       outputs: Outputs = None, overwrite: Overwrite = False, review_below: ReviewBelow = None, server: Server = None, api_key: ApiKey = None, quiet: Quiet = False,
        debug: Debug = False, compile: Compile = None, ray: Ray = False, ray_address: RayAddress = None,
        ask: Annotated[Optional[str], typer.Option("--ask", help="Ask a question about each page with microsoft/kosmos-2.5-chat (the default model then).")] = None) -> None:
     """Kosmos-2.5 markdown of each page (or answers with --ask)."""
@@ -128,7 +132,7 @@ def ground(inputs: GroundInputs, output: Output = None, model: Model = None, dev
            dtype: DType = "auto", batch_size: BatchSize = "auto", max_new_tokens: MaxNewTokens = None,
            pages: Pages = None, dpi: Dpi = documents.DEFAULT_DPI, password: Password = None, format: Format = "text",
            overlay: Overlay = False, outputs: Outputs = None, overwrite: Overwrite = False,
-           review_below: ReviewBelow = None, quiet: Quiet = False, debug: Debug = False, compile: Compile = None,
+           review_below: ReviewBelow = None, server: Server = None, api_key: ApiKey = None, quiet: Quiet = False, debug: Debug = False, compile: Compile = None,
            ray: Ray = False, ray_address: RayAddress = None,
            prompt: Annotated[Optional[str], typer.Option("--prompt", help="Prompt to ground, e.g. \"<grounding> An image of\" or \"<grounding><phrase> a dog</phrase>\".")] = None) -> None:
     """Kosmos-2 grounded caption of each image: caption, phrases and their boxes."""
@@ -290,6 +294,8 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
 
         prompt = chat_prompt(question)
     model_name = opts.model or ("microsoft/kosmos-2.5-chat" if question is not None else task.default_model)
+    if opts.server is not None:
+        model_name = _check_server(task, opts)
 
     files, input_errors = collect_inputs(inputs, exclude=[opts.output] if opts.output else ())
     report = Report(task, model_name, quiet=opts.quiet)
@@ -317,7 +323,7 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
                         compile="auto" if opts.compile is None else opts.compile, attention=opts.attention,
                         batch_size=batch_size, max_new_tokens=opts.max_new_tokens, dpi=opts.dpi,
                         password=opts.password, prompt=prompt, ray=opts.ray, ray_address=opts.ray_address,
-                        keep_images=opts.overlay)
+                        keep_images=opts.overlay, server=opts.server, api_key=opts.api_key, question=question)
     skip = (lambda job: out.is_done(job.stem, job.page)) if out is not None else None
     jobs = iter_pages(files, selection, opts.dpi, opts.password, skip=skip, render=renders_here(settings))
     results = run_pages(task, jobs, settings, on_page=report.page_done, log=None if opts.quiet else say)
@@ -353,6 +359,30 @@ def run_command(task_name: str, inputs: list[str], opts: Options, *, prompt: str
     if review is not None:
         code = max(code, _give_review(review, out, opts.quiet))
     return code
+
+
+def _check_server(task, opts: Options) -> str:
+    """With --server: the flags that choose how the model runs are the server's; the server must be
+    reachable, take the key, and run a model that can do the task (named by --model, if given).
+    Returns the server's model name, which the records carry."""
+    from .client import ServerUnusable, server_info
+
+    chosen = [flag for flag, value, default in (("--device", opts.device, "auto"), ("--dtype", opts.dtype, "auto"),
+                                                ("--batch-size", opts.batch_size, "auto"), ("--compile", opts.compile, None),
+                                                ("--ray", opts.ray, False)) if value != default]
+    if chosen:
+        _fail_usage(f"{', '.join(chosen)} with --server: the server decides how its model runs")
+    try:
+        info = server_info(opts.server, opts.api_key)
+    except ServerUnusable as err:
+        say(str(err))
+        raise typer.Exit(1)
+    if opts.model is not None and opts.model != info["model"]:
+        _fail_usage(f"--model {opts.model}: the server at {opts.server} runs {info['model']}")
+    if task.name not in info["tasks"]:
+        _fail_usage(f"`kosmos {task.name}` needs a {task.model_kind} model, but the server at {opts.server} runs "
+                    f"{info['model']} ({info['kind']})")
+    return info["model"]
 
 
 def _give_review(review: Review, out: OutputDir | None, quiet: bool) -> int:

@@ -57,6 +57,9 @@ class Settings:
     ray: bool = False
     ray_address: str | None = None
     keep_images: bool = False
+    server: str | None = None  # a `kosmos serve` URL: the model work is done there (kosmos_cli.client)
+    api_key: str | None = None  # the server's key
+    question: str | None = None  # for the server: the chat question ``prompt`` was made from
 
     def model_for(self, task: Task) -> str:
         return self.model or task.default_model
@@ -95,8 +98,15 @@ def run_pages(task: Task, items: Iterable[PageJob | ErrorJob], settings: Setting
     from .engine import pick_devices
     from .pipeline import transcribe as pages_through
 
-    devices = pick_devices(settings.device, name="--device")
     model = settings.model_for(task)
+    if settings.server is not None:
+        from .client import remote_pages
+
+        return remote_pages(task, items, url=settings.server, api_key=settings.api_key, model=model,
+                            prompt=settings.prompt, question=settings.question, dpi=settings.dpi,
+                            password=settings.password, max_new_tokens=settings.max_new_tokens,
+                            render_images=settings.keep_images, on_page=on_page)
+    devices = pick_devices(settings.device, name="--device")
     options = dict(prompt=settings.prompt, batch_size=settings.batch_size)
     if settings.ray:
         return _on_ray(devices, task, model, items, settings, on_page, log, **options)
@@ -107,9 +117,12 @@ def run_pages(task: Task, items: Iterable[PageJob | ErrorJob], settings: Setting
 
 
 def renders_here(settings: Settings) -> bool:
-    """Whether pages are rendered in this process (one device) or by the workers that run them."""
+    """Whether pages are rendered in this process (one device, or a server's client that draws
+    overlays) or by the workers or the server that run them."""
     from .engine import pick_devices
 
+    if settings.server is not None:
+        return settings.keep_images
     return not settings.ray and len(pick_devices(settings.device, name="--device")) == 1
 
 

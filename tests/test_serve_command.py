@@ -5,42 +5,19 @@ it says so as a run would."""
 import importlib.util
 import re
 import signal
-import socket
-import subprocess
-import time
 
 import httpx
-import pytest
 
-from tests.helpers.cli import KOSMOS, kosmos, needs_script
+from tests.helpers.cli import kosmos, needs_script
 from tests.helpers.images import noise_image
 from tests.helpers.pdfs import make_image_pdf
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers.server import start_server
 
 
 @needs_script
 def test_a_server_process_answers_and_stops_on_sigterm(scripted, tmp_path):
-    port = free_port()
-    server = subprocess.Popen([KOSMOS, "serve", "--model", str(scripted), "--host", "0.0.0.0", "--port", str(port),
-                               "--max-new-tokens", "64", "--batch-size", "2"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server, url = start_server("--model", scripted, "--host", "0.0.0.0", "--max-new-tokens", "64", "--batch-size", "2")
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("the server did not become healthy")
         page = tmp_path / "page.png"
         noise_image(64, 48, seed=3).save(page)
         with open(page, "rb") as f:

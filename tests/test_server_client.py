@@ -3,16 +3,13 @@ a local run of the same model writes, byte for byte (stdout, every -o file, over
 resumes the same way, and refuses flags and servers it cannot use in one line."""
 
 import signal
-import subprocess
-import time
 
-import httpx
 import pytest
 
 from tests.helpers.cli import KOSMOS, kosmos, needs_script
 from tests.helpers.images import noise_image
 from tests.helpers.pdfs import make_image_pdf
-from tests.test_serve_command import free_port
+from tests.helpers.server import free_port, start_server
 
 KEY = "client-test-key"
 
@@ -22,17 +19,7 @@ def server(scripted):
     """A server on the scripted checkpoint, one slot (a local run with --batch-size 1 decodes alike)."""
     if KOSMOS is None:
         pytest.skip("the `kosmos` console script is not installed")
-    port = free_port()
-    process = subprocess.Popen([KOSMOS, "serve", "--model", str(scripted), "--port", str(port), "--batch-size", "1",
-                                "--api-key", KEY, "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
+    process, url = start_server("--model", scripted, "--batch-size", "1", "--api-key", KEY, "-q")
     yield url
     process.send_signal(signal.SIGTERM)
     process.communicate(timeout=60)

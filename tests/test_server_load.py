@@ -6,15 +6,14 @@ answered or cancelled; the server's memory back near where it started; right ans
 import random
 import re
 import signal
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from tests.helpers.cli import KOSMOS, needs_script
+from tests.helpers.cli import needs_script
 from tests.helpers.images import noise_image
 from tests.helpers.pdfs import make_image_pdf
-from tests.test_serve_command import free_port
+from tests.helpers.server import start_server
 
 REQUESTS, CLIENTS = 40, 8
 RSS_BOUND_MB = 150  # growth of the server's resident memory over the run, after it settles
@@ -47,13 +46,9 @@ def test_a_storm_of_clients_leaves_the_server_as_it_was(scripted, tmp_path):
     noise_image(400, 400, seed=5).save(big)
     assert big.stat().st_size > 200_000 > pdf.stat().st_size
 
-    port = free_port()
-    server = subprocess.Popen([KOSMOS, "serve", "--model", str(scripted), "--port", str(port), "--batch-size", "2",
-                               "--max-new-tokens", "64", "--max-upload-mb", "0.2", "--keep-results", "1"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    server, url = start_server("--model", scripted, "--batch-size", "2", "--max-new-tokens", "64",
+                               "--max-upload-mb", "0.2", "--keep-results", "1")
     try:
-        assert wait_until(lambda: _healthy(url), 120), "the server did not become healthy"
         start_rss = rss_mb(server.pid)
         kinds = ["page"] * 28 + ["leave"] * 4 + ["garbage"] * 2 + ["cut"] * 2 + ["big"] * 2 + ["pdf"] * 2
         random.Random(1).shuffle(kinds)
@@ -94,13 +89,6 @@ def test_a_storm_of_clients_leaves_the_server_as_it_was(scripted, tmp_path):
         _, stderr = server.communicate(timeout=60)
     assert server.returncode == 0 and "Traceback" not in stderr and "internal error" not in stderr, stderr[-3000:]
     assert stderr.count("client gone after") >= 1
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health").status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _texts(ndjson: str) -> list[str]:

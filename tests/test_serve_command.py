@@ -53,3 +53,24 @@ def test_a_model_that_does_not_load_ends_it_as_a_run(tmp_path):
     assert result.exit_code == 1
     assert result.stderr.startswith(f"kosmos: cannot load model {tmp_path}: ")
     assert kosmos("serve", "--device", "cpu,cpu").exit_code == 2
+
+
+@needs_script
+def test_at_shutdown_running_requests_get_the_grace_then_a_record_that_says_why(scripted, tmp_path):
+    import json
+    import signal
+
+    server, url = start_server("--model", scripted, "--max-new-tokens", "64", "--batch-size", "2", "--grace", "2")
+    pdf = make_image_pdf(tmp_path / "long.pdf", 40)
+    with open(pdf, "rb") as f, httpx.stream("POST", f"{url}/v1/md", files={"file": ("long.pdf", f)},
+                                            data={"dpi": "72", "max_new_tokens": "64"}, timeout=60) as streamed:
+        lines = streamed.iter_lines()
+        first = json.loads(next(lines))
+        server.send_signal(signal.SIGTERM)
+        rest = [json.loads(line) for line in lines]
+    _, stderr = server.communicate(timeout=60)
+    assert server.returncode == 0, stderr
+    assert first["page"] == 1 and rest, "the stream ended early"
+    assert rest[-1]["page"] == 0 and rest[-1]["error"].startswith("the server is shutting down: ")
+    assert len(rest) < 40  # the rest of the pages were not done
+    assert "stopping: no new requests" in stderr

@@ -72,8 +72,11 @@ def serve(engine, *, host: str, port: int, api_key: str | None, slots: int, max_
 
     app = create_app(engine, bridge, config, ready)
     threading.Thread(target=warm_up, name="kosmos-warm-up", daemon=True).start()
-    server = _server_class(uvicorn)(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                                   timeout_graceful_shutdown=grace))
+    # A second before uvicorn cancels what still runs, the requests left end with a record saying why.
+    ending = lambda: bridge.abort("the server is shutting down")
+    server = _server_class(uvicorn, max(0.0, grace - 1), ending)(
+        uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                       timeout_graceful_shutdown=grace))
     try:
         server.run()
     finally:
@@ -99,10 +102,11 @@ def remove_stale_folders(mine: Path) -> None:
             continue
 
 
-def _server_class(uvicorn):
+def _server_class(uvicorn, grace: float, end_requests):
     """uvicorn's server with the command's signal rules: the first SIGTERM or Ctrl-C stops taking
-    requests and lets those running finish (within the grace period), and the command then exits 0;
-    a second one exits at once with 130. (uvicorn's own handlers would end the process by the signal.)"""
+    requests and lets those running finish for ``grace`` seconds, then calls ``end_requests``, and
+    the command exits 0; a second one exits at once with 130. (uvicorn's own handlers would end the
+    process by the signal.)"""
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -116,6 +120,9 @@ def _server_class(uvicorn):
                     os._exit(130)
                 logging.getLogger("kosmos.server").info("stopping: no new requests; a second signal ends it at once")
                 self.should_exit = True
+                timer = threading.Timer(grace, end_requests)
+                timer.daemon = True
+                timer.start()
 
             originals = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
             try:

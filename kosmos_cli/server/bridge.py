@@ -162,6 +162,20 @@ class Bridge:
         self.jobs.close()
         self._batch.join(timeout)
 
+    def abort(self, reason: str) -> None:
+        """End every request now: its pages not done are dropped, and its records end with a failure
+        record (page 0) that says why and how many pages did not come."""
+        with self._lock:
+            submissions = {s for s, _, _ in self._running.values()} | set(self._active)
+            for submission in submissions:
+                if not submission.cancelled:
+                    missing = submission.pages - submission._next
+                    submission._out.put(PageResult.failed(
+                        submission.upload.name, 0, submission.upload.task.name, self.engine.name,
+                        f"{reason}: {missing} page{'s' * (missing != 1)} not done"))
+        for submission in submissions:
+            self._cancel(submission)
+
     @property
     def busy(self) -> int:
         """Pages in the batch or waiting for a slot."""

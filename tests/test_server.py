@@ -363,3 +363,12 @@ def test_cors_headers_only_for_the_origin_named(bridge, tmp_path):
     assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "https://app.example.org"
     other = allowed.options("/v1/ocr", headers={**preflight, "Origin": "https://evil.example"})
     assert other.headers.get("access-control-allow-origin") != "https://evil.example"
+
+
+def test_the_api_describes_itself(bridge, tmp_path):
+    spec = client(bridge, tmp_path).get("/openapi.json").json()
+    assert {"/v1/ocr", "/v1/md", "/v1/ground", "/v1/chat/completions", "/v1/models", "/v1/info", "/health",
+            "/metrics", "/v1/results/{result}"} <= set(spec["paths"])
+    body = spec["paths"]["/v1/ocr"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert body["required"] == ["file"] and {"file", "pages", "dpi", "password", "max_new_tokens"} <= set(body["properties"])
+    assert "prompt" in spec["paths"]["/v1/ground"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]

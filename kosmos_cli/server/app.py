@@ -43,7 +43,7 @@ from ..inputs import parse_pages
 from ..tasks import TASKS, WrongModel
 from ..writers.formats import FormatError, format_name
 from . import FOLDER_PREFIX
-from .bridge import Bridge, Upload
+from .bridge import Bridge, TooManyPages, Upload
 from .store import ResultStore
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .openai_api import add_openai_routes
@@ -246,14 +246,13 @@ def _add_task_route(app: FastAPI, name: str, engine: Engine, bridge: Bridge, con
         except _Refused as err:
             return _error(err.status, str(err))
         try:
-            submission = await asyncio.to_thread(bridge.submit, upload)
+            submission = await asyncio.to_thread(bridge.submit, upload, config.max_pages)
         except DocumentError as err:  # its message would name the server's private copy: say the label
             _remove(upload.path)
             return _error(422, f"{upload.name}: {err.reason}")
-        if submission.pages > config.max_pages:
-            submission.cancel()
+        except TooManyPages as err:
             _remove(upload.path)
-            return _error(413, f"{upload.name}: {submission.pages} pages, more than this server takes ({config.max_pages})")
+            return _error(413, str(err))
 
         started, sent, result = time.monotonic(), [], uuid.uuid4().hex
         request.state.logged_by_route = True

@@ -38,10 +38,14 @@ from ..pipeline import LOOP_GUARD, OUT_OF_MEMORY, page_result
 from ..results import PageResult
 from ..tasks import Task
 
-__all__ = ["Bridge", "Submission", "Upload"]
+__all__ = ["Bridge", "Submission", "TooManyPages", "Upload"]
 
 log = logging.getLogger("kosmos.server")
 _END = object()  # the last item of a submission's records
+
+
+class TooManyPages(ValueError):
+    pass
 
 
 @dataclass
@@ -137,14 +141,17 @@ class Bridge:
         self._feeder.start()
         self._batch.start()
 
-    def submit(self, upload: Upload) -> Submission:
-        """Queue a request's pages; raises DocumentError (with the command's words) for a file that
-        cannot be opened or has no page the selection names, before anything is queued."""
+    def submit(self, upload: Upload, max_pages: int | None = None) -> Submission:
+        """Queue a request's pages; raises, before anything is queued, DocumentError (with the
+        command's words) for a file that cannot be opened or has no page the selection names, and
+        TooManyPages past ``max_pages``."""
         with open_document(upload.path, upload.dpi, upload.password) as document:
             count = document.num_pages
         pages = len(upload.pages.select(count)[0]) if upload.pages is not None else count
         if pages == 0:
             raise DocumentError(upload.name, f"the selection names none of its {count} pages")
+        if max_pages is not None and pages > max_pages:
+            raise TooManyPages(f"{upload.name}: {pages} pages, more than this server takes ({max_pages})")
         submission = Submission(self, upload, pages)
         with self._lock:
             if self._closed:

@@ -372,3 +372,26 @@ def test_the_api_describes_itself(bridge, tmp_path):
     body = spec["paths"]["/v1/ocr"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["required"] == ["file"] and {"file", "pages", "dpi", "password", "max_new_tokens"} <= set(body["properties"])
     assert "prompt" in spec["paths"]["/v1/ground"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+
+
+@pytest.mark.parametrize("case", ["ground", "ask"])
+def test_grounding_and_questions_are_the_commands_records(k2, k25, page, tmp_path, case):
+    """Kosmos-2 with a prompt, and a question to Kosmos-2.5 (the chat prompt): each on a server of its
+    own, the record the command prints."""
+    model, task, field, value, flag = {
+        "ground": (k2, "ground", "prompt", "<grounding> A picture of", "--prompt"),
+        "ask": (k25, "md", "question", "What is the total?", "--ask"),
+    }[case]
+    engine = load(model, device="cpu", compile=False)
+    own = Bridge(engine, slots=2, max_new_tokens=16, max_prompt_tokens=engine.prompt_length(TASKS[task].prompt) + 256)
+    try:
+        (record,) = records(post(client(own, tmp_path / "uploads"), page, task=task, max_new_tokens="16",
+                                 **{field: value}))
+    finally:
+        own.close(timeout=60)
+    command = kosmos(task, page, "--model", model, flag, value, "--max-new-tokens", "16", "-f", "jsonl")
+    assert command.exit_code == 0, command.stderr
+    (expected,) = jsonl(command.stdout)
+    assert record == {**expected, "source": "page.png"}
+    if case == "ground":
+        assert record["raw"].startswith(value)

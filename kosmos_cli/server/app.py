@@ -326,8 +326,10 @@ def _upload(form, task, engine: Engine, bridge: Bridge, config: ServerConfig, pa
         from ..processing.kosmos2_5 import chat_prompt
 
         prompt = chat_prompt(text("question"))
-    if engine.prompt_length(prompt) > bridge.jobs.max_prompt_tokens:
-        raise _Refused(400, f"the prompt is too long: at most {MAX_QUESTION_TOKENS} tokens beyond the task's")
+    length = engine.prompt_length(prompt)
+    if length > bridge.jobs.max_prompt_tokens:
+        raise _Refused(400, f"the prompt is too long: {length} tokens with the image's, and this server takes "
+                            f"{bridge.jobs.max_prompt_tokens}")
     return Upload(path, label, task, prompt, pages, dpi, form.get("password") or None, limit)
 
 

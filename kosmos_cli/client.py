@@ -111,13 +111,17 @@ def _ask(http, task: Task, path, pages: list[int], fields: dict) -> tuple[dict[i
     import httpx
 
     records: dict[int, dict] = {}
-    for attempt in range(RETRIES + 1):
+    attempt = 0
+    while True:
         try:
             with open(path, "rb") as f, http.stream("POST", f"/v1/{task.name}", files={"file": (path.name, f)},
                                                     data={**fields, "pages": ",".join(map(str, pages))}) as answer:
                 if answer.status_code == 429 and attempt < RETRIES:
                     time.sleep(2 ** attempt)
+                    attempt += 1
                     continue
+                if answer.status_code == 429:
+                    return records, f"the server stayed busy (429, asked {RETRIES + 1} times)"
                 if answer.status_code != 200:
                     answer.read()
                     return records, f"the server answered {answer.status_code}: {_reason(answer)}"
@@ -130,7 +134,6 @@ def _ask(http, task: Task, path, pages: list[int], fields: dict) -> tuple[dict[i
             return records, f"the connection to the server was lost ({err})"
         except OSError as err:
             return records, f"cannot read the file: {err}"
-    return records, "the server stayed busy (429)"
 
 
 def _reason(answer) -> str:

@@ -7,6 +7,7 @@ server process are in test_serve_command.py.)"""
 import json
 import re
 import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -395,3 +396,22 @@ def test_grounding_and_questions_are_the_commands_records(k2, k25, page, tmp_pat
     assert record == {**expected, "source": "page.png"}
     if case == "ground":
         assert record["raw"].startswith(value)
+
+
+def test_a_long_upload_does_not_hold_back_a_short_one(bridge, page, tmp_path):
+    """Pages are taken from each request in turn: a one-page request sent after a 30-page one is done
+    while most of the long one is still to come, and the pages waiting for a slot stay within the
+    server's bound whatever the number of pages asked for."""
+    long_pdf = make_image_pdf(tmp_path / "long.pdf", 30)
+    long = bridge.submit(Upload(long_pdf, "long.pdf", TASKS["ocr"], "<ocr>", dpi=72, max_new_tokens=64))
+    short = bridge.submit(Upload(page, "page.png", TASKS["ocr"], "<ocr>", max_new_tokens=64))
+    waiting = []
+    sampler = threading.Thread(target=lambda: [waiting.append(len(bridge.jobs)) or time.sleep(0.005)
+                                               for _ in range(200)])
+    sampler.start()
+    assert [r.page for r in short.records()] == [1]
+    long_done = long._next  # pages of the long request done by then
+    assert [r.page for r in long.records()] == list(range(1, 31))
+    sampler.join()
+    assert long_done < 10
+    assert max(waiting) <= bridge.ahead

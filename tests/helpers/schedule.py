@@ -6,7 +6,8 @@ the longest tests start first, and tests that share something costly that lives 
 in one worker, one after the other:
 
 - a Ray cluster and a local run to compare with (test_ray.py), a module's reference run
-  (test_interrupts.py, test_devices.py): module fixtures, built once per worker that runs the module;
+  (test_interrupts.py, test_devices.py), a server's engine or process (test_server.py,
+  test_server_client.py): module fixtures, built once per worker that runs the module;
 - the decode step compiled in the test process: dynamo keeps what it compiled in the process, so a
   second test that compiles the same step there gets it for nothing (test_confidence's compiled
   Kosmos-2.5 step, then test_generation's), and only the first compile of a process pays for
@@ -32,6 +33,8 @@ TOGETHER = {
     "ray": ["tests/test_ray.py::"],
     "interrupts": ["tests/test_interrupts.py::"],
     "devices": ["tests/test_devices.py::"],
+    "server": ["tests/test_server.py::"],  # one engine and its batch thread for the module
+    "server client": ["tests/test_server_client.py::"],  # one `kosmos serve` process for the module
 }
 
 # What starts first, longest first: a test id prefix or a name from TOGETHER, with its seconds in a

@@ -104,6 +104,7 @@ class Kosmos25Tokenizer:
         self.image_end_id = lookup("eoi_token")
         self.image_placeholder_id = lookup("image_token")
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self._added = self._tok.get_added_tokens_decoder()  # id -> AddedToken, for `pieces`
         # transformers ignores clean_up_tokenization_spaces for BPE models (it would corrupt them).
         self._clean_up_spaces = clean_up_spaces and type(self._tok.model).__name__ != "BPE"
 
@@ -171,7 +172,7 @@ class Kosmos25Tokenizer:
         character completed by this id's bytes belongs to it. With a byte-level BPE (Kosmos-2.5's)
         the pieces join to `decode`'s text, also when a character's bytes span several ids; with
         another decoder each id is decoded alone, which may not."""
-        added = self._tok.get_added_tokens_decoder()
+        added = self._added
         if type(self._tok.decoder).__name__ != "ByteLevel":
             return ["" if i in added and added[i].special else self._tok.decode([i], skip_special_tokens=True)
                     for i in ids]

@@ -60,17 +60,19 @@ def test_at_shutdown_running_requests_get_the_grace_then_a_record_that_says_why(
     import json
     import signal
 
-    server, url = start_server("--model", scripted, "--max-new-tokens", "64", "--batch-size", "2", "--grace", "2")
+    # <md> pages of this checkpoint run to their budget: 40 of 512 tokens on 2 slots take well over the
+    # second the grace leaves them.
+    server, url = start_server("--model", scripted, "--max-new-tokens", "512", "--batch-size", "2", "--grace", "2")
     pdf = make_image_pdf(tmp_path / "long.pdf", 40)
     with open(pdf, "rb") as f, httpx.stream("POST", f"{url}/v1/md", files={"file": ("long.pdf", f)},
-                                            data={"dpi": "72", "max_new_tokens": "64"}, timeout=60) as streamed:
+                                            data={"dpi": "72", "max_new_tokens": "512"}, timeout=60) as streamed:
         lines = streamed.iter_lines()
         first = json.loads(next(lines))
         server.send_signal(signal.SIGTERM)
         rest = [json.loads(line) for line in lines]
     _, stderr = server.communicate(timeout=60)
     assert server.returncode == 0, stderr
-    assert first["page"] == 1 and rest, "the stream ended early"
+    assert first["page"] == 1 and first["new_tokens"] == 512 and rest, "the stream ended early"
     assert rest[-1]["page"] == 0 and rest[-1]["error"].startswith("the server is shutting down: ")
     assert len(rest) < 40  # the rest of the pages were not done
     assert "stopping: no new requests" in stderr

@@ -415,3 +415,11 @@ def test_a_long_upload_does_not_hold_back_a_short_one(bridge, page, tmp_path):
     sampler.join()
     assert long_done < 10
     assert max(waiting) <= bridge.ahead
+
+
+def test_a_file_name_is_only_a_label(bridge, page, tmp_path):
+    uploads = tmp_path / "private" / "uploads"
+    http = client(bridge, uploads)
+    (record,) = records(post(http, page, name="../../escape.png", password="hunter2"))
+    assert record["source"] == "escape.png"
+    assert not (tmp_path / "escape.png").exists() and not (tmp_path / "private" / "escape.png").exists()

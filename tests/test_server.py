@@ -299,10 +299,10 @@ def test_a_finished_request_is_kept_with_the_files_the_writer_makes(bridge, scri
     assert http.get(f"/v1/results/{result}").text == response.text
 
     monkeypatch.chdir(page.parent)  # the command's records name the file as given: page.png
-    command = kosmos("ocr", "page.png", "--model", scripted, "-o", "out", "--outputs", "txt,json,hocr,alto",
+    command = kosmos("ocr", "page.png", "--model", scripted, "-o", "out", "--outputs", "txt,json,pdf,hocr,alto",
                      "--max-new-tokens", "64")
     assert command.exit_code == 0, command.stderr
-    for name in ("page.txt", "page.json", "page.hocr", "page.alto.xml"):
+    for name in ("page.txt", "page.json", "page.pdf", "page.hocr", "page.alto.xml"):
         got = http.get(f"/v1/results/{result}/{name}")
         assert got.status_code == 200 and got.content == (page.parent / "out" / name).read_bytes(), name
         assert got.headers["content-disposition"] == f"attachment; filename*=UTF-8''{name}"

@@ -76,3 +76,31 @@ def test_at_shutdown_running_requests_get_the_grace_then_a_record_that_says_why(
     assert rest[-1]["page"] == 0 and rest[-1]["error"].startswith("the server is shutting down: ")
     assert len(rest) < 40  # the rest of the pages were not done
     assert "stopping: no new requests" in stderr
+
+
+@needs_script
+def test_a_second_signal_ends_the_server_at_once(scripted, tmp_path):
+    import signal
+    import threading
+    import time
+
+    server, url = start_server("--model", scripted, "--max-new-tokens", "512", "--batch-size", "2", "--grace", "60")
+    pdf = make_image_pdf(tmp_path / "long.pdf", 40)
+
+    def upload():
+        with open(pdf, "rb") as f:
+            try:
+                httpx.post(f"{url}/v1/md", files={"file": ("long.pdf", f)}, data={"dpi": "72"}, timeout=60)
+            except httpx.HTTPError:
+                pass  # the server went away under it: that is the point
+
+    client = threading.Thread(target=upload)
+    client.start()
+    time.sleep(1)  # the request is running
+    server.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    began = time.monotonic()
+    server.send_signal(signal.SIGTERM)
+    server.communicate(timeout=30)
+    client.join(60)
+    assert server.returncode == 130 and time.monotonic() - began < 10  # not the 60 s of grace

@@ -26,7 +26,7 @@ from .paths import display_path, os_reason
 from .report import Progress, Report, library_output_held, say
 from .results import PageResult
 from .review import Review, parse_threshold
-from .runner import ModelUnusable, Settings, engine_spec, renders_here, run_pages
+from .runner import ModelUnusable, Settings, load_engine, renders_here, run_pages
 from .tasks import TASKS
 from .writers.atomic import check_writable
 from .writers.directory import OutputDir
@@ -176,18 +176,16 @@ def serve(model: Annotated[str, typer.Option("--model", "-m", help="Hugging Face
         _fail_usage(str(err))
     _check_dtype(dtype)
     slots = _batch_size(batch_size)
+    settings = Settings(model=model, device=picked, dtype=dtype, compile="auto" if compile is None else compile,
+                        attention=os.environ.get("KOSMOS_ATTENTION", "auto"))
     with library_output_held():
         try:
-            engine = engine_spec(model, Settings(model=model, device=picked, dtype=dtype,
-                                                 compile="auto" if compile is None else compile,
-                                                 attention=os.environ.get("KOSMOS_ATTENTION", "auto")), picked).load()
-        except (ValueError, FileNotFoundError, RuntimeError) as err:  # ModelLoadError is a ValueError too
-            say(f"cannot load model {model}: {err}")
+            engine = load_engine(model, settings, log=None if quiet else say)
+        except ModelUnusable as err:
+            say(str(err))
             if debug:
-                traceback.print_exception(err, file=sys.stderr)
-            raise typer.Exit(1)
-    if not quiet:
-        say(f"running {engine}")
+                traceback.print_exception(err.__cause__, file=sys.stderr)
+            raise typer.Exit(err.code)
     if slots is None:
         task = next(t for t in TASKS.values() if t.model_kind == engine.kind)
         slots = engine.auto_batch_size(task.prompt, max_new_tokens or task.max_new_tokens)

@@ -24,7 +24,7 @@ from .pages import ErrorJob, PageJob, iter_pages
 from .results import PageResult
 from .tasks import Task, WrongModel, find_task
 
-__all__ = ["ModelUnusable", "Settings", "renders_here", "run_pages", "transcribe"]
+__all__ = ["ModelUnusable", "Settings", "load_engine", "renders_here", "run_pages", "transcribe"]
 
 
 class ModelUnusable(Exception):
@@ -112,7 +112,7 @@ def run_pages(task: Task, items: Iterable[PageJob | ErrorJob], settings: Setting
         return _on_ray(devices, task, model, items, settings, on_page, log, **options)
     if len(devices) > 1:
         return _on_devices(devices, task, model, items, settings, on_page, log, **options)
-    return pages_through(lambda: _load_engine(task, model, settings, log), task, items,
+    return pages_through(lambda: load_engine(model, settings, task=task, log=log), task, items,
                          max_new_tokens=settings.max_new_tokens, on_page=on_page, **options)
 
 
@@ -133,15 +133,18 @@ def engine_spec(model: str, settings: Settings, device: str):
     return EngineSpec(model, device, settings.dtype, settings.compile, settings.attention)
 
 
-def _load_engine(task: Task, model: str, settings: Settings, log):
-    """Load the model (once the first page needs it: a run whose pages are all done loads nothing)."""
+def load_engine(model: str, settings: Settings, *, task: Task | None = None, log: Callable[[str], None] | None = None):
+    """Load the model on ``settings.device`` (a run does it once the first page needs it, so that a
+    run whose pages are all done loads nothing); `ModelUnusable` if it does not load or cannot do
+    ``task``; ``log`` hears what runs where."""
     try:
         engine = engine_spec(model, settings, settings.device).load()
     except (ValueError, FileNotFoundError, RuntimeError) as err:  # ModelLoadError is a ValueError too
         raise ModelUnusable(f"cannot load model {model}: {err}", 1) from err
     interrupt.check()
     try:
-        task.check_model(engine.kind, model)
+        if task is not None:
+            task.check_model(engine.kind, model)
     except WrongModel as err:
         raise ModelUnusable(str(err), 2) from None
     if log is not None:

@@ -53,7 +53,7 @@ def serve(engine, *, host: str, port: int, api_key: str | None, slots: int, max_
     bridge = Bridge(engine, slots=slots, max_new_tokens=budget, max_prompt_tokens=longest)
     config = ServerConfig(host=host, api_key=api_key, max_upload_bytes=max_upload_bytes, max_pages=max_pages,
                           max_queue=max_queue, keep_minutes=keep_minutes, keep_bytes=keep_bytes, cors_origin=cors_origin,
-                          max_new_tokens=max_new_tokens, dpi=dpi)
+                          dpi=dpi)
     remove_stale_folders(config.uploads)
     if not is_loopback(host) and api_key is None:
         logger.warning(f"listening on {host} without an API key: anyone who can reach this port can use the model "

@@ -21,7 +21,6 @@ import hmac
 import importlib.util
 import ipaddress
 import logging
-import os
 import re
 import shutil
 import threading
@@ -61,8 +60,9 @@ MAX_QUESTION_TOKENS = 256
 
 @dataclass
 class ServerConfig:
-    """What a server allows: ``api_key`` (None: no key), the address it is bound to, the upload and page
-    limits, and the default and largest token budget a request may ask for."""
+    """What a server allows: ``api_key`` (None: no key), the address it is bound to, the upload, page
+    and queue limits, kept results, the one CORS origin, and the default PDF resolution (the largest
+    token budget is the bridge's)."""
 
     host: str = "127.0.0.1"
     api_key: str | None = None
@@ -72,7 +72,6 @@ class ServerConfig:
     keep_minutes: float = 10  # finished requests kept for GET /v1/results/... (0: none)
     keep_bytes: int = 2**30  # the most the kept uploads and records take; the oldest go first
     cors_origin: str | None = None  # the one origin whose pages may call the API from a browser (None: no CORS headers)
-    max_new_tokens: int | None = None  # None: each task's default (3072 for Kosmos-2.5)
     dpi: float = DEFAULT_DPI
     uploads: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX)))  # private
 
@@ -248,10 +247,10 @@ def _add_task_route(app: FastAPI, name: str, engine: Engine, bridge: Bridge, con
         try:
             submission = await asyncio.to_thread(bridge.submit, upload, config.max_pages)
         except DocumentError as err:  # its message would name the server's private copy: say the label
-            _remove(upload.path)
+            upload.path.unlink(missing_ok=True)
             return _error(422, f"{upload.name}: {err.reason}")
         except TooManyPages as err:
-            _remove(upload.path)
+            upload.path.unlink(missing_ok=True)
             return _error(413, str(err))
 
         started, sent, result = time.monotonic(), [], uuid.uuid4().hex
@@ -270,7 +269,7 @@ def _add_task_route(app: FastAPI, name: str, engine: Engine, bridge: Bridge, con
                     await asyncio.to_thread(store.keep, result, task, upload.name, upload.path, sent, upload.password,
                                             upload.dpi)
                 else:
-                    _remove(upload.path)
+                    upload.path.unlink(missing_ok=True)
                 gone = "" if finished else f" (client gone after {len(sent)} of {submission.pages})"
                 log.info("%s %s 200 %d pages %.2fs%s", request.method, request.url.path, len(sent),
                          time.monotonic() - started, gone)
@@ -304,7 +303,7 @@ async def _read_upload(request: Request, task, engine: Engine, bridge: Bridge, c
         try:
             return _upload(form, task, engine, bridge, config, path, label)
         except _Refused:
-            _remove(path)
+            path.unlink(missing_ok=True)
             raise
     finally:
         await form.close()
@@ -378,10 +377,3 @@ def _busy(config: ServerConfig) -> JSONResponse:
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
-
-
-def _remove(path: Path) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -14,8 +13,8 @@ from PIL import Image
 from .confidence import align
 from .models import kosmos2, kosmos2_5
 from .models.config import Architecture
-from .models.generation import (ADMIT_CHUNK, CompiledDecodeStep, DecodeSettings, LoopCheck, Prompt, Request, RequestQueue,
-                                stream)
+from .jobs import Job, JobQueue, Prompts, request_for
+from .models.generation import ADMIT_CHUNK, CompiledDecodeStep, DecodeSettings, LoopCheck, Request, stream
 from .models.layers import MultiheadAttention, check_attention, cuda_capability, flash_available
 from .models.loading import ModelLoadError, load_weights, read_json, resolve_model_dir
 from .processing.images import read_image_processor_config
@@ -34,18 +33,6 @@ class Prepared:
     @property
     def nbytes(self) -> int:
         return self.vision_input.numel() * self.vision_input.element_size()
-
-
-@dataclass(frozen=True)
-class Job:
-    """One image for `Engine.stream`: a key to match its output, the prepared image, the prompt text
-    and the token budget (EOS is forbidden before min_new_tokens)."""
-
-    key: Any
-    prepared: Prepared
-    prompt: str
-    max_new_tokens: int
-    min_new_tokens: int = 0
 
 
 @dataclass
@@ -319,7 +306,7 @@ class Engine:
             requests, sizes = jobs.requests, jobs.sizes
             max_prompt_tokens, max_new_tokens = jobs.max_prompt_tokens, jobs.max_new_tokens
         else:
-            prompts = _Prompts(self)
+            prompts = Prompts(self)
             if max_prompt_tokens is None or max_new_tokens is None:
                 jobs = list(jobs)
                 if not jobs:
@@ -330,7 +317,7 @@ class Engine:
 
             def requests() -> Iterator[Request]:
                 for job in jobs:
-                    request = _request(job, prompts[job.prompt], max_prompt_tokens, max_new_tokens)
+                    request = request_for(job, prompts[job.prompt], max_prompt_tokens, max_new_tokens)
                     sizes[job.key] = job.prepared.model_size
                     yield request
 
@@ -401,79 +388,6 @@ class Engine:
     def token_starts(self, ids: Sequence[int], text: str) -> list[int] | None:
         """Where each id's text starts in ``text``, `decode(ids)`; None if that cannot be told."""
         return align(self.tokenizer.pieces(list(ids)), text)
-
-
-class _Prompts:
-    """Prompt texts tokenized for one engine, the most recent KEPT of them kept (every page of
-    a run usually shares one prompt; a server's chat questions are many)."""
-
-    KEPT = 256
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self._encoded: OrderedDict[str, Prompt] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __getitem__(self, text: str) -> Prompt:
-        with self._lock:
-            if text in self._encoded:
-                self._encoded.move_to_end(text)
-                return self._encoded[text]
-        prompt = Prompt(*self.engine.tokenizer.prompt(text, self.engine.config.latent_query_num))
-        with self._lock:
-            self._encoded[text] = prompt
-            while len(self._encoded) > self.KEPT:
-                self._encoded.popitem(last=False)
-        return prompt
-
-
-def _request(job: Job, prompt: Prompt, max_prompt_tokens: int, max_new_tokens: int) -> Request:
-    """The batch's request for a job; ValueError if it exceeds the stream's bounds."""
-    if len(prompt.ids) > max_prompt_tokens or job.max_new_tokens > max_new_tokens:
-        raise ValueError(f"job {job.key!r}: a prompt of {len(prompt.ids)} tokens and {job.max_new_tokens} new "
-                         f"tokens exceed the stream's bounds ({max_prompt_tokens} and {max_new_tokens})")
-    return Request(prompt, job.max_new_tokens, job.prepared.vision_input, job.key, job.min_new_tokens)
-
-
-class JobQueue:
-    """Jobs for an engine's stream that outlives them (a server): `engine.stream(queue, slots=...)`
-    runs until `close`, taking jobs as slots free up without holding back the rows running.
-
-    `put` (any thread) checks a job against the queue's bounds first: one beyond them raises
-    ValueError to its caller and the stream goes on. `cancel(key)` drops a queued job, or frees a
-    running one's slot at the next host sync; a cancelled job gives no output."""
-
-    def __init__(self, engine: Engine, max_prompt_tokens: int, max_new_tokens: int):
-        self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
-        self.requests = RequestQueue()
-        self.sizes: dict[Any, tuple[int, int]] = {}  # model-space size of each job put and not yet done
-        self._prompts = _Prompts(engine)
-
-    def put(self, job: Job) -> None:
-        request = _request(job, self._prompts[job.prompt], self.max_prompt_tokens, self.max_new_tokens)
-        self.sizes[job.key] = job.prepared.model_size
-        self.requests.put(request)
-
-    def put_again(self, jobs: list[Job]) -> None:
-        """Jobs a stream took and did not finish (it ran out of memory), first in line for the next one."""
-        self.requests.put_first([_request(job, self._prompts[job.prompt], self.max_prompt_tokens, self.max_new_tokens)
-                                 for job in jobs])
-
-    def cancel(self, key: Any) -> None:
-        self.requests.cancel(key)
-        self.sizes.pop(key, None)
-
-    def is_waiting(self, key: Any) -> bool:
-        """Whether the job is still waiting for a slot (put, not yet taken by the stream)."""
-        return self.requests.is_waiting(key)
-
-    def close(self) -> None:
-        """No more jobs: the stream ends once those put are done."""
-        self.requests.close()
-
-    def __len__(self) -> int:
-        """Jobs waiting for a slot."""
-        return len(self.requests)
 
 
 def _eos_ids(model_dir: Path, configured: int | list[int]) -> list[int]:

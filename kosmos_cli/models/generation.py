@@ -8,15 +8,14 @@ Nothing a slot computes depends on the other slots, so results equal decoding ea
 
 from __future__ import annotations
 
-import threading
 import warnings
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.fx.experimental import _config as fx_config
 
+from .admission import RequestQueue, IterableRequests
 from .cache import KVCache, StepPlan
 from .decoder import TextDecoder
 from .layers import flex_decoding
@@ -100,86 +99,6 @@ class LoopCheck:
     may_loop: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-class RequestQueue:
-    """The requests of a batch that outlives them (a server): `put` and `cancel` from any thread,
-    `close` to end the batch once what was put is done.
-
-    The batch takes requests without waiting while it has rows running (a source that blocked would
-    stall them all), and waits for one when it has none. `cancel(key)` drops a queued request, or
-    frees a running one's row at the next host sync; a cancelled request gives no result."""
-
-    def __init__(self):
-        self._waiting: deque[Request] = deque()
-        self._cancelled: set = set()
-        self._closed = False
-        self._changed = threading.Condition()
-
-    def put(self, request: Request) -> None:
-        with self._changed:
-            if self._closed:
-                raise RuntimeError("the queue is closed")
-            self._waiting.append(request)
-            self._changed.notify_all()
-
-    def put_first(self, requests: list[Request]) -> None:
-        """Requests taken by a batch that ended without finishing them, back at the head, in order."""
-        with self._changed:
-            self._waiting.extendleft(reversed(requests))
-            self._changed.notify_all()
-
-    def cancel(self, key: Any) -> None:
-        with self._changed:
-            before = len(self._waiting)
-            self._waiting = deque(r for r in self._waiting if r.key != key)
-            if len(self._waiting) == before:  # taken already: running, or done
-                self._cancelled.add(key)
-
-    def close(self) -> None:
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
-
-    def __len__(self) -> int:
-        """Requests waiting for a slot."""
-        return len(self._waiting)
-
-    def is_waiting(self, key: Any) -> bool:
-        with self._changed:
-            return any(r.key == key for r in self._waiting)
-
-    def take(self, wait: bool) -> Request | None:
-        """The next request; None when there is none now (only without ``wait``); StopIteration once
-        closed and empty."""
-        with self._changed:
-            while wait and not self._waiting and not self._closed:
-                self._changed.wait()
-            if self._waiting:
-                return self._waiting.popleft()
-            if self._closed:
-                raise StopIteration
-            return None
-
-    def cancelled(self) -> set:
-        """The keys cancelled since the last call (those of requests taken already)."""
-        with self._changed:
-            keys, self._cancelled = self._cancelled, set()
-            return keys
-
-
-class _Requests:
-    """A plain iterable of requests as the batch takes them: every take may wait (it is the caller's
-    iterator), nothing is cancelled."""
-
-    def __init__(self, requests: Iterable[Request]):
-        self._requests = iter(requests)
-
-    def take(self, wait: bool) -> Request:
-        return next(self._requests)
-
-    def cancelled(self) -> set:
-        return set()
-
-
 @dataclass
 class DecodeSettings:
     eos_ids: tuple[int, ...] = (2,)
@@ -211,7 +130,7 @@ def stream(
     use (default: a new one)."""
     cache = cache or (lambda n, c: decoder.new_cache(n, c, dtype=dtype, device=device))
     batch = _Batch(encode_images, decoder, slots, capacity, settings, dtype, device, decode or decode_step, cache)
-    yield from batch.drain(requests if isinstance(requests, RequestQueue) else _Requests(requests))
+    yield from batch.drain(requests if isinstance(requests, RequestQueue) else IterableRequests(requests))
 
 
 class _Batch:
@@ -247,7 +166,7 @@ class _Batch:
         self.looped: dict[int, int] = {}
         self.cancelled: set[int] = set()  # rows whose request was cancelled: freed without a result
 
-    def drain(self, requests: RequestQueue | _Requests) -> Iterator[tuple[Any, Generated]]:
+    def drain(self, requests: RequestQueue | IterableRequests) -> Iterator[tuple[Any, Generated]]:
         """Decode until every request is done, admitting new ones as slots free up."""
         exhausted = False
         step = 0
@@ -267,7 +186,7 @@ class _Batch:
             yield from self._collect()
 
     @torch.inference_mode()
-    def _admit(self, requests: RequestQueue | _Requests) -> bool:
+    def _admit(self, requests: RequestQueue | IterableRequests) -> bool:
         """Fill free slots with waiting requests (encode + prefill). Returns True when none are left.
         Waits for a request only when no row is running."""
         free = [s for s, owner in enumerate(self.owner) if owner is None]

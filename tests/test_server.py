@@ -125,6 +125,7 @@ def test_bad_requests_say_what_is_wrong(bridge, page, tmp_path):
         (post(http, page, pages="5-"), 422, "none of its 1 pages"),
         (post(http, page, max_new_tokens="65"), 400, "max_new_tokens must be from 1 to 64"),
         (post(http, page, dpi="lots"), 400, "dpi must be a number"),
+        (post(http, page, task="md", question="why " * 100), 400, "the prompt is too long: "),
         (http.post("/v1/ocr", data={"pages": "1"}), 400, "no file"),
     ]
     for response, status, words in cases:
@@ -225,6 +226,7 @@ def test_chat_completions_refuse_what_they_cannot_do(bridge, scripted, page, tmp
         (dict(model=model, messages=message(page), tools=[{"type": "function", "function": {"name": "f"}}]),
          openai.BadRequestError, "tools"),
         (dict(model="gpt-4o", messages=message(page)), openai.NotFoundError, "does not exist"),
+        (dict(model=model, messages=message(page, "why " * 100)), openai.BadRequestError, "the prompt is too long"),
         (dict(model=model, messages=message(page, url="data:image/png;base64,bm90IGFuIGltYWdl")),
          openai.UnprocessableEntityError, "cannot be read"),
     ]

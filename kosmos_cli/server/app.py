@@ -42,7 +42,7 @@ from ..inputs import parse_pages
 from ..tasks import TASKS, WrongModel
 from ..writers.formats import FormatError, format_name
 from . import FOLDER_PREFIX
-from .bridge import Bridge, TooManyPages, Upload
+from .bridge import Bridge, PromptTooLong, TooManyPages, Upload
 from .store import ResultStore
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .openai_api import add_openai_routes
@@ -249,9 +249,9 @@ def _add_task_route(app: FastAPI, name: str, engine: Engine, bridge: Bridge, con
         except DocumentError as err:  # its message would name the server's private copy: say the label
             upload.path.unlink(missing_ok=True)
             return _error(422, f"{upload.name}: {err.reason}")
-        except TooManyPages as err:
+        except (TooManyPages, PromptTooLong) as err:
             upload.path.unlink(missing_ok=True)
-            return _error(413, str(err))
+            return _error(413 if isinstance(err, TooManyPages) else 400, str(err))
 
         started, sent, result = time.monotonic(), [], uuid.uuid4().hex
         request.state.logged_by_route = True
@@ -325,10 +325,6 @@ def _upload(form, task, engine: Engine, bridge: Bridge, config: ServerConfig, pa
         from ..processing.kosmos2_5 import chat_prompt
 
         prompt = chat_prompt(text("question"))
-    length = engine.prompt_length(prompt)
-    if length > bridge.jobs.max_prompt_tokens:
-        raise _Refused(400, f"the prompt is too long: {length} tokens with the image's, and this server takes "
-                            f"{bridge.jobs.max_prompt_tokens}")
     return Upload(path, label, task, prompt, pages, dpi, form.get("password") or None, limit)
 
 

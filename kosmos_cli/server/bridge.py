@@ -38,13 +38,17 @@ from ..pipeline import LOOP_GUARD, OUT_OF_MEMORY, page_result
 from ..results import PageResult
 from ..tasks import Task
 
-__all__ = ["Bridge", "Submission", "TooManyPages", "Upload"]
+__all__ = ["Bridge", "PromptTooLong", "Submission", "TooManyPages", "Upload"]
 
 log = logging.getLogger("kosmos.server")
 _END = object()  # the last item of a submission's records
 
 
 class TooManyPages(ValueError):
+    pass
+
+
+class PromptTooLong(ValueError):
     pass
 
 
@@ -143,8 +147,12 @@ class Bridge:
 
     def submit(self, upload: Upload, max_pages: int | None = None) -> Submission:
         """Queue a request's pages; raises, before anything is queued, DocumentError (with the
-        command's words) for a file that cannot be opened or has no page the selection names, and
-        TooManyPages past ``max_pages``."""
+        command's words) for a file that cannot be opened or has no page the selection names,
+        TooManyPages past ``max_pages``, and PromptTooLong for a prompt past the stream's bound."""
+        length = self.engine.prompt_length(upload.prompt)
+        if length > self.jobs.max_prompt_tokens:
+            raise PromptTooLong(f"the prompt is too long: {length} tokens with the image's, and this server takes "
+                                f"{self.jobs.max_prompt_tokens}")
         with open_document(upload.path, upload.dpi, upload.password) as document:
             count = document.num_pages
         pages = len(upload.pages.select(count)[0]) if upload.pages is not None else count
@@ -246,11 +254,7 @@ class Bridge:
                 return
             self._running[key] = (submission, item, time.monotonic())
         job = Job(key, prepared, upload.prompt, min(limit, self.max_new_tokens))
-        try:
-            self.jobs.put(job)
-        except ValueError as err:  # beyond the stream's bounds: the route checks first, so rarely here
-            self._deliver(key, None, str(err))
-            return
+        self.jobs.put(job)  # within the stream's bounds: submit checked the prompt, and the budget is capped above
         with self._lock:
             if key in self._running:
                 self._jobs[key] = job

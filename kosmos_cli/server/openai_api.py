@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..documents import DocumentError
 from ..engine import Engine
 from ..tasks import TASKS
-from .bridge import Bridge, Submission, Upload
+from .bridge import Bridge, PromptTooLong, Submission, Upload
 
 __all__ = ["add_openai_routes"]
 
@@ -77,6 +77,9 @@ def add_openai_routes(app: FastAPI, engine: Engine, bridge: Bridge, uploads: Pat
         except DocumentError as err:
             upload.path.unlink(missing_ok=True)
             return _openai_error(_Invalid(f"the image cannot be read: {err.reason}", 422))
+        except PromptTooLong as err:
+            upload.path.unlink(missing_ok=True)
+            return _openai_error(_Invalid(str(err), param="messages"))
         answer = _Answer(engine, upload.prompt)
         if stream:
             return StreamingResponse(_events(request, submission, upload, answer, include_usage),
@@ -196,8 +199,6 @@ def _read(body, engine: Engine, bridge: Bridge, uploads: Path) -> tuple[Upload, 
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= bridge.max_new_tokens):
         raise _Invalid(f"max_tokens must be from 1 to {bridge.max_new_tokens}", param="max_tokens")
-    if engine.prompt_length(prompt) > bridge.jobs.max_prompt_tokens:
-        raise _Invalid("the text is too long for this server", param="messages")
     path = _store(url, uploads)
     options = body.get("stream_options") or {}
     return (Upload(path, "image", task, prompt, max_new_tokens=limit), bool(body.get("stream")),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -119,22 +118,11 @@ def served(model: Path, files: list[Path], args) -> dict:
 @contextlib.contextmanager
 def _server(model: Path, args, *options: str):
     """A `kosmos serve` process on a free port, healthy (warmed up); yields its URL."""
-    import httpx
+    from tests.helpers.server import start_server
 
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "kosmos_cli", "serve", "--model", str(model), "--device", "cpu",
-                               "--port", str(port), "--max-new-tokens", str(args.tokens), "-q", *options])
+    server, url = start_server("--model", model, "--device", "cpu", "--max-new-tokens", args.tokens, "-q", *options,
+                               command=(sys.executable, "-m", "kosmos_cli"))
     try:
-        url = f"http://127.0.0.1:{port}"
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.1)
         yield url
     finally:
         server.terminate()
@@ -160,12 +148,6 @@ def first_record(model: Path, page: Path, args) -> dict:
             next(answer.iter_lines())
         warm = time.perf_counter() - started
     return {"cold_command_s": round(cold, 2), "warm_server_s": round(warm, 2)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -24,11 +24,12 @@ def healthy(url: str) -> bool:
         return False
 
 
-def start_server(*args: str, seconds: float = 120) -> tuple[subprocess.Popen, str]:
-    """`kosmos serve *args --port P` (stdout and stderr piped); returns the process and its URL once
-    /health says 200. Fails the test if it does not within ``seconds``."""
+def start_server(*args: str, seconds: float = 120, command: tuple[str, ...] | None = None) -> tuple[subprocess.Popen, str]:
+    """`kosmos serve *args --port P` (stdout and stderr piped), the installed command unless
+    ``command`` names another way to run it; returns the process and its URL once /health says 200.
+    Fails (AssertionError) if it does not within ``seconds``."""
     port = free_port()
-    process = subprocess.Popen([KOSMOS, "serve", *map(str, args), "--port", str(port)],
+    process = subprocess.Popen([*(command or (KOSMOS,)), "serve", *map(str, args), "--port", str(port)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + seconds

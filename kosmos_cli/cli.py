@@ -27,7 +27,7 @@ from .report import Progress, Report, library_output_held, say
 from .results import PageResult
 from .review import Review, parse_threshold
 from .runner import ModelUnusable, Settings, load_engine, renders_here, run_pages
-from .tasks import TASKS
+from .tasks import TASKS, tasks_for
 from .writers.atomic import check_writable
 from .writers.directory import OutputDir
 from .writers.formats import choose_documents
@@ -147,7 +147,7 @@ def ground(inputs: GroundInputs, output: Output = None, model: Model = None, dev
 
 @app.command()
 def serve(model: Annotated[str, typer.Option("--model", "-m", help="Hugging Face repo id or local checkpoint directory.")] = "microsoft/kosmos-2.5",
-          device: Annotated[str, typer.Option(help="auto (the GPU when there is one, else the CPU), cpu, cuda or cuda:N: one device.")] = "auto",
+          device: Annotated[str, typer.Option(help="auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:N, a comma list (cuda:0,cuda:1) or all: several devices run one worker process each.")] = "auto",
           dtype: DType = "auto",
           host: Annotated[str, typer.Option(help="Address to listen on; beyond loopback, set an API key and put a TLS proxy in front.")] = "127.0.0.1",
           port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
@@ -168,34 +168,43 @@ def serve(model: Annotated[str, typer.Option("--model", "-m", help="Hugging Face
     missing = [name for name in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(name) is None]
     if missing:
         _fail_usage(f"kosmos serve needs the server's libraries: pip install {' '.join(SERVE_REQUIREMENTS)}")
-    from .engine import pick_device
+    from .engine import describe, pick_devices
+    from .pipeline import slots_for
+    from .runner import engine_spec
 
     try:
-        picked = str(pick_device(device, "--device"))
+        devices = [str(d) for d in pick_devices(device, "--device")]
     except ValueError as err:
         _fail_usage(str(err))
     _check_dtype(dtype)
     slots = _batch_size(batch_size)
-    settings = Settings(model=model, device=picked, dtype=dtype, compile="auto" if compile is None else compile,
+    settings = Settings(model=model, device=devices[0], dtype=dtype, compile="auto" if compile is None else compile,
                         attention=os.environ.get("KOSMOS_ATTENTION", "auto"))
+    workers = None
     with library_output_held():
         try:
-            engine = load_engine(model, settings, log=None if quiet else say)
+            if len(devices) > 1:  # one worker process a device; here only the tokenizer, to count prompts
+                engine = describe(model)
+                workers = [engine_spec(model, settings, d) for d in devices]
+            else:
+                engine = load_engine(model, settings, log=None if quiet else say)
         except ModelUnusable as err:
             say(str(err))
             if debug:
                 traceback.print_exception(err.__cause__, file=sys.stderr)
             raise typer.Exit(err.code)
-    if slots is None:
-        task = next(t for t in TASKS.values() if t.model_kind == engine.kind)
-        slots = engine.auto_batch_size(task.prompt, max_new_tokens or task.max_new_tokens)
+        except (ValueError, FileNotFoundError) as err:  # the checkpoint cannot be read: as load_engine says it
+            say(f"cannot load model {model}: {err}")
+            raise typer.Exit(1)
+    if slots is None and workers is None:
+        slots = slots_for(engine, tasks_for(engine.kind)[0], None, None, max_new_tokens)
     from .server import serve as run_server
 
     raise typer.Exit(run_server(engine, host=host, port=port, api_key=api_key, slots=slots,
                                 max_new_tokens=max_new_tokens, dpi=dpi, max_upload_bytes=int(max_upload_mb * 2**20),
                                 max_pages=max_pages, max_queue=max_queue, keep_minutes=keep_results,
                                 keep_bytes=int(keep_results_mb * 2**20), cors_origin=cors_origin, grace=grace,
-                                quiet=quiet))
+                                quiet=quiet, workers=workers))
 
 
 def _fail_usage(message: str) -> None:

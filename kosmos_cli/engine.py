@@ -131,7 +131,44 @@ def read_config(model_dir: Path) -> tuple[Architecture, Any]:
     return architecture, architecture.config.from_hf(data)
 
 
-class Engine:
+class Checkpoint:
+    """A checkpoint's configuration, tokenizer and image preprocessing, without its weights: what a
+    process that only lists and describes work needs (a server whose model runs in worker processes
+    counts prompt tokens with it). `Engine` is a Checkpoint with its weights loaded."""
+
+    def __init__(self, name: str, model_dir: Path):
+        self.name = name
+        arch, config = read_config(model_dir)
+        self.architecture, self.config = arch, config
+        self.image_processor = arch.image_processor(config, read_image_processor_config(model_dir))
+        self.tokenizer = arch.tokenizer(model_dir)
+        self.eos_ids = _eos_ids(model_dir, config.text.eos_token_id)
+
+    @property
+    def kind(self) -> str:
+        """"kosmos-2.5" or "kosmos-2": the architecture's name (config.json's model_type)."""
+        return self.architecture.name
+
+    def __str__(self) -> str:
+        return self.name
+
+    def prepare(self, image: Image.Image) -> Prepared:
+        """Preprocess one image on the CPU (thread-safe: run it in background threads to overlap
+        with the GPU): Kosmos-2.5 patches (P, 770) or CLIP pixels (3, H, W)."""
+        return Prepared(*self.image_processor(image))
+
+    def prompt_length(self, prompt: str) -> int:
+        return len(self.tokenizer.prompt(prompt, self.config.latent_query_num)[0])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def token_starts(self, ids: Sequence[int], text: str) -> list[int] | None:
+        """Where each id's text starts in ``text``, `decode(ids)`; None if that cannot be told."""
+        return align(self.tokenizer.pieces(list(ids)), text)
+
+
+class Engine(Checkpoint):
     """A loaded model with its tokenizer and image preprocessing. Build it with `kosmos_cli.load()`.
 
     kind: "kosmos-2.5" (Pix2Struct patches, prompts "<ocr>" / "<md>" / chat) or "kosmos-2"
@@ -139,33 +176,25 @@ class Engine:
 
     def __init__(self, name: str, model_dir: Path, device: torch.device, dtype: torch.dtype, compile: bool = False,
                  attention: str = "auto"):
-        self.name, self.device, self.dtype, self.attention = name, device, dtype, check_attention(attention)
-        arch, config = read_config(model_dir)
-        self.architecture, self.config = arch, config
+        super().__init__(name, model_dir)
+        self.device, self.dtype, self.attention = device, dtype, check_attention(attention)
+        config = self.config
         # The decode step, compiled once per engine (see CompiledDecodeStep), or None for plain eager. A
         # compiled engine keeps its KV cache between calls: the graphs are tied to its addresses.
         head_dim = config.text.embed_dim // config.text.attention_heads
         self.compiled = CompiledDecodeStep(device, head_dim, attention) if compile else None
         self.kept_cache = None
         self.streaming = False  # one stream at a time: a compiled engine's streams share kept_cache
-        self.image_processor = arch.image_processor(config, read_image_processor_config(model_dir))
-        self.tokenizer = arch.tokenizer(model_dir)
         with torch.device("meta"):
-            model = arch.module(config)
+            model = self.architecture.module(config)
         ignore = ("text_model.lm_head.",) if config.tie_word_embeddings else ()
-        load_weights(model, model_dir, arch.checkpoint_names, arch.checkpoint_leaf_names,
+        load_weights(model, model_dir, self.architecture.checkpoint_names, self.architecture.checkpoint_leaf_names,
                      dtype=dtype, device=device, ignore=ignore)
         self.model = model.eval()
         flash = flash_available(device, attention)
         for module in model.modules():
             if isinstance(module, MultiheadAttention):
                 module.flash = flash
-        self.eos_ids = _eos_ids(model_dir, config.text.eos_token_id)
-
-    @property
-    def kind(self) -> str:
-        """"kosmos-2.5" or "kosmos-2": the architecture's name (config.json's model_type)."""
-        return self.architecture.name
 
     def __str__(self) -> str:
         """What runs where, for the log: model, device (GPU name and capability), dtype, decode step."""
@@ -180,11 +209,6 @@ class Engine:
         else:
             step = f"compiled decode step, {'FlexAttention' if self.compiled.flex else 'SDPA'}"
         return f"{self.name} on {where} in {str(self.dtype).removeprefix('torch.')}, {step}"
-
-    def prepare(self, image: Image.Image) -> Prepared:
-        """Preprocess one image on the CPU (thread-safe: run it in background threads to overlap
-        with the GPU): Kosmos-2.5 patches (P, 770) or CLIP pixels (3, H, W)."""
-        return Prepared(*self.image_processor(image))
 
     def generate(
         self,
@@ -379,16 +403,6 @@ class Engine:
             self.kept_cache = self.model.text.new_cache(slots, capacity, dtype=self.dtype, device=self.device, static=True)
         return self.kept_cache
 
-    def prompt_length(self, prompt: str) -> int:
-        return len(self.tokenizer.prompt(prompt, self.config.latent_query_num)[0])
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids))
-
-    def token_starts(self, ids: Sequence[int], text: str) -> list[int] | None:
-        """Where each id's text starts in ``text``, `decode(ids)`; None if that cannot be told."""
-        return align(self.tokenizer.pieces(list(ids)), text)
-
 
 def _eos_ids(model_dir: Path, configured: int | list[int]) -> list[int]:
     """EOS ids from generation_config.json when present, else from config.json."""
@@ -405,6 +419,11 @@ def _eos_ids(model_dir: Path, configured: int | list[int]) -> list[int]:
 def compiles_by_default(device: torch.device) -> bool:
     """On CUDA GPUs that Triton supports (Volta and newer); not on the CPU (see `load`)."""
     return device.type == "cuda" and cuda_capability(device) >= (7, 0)
+
+
+def describe(model: str = "microsoft/kosmos-2.5") -> Checkpoint:
+    """A checkpoint's configuration, tokenizer and preprocessing (`Checkpoint`), its weights left on disk."""
+    return Checkpoint(str(model), resolve_model_dir(model))
 
 
 def load(

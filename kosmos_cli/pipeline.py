@@ -2,6 +2,8 @@
 
     pages.iter_pages -> transcribe(engine, task, ...) -> (job, PageResult)
                         (pages.prefetch inside: render and preprocess ahead, the one look-ahead stage)
+    PageStream(engine, ...).put(key, page, task, prompt, budget) -> deliver(key, PageResult)
+                        (a server's open-ended stream: pages of many requests, each its own task)
 
 Items come out in the order they went in (stdout output stays in document order); error items
 pass straight through with no result."""
@@ -9,7 +11,11 @@ pass straight through with no result."""
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Iterable, Iterator
+import logging
+import threading
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
 
 from .confidence import TokenScores
 from .engine import Engine, Job, Output
@@ -30,6 +36,8 @@ LOOP_GUARD = LoopCheck(_keep_before_loop, WINDOW, may_loop)
 
 
 OUT_OF_MEMORY = "out of GPU memory on a single page: lower --max-new-tokens or --dpi, or use --device cpu"
+
+_log = logging.getLogger("kosmos.server")  # PageStream's: a server's batch
 
 
 def transcribe(
@@ -144,3 +152,100 @@ def page_result(engine: Engine, task: Task, page: PageJob, out: Output, prompt: 
         confidence=scores.page, new_tokens=len(out.logprobs),
         **task.parse(raw, out.model_size, page_size, scores),
     )
+
+
+class PageStream:
+    """One engine's stream of pages that outlives them (a server's, in its process or in a worker
+    process): `put` pages, each with its own task, prompt and token budget, from any thread; `run`
+    decodes them in the calling thread until `close`, and ``deliver(key, result)`` hears each page's
+    record as it is done (from that thread; a page that cannot be rendered, from `put`'s).
+
+    Running out of memory halves the slots and queues the pages in flight again, first: their records
+    do not change (greedy decoding); a page that runs out of memory alone fails. Any other failure of
+    the batch fails the pages it held, and the stream goes on. `cancel` drops a page: queued, or
+    running (its slot is freed at the next host sync); a cancelled page is not delivered."""
+
+    def __init__(self, engine: Engine, *, slots: int, max_prompt_tokens: int, max_new_tokens: int,
+                 deliver: Callable[[Any, PageResult], None]):
+        self.engine, self.slots, self.deliver = engine, slots, deliver
+        self.jobs = engine.job_queue(max_prompt_tokens, max_new_tokens)
+        self._pages: dict[Any, tuple[PageJob, Task, Job]] = {}  # key -> page put and not yet delivered
+        self._lock = threading.Lock()
+
+    def put(self, key: Any, page: PageJob, task: Task, prompt: str, max_new_tokens: int) -> None:
+        """Render (unless it is) and prepare a page in the calling thread, and queue it. A page that
+        cannot be rendered or prepared, or is beyond the stream's bounds, is delivered failed at once."""
+        try:
+            loaded = page.load()
+            if isinstance(loaded, ErrorJob):
+                raise _Unusable(loaded.error)
+            job = Job(key, self.engine.prepare(page.image), prompt, max_new_tokens)
+            page.image = page.document = None  # the record needs only its size
+            with self._lock:
+                self._pages[key] = (page, task, job)
+            self.jobs.put(job)
+        except Exception as err:
+            with self._lock:
+                self._pages.pop(key, None)
+            why = str(err) if isinstance(err, _Unusable) else f"{type(err).__name__}: {err}"
+            self.deliver(key, PageResult.failed(page.source, page.page, task.name, self.engine.name, why))
+
+    def cancel(self, key: Any) -> None:
+        with self._lock:
+            self._pages.pop(key, None)
+        self.jobs.cancel(key)
+
+    def close(self) -> None:
+        """Take no more pages: `run` returns once those put are done."""
+        self.jobs.close()
+
+    def __len__(self) -> int:
+        """Pages waiting for a slot."""
+        return len(self.jobs)
+
+    def run(self) -> None:
+        slots = self.slots
+        while True:
+            try:
+                for key, out in self.engine.stream(self.jobs, slots=slots, loop_check=LOOP_GUARD):
+                    self._done(key, out)
+                return  # closed
+            except torch.OutOfMemoryError:
+                failure = OUT_OF_MEMORY if slots == 1 else None
+            except Exception as err:
+                _log.exception("the batch failed")
+                failure = f"{type(err).__name__}: {err}"
+            # Outside the except blocks, whose tracebacks hold the failed batch's tensors.
+            self.engine.release_memory()
+            with self._lock:
+                taken = [key for key in self._pages if not self.jobs.is_waiting(key)]
+            if failure is None:
+                slots //= 2
+                _log.warning(f"out of memory: decoding {slots} pages at a time from now on")
+                with self._lock:
+                    again = [self._pages[key][2] for key in taken if key in self._pages]
+                self.jobs.put_again(again)
+            else:
+                for key in taken:
+                    self._done(key, None, failure)
+
+    def _done(self, key: Any, out: Output | None, failure: str | None = None) -> None:
+        with self._lock:
+            found = self._pages.pop(key, None)
+        if found is None:  # cancelled
+            return
+        page, task, job = found
+        if out is None:
+            result = PageResult.failed(page.source, page.page, task.name, self.engine.name, failure)
+        else:
+            try:
+                result = page_result(self.engine, task, page, out, job.prompt)
+            except Exception as err:  # one page's failure, not the stream's
+                _log.exception("page %s of %s", page.page, page.source)
+                result = PageResult.failed(page.source, page.page, task.name, self.engine.name,
+                                           f"{type(err).__name__}: {err}")
+        self.deliver(key, result)
+
+
+class _Unusable(Exception):
+    """A page that cannot be rendered: the reason, in the command's words."""

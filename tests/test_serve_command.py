@@ -52,7 +52,7 @@ def test_a_model_that_does_not_load_ends_it_as_a_run(tmp_path):
     result = kosmos("serve", "--model", tmp_path, "--device", "cpu")
     assert result.exit_code == 1
     assert result.stderr.startswith(f"kosmos: cannot load model {tmp_path}: ")
-    assert kosmos("serve", "--device", "cpu,cpu").exit_code == 2
+    assert kosmos("serve", "--device", "tpu").exit_code == 2
 
 
 @needs_script

@@ -269,7 +269,7 @@ def test_running_out_of_memory_queues_the_pages_again_with_fewer_slots(bridge, s
         yield from real(jobs, **options)
 
     monkeypatch.setattr(engine, "stream", running_out_once)
-    fresh = Bridge(engine, slots=2, max_new_tokens=64, max_prompt_tokens=bridge.jobs.max_prompt_tokens)
+    fresh = Bridge(engine, slots=2, max_new_tokens=64, max_prompt_tokens=bridge.max_prompt_tokens)
     try:
         got = records(post(client(fresh, tmp_path), page))
     finally:
@@ -408,7 +408,7 @@ def test_a_long_upload_does_not_hold_back_a_short_one(bridge, page, tmp_path):
     long = bridge.submit(Upload(long_pdf, "long.pdf", TASKS["ocr"], "<ocr>", dpi=72, max_new_tokens=64))
     short = bridge.submit(Upload(page, "page.png", TASKS["ocr"], "<ocr>", max_new_tokens=64))
     waiting = []
-    sampler = threading.Thread(target=lambda: [waiting.append(len(bridge.jobs)) or time.sleep(0.005)
+    sampler = threading.Thread(target=lambda: [waiting.append(len(bridge.pages)) or time.sleep(0.005)
                                                for _ in range(200)])
     sampler.start()
     assert [r.page for r in short.records()] == [1]

@@ -20,13 +20,14 @@ from ..pages import ErrorJob, PageJob
 from ..results import PageResult
 from ..tasks import TASKS, WrongModel
 
-__all__ = ["EngineSpec", "LoadFailure", "PageRef", "Record", "Worker"]
+__all__ = ["EngineSpec", "LoadFailure", "Opener", "PageRef", "Record", "Worker"]
 
 
 @dataclass(frozen=True)
 class PageRef:
     """One page to process, as plain data: the document, its output stem, the 1-based page, the
-    document's page count and selected pages (so sinks know when it is complete), and how to open it."""
+    document's page count and selected pages (so sinks know when it is complete), and how to open it;
+    for a server's page, which carries its own, the task's name, the prompt and the token budget."""
 
     source: Path
     stem: str
@@ -35,10 +36,15 @@ class PageRef:
     selected: tuple[int, ...]
     dpi: float
     password: str | None = None
+    task: str | None = None
+    prompt: str | None = None
+    max_new_tokens: int | None = None
 
     @classmethod
-    def of(cls, job: PageJob, dpi: float, password: str | None) -> PageRef:
-        return cls(job.source, job.stem, job.page, job.num_pages, job.selected, dpi, password)
+    def of(cls, job: PageJob, dpi: float, password: str | None, task: str | None = None, prompt: str | None = None,
+           max_new_tokens: int | None = None) -> PageRef:
+        return cls(job.source, job.stem, job.page, job.num_pages, job.selected, dpi, password, task, prompt,
+                   max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,7 @@ class Worker:
         keys: dict[tuple[Path, int | None], deque] = {}
         lock = threading.Lock()
         tokens: dict[int, int] = {}
-        opener = _Opener()
+        opener = Opener()
 
         def jobs() -> Iterator[PageJob | ErrorJob]:
             for key, ref in refs:
@@ -146,7 +152,7 @@ class Worker:
             opener.close()
 
 
-class _Opener:
+class Opener:
     """Page jobs from page references. The last document opened stays open while its pages keep
     coming (its own claim, given back when another document comes); each job claims a render too, so a
     document closes once it is left behind and its last page is rendered."""

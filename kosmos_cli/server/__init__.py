@@ -29,13 +29,16 @@ SERVE_REQUIREMENTS = ('"fastapi>=0.115,<1"', '"uvicorn>=0.30,<1"', '"python-mult
                       '"prometheus-client>=0.20,<1"')
 
 
-def serve(engine, *, host: str, port: int, api_key: str | None, slots: int, max_new_tokens: int | None,
+def serve(engine, *, host: str, port: int, api_key: str | None, slots: int | None, max_new_tokens: int | None,
           dpi: float, max_upload_bytes: int, max_pages: int, max_queue: int, keep_minutes: float, keep_bytes: int,
-          cors_origin: str | None, grace: float, quiet: bool) -> int:
-    """Run the server for a loaded engine until it is stopped; returns the exit code."""
+          cors_origin: str | None, grace: float, quiet: bool, workers=None) -> int:
+    """Run the server until it is stopped; returns the exit code. ``engine``: the loaded engine, or
+    with ``workers`` (`EngineSpec`s, one a device) the model's `Checkpoint`, its engines loaded in
+    worker processes (a model that cannot load there ends the command as a run would)."""
     import uvicorn
 
-    from ..tasks import TASKS
+    from ..distributed.local import WorkersLost
+    from ..tasks import tasks_for
     from .app import MAX_QUESTION_TOKENS, ServerConfig, create_app, is_loopback
     from .bridge import Bridge, Upload
 
@@ -47,10 +50,14 @@ def serve(engine, *, host: str, port: int, api_key: str | None, slots: int, max_
         logger.propagate = False
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
-    tasks = [task for task in TASKS.values() if task.model_kind == engine.kind]
+    tasks = tasks_for(engine.kind)
     longest = max(engine.prompt_length(task.prompt) for task in tasks) + MAX_QUESTION_TOKENS
     budget = max_new_tokens or max(task.max_new_tokens for task in tasks)
-    bridge = Bridge(engine, slots=slots, max_new_tokens=budget, max_prompt_tokens=longest)
+    try:
+        bridge = Bridge(engine, slots=slots, max_new_tokens=budget, max_prompt_tokens=longest, workers=workers)
+    except WorkersLost as err:
+        logger.error(str(err))
+        return 2 if err.wrong_model else 1
     config = ServerConfig(host=host, api_key=api_key, max_upload_bytes=max_upload_bytes, max_pages=max_pages,
                           max_queue=max_queue, keep_minutes=keep_minutes, keep_bytes=keep_bytes, cors_origin=cors_origin,
                           dpi=dpi)

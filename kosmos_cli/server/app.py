@@ -39,7 +39,7 @@ from .. import __version__
 from ..documents import DEFAULT_DPI, DocumentError
 from ..engine import Engine
 from ..inputs import parse_pages
-from ..tasks import TASKS, WrongModel
+from ..tasks import TASKS, WrongModel, tasks_for
 from ..writers.formats import FormatError, format_name
 from . import FOLDER_PREFIX
 from .bridge import Bridge, PromptTooLong, TooManyPages, Upload
@@ -123,7 +123,7 @@ def is_loopback(host: str) -> bool:
 
 def create_app(engine: Engine, bridge: Bridge, config: ServerConfig, ready: threading.Event | None = None) -> FastAPI:
     """The app for one loaded engine. ``ready`` (None: ready at once) is set once the warm-up is done."""
-    tasks = [task for task in TASKS.values() if task.model_kind == engine.kind]
+    tasks = tasks_for(engine.kind)
     config.uploads.mkdir(mode=0o700, parents=True, exist_ok=True)
     app = FastAPI(title="kosmos", version=__version__, docs_url="/docs",
                   description="Kosmos-2.5 and Kosmos-2 on documents and images: one warm model for many clients.")

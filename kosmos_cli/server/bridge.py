@@ -7,12 +7,14 @@
         ...
     submission.cancel()                   # a client gone: its queued pages dropped, running rows freed
 
-Every request's pages go into the engine's one stream (`Engine.stream` over a `JobQueue`), whatever
-the number of clients: that is what continuous batching is for. Two threads serve it: the batch thread
-runs the stream and turns outputs into records (`pipeline.page_result`, the command's own), and the
-feeder renders and prepares pages, taking one page from each request in turn (a 1,000-page upload does
-not hold back a one-page request behind it), and only while fewer than ``ahead`` pages wait for a slot:
-the rendered pages the server holds are bounded for the whole server, not per request.
+Every request's pages go into the engine's one stream (`pipeline.PageStream`), whatever the number
+of clients: that is what continuous batching is for. Its batch thread turns outputs into records
+(`pipeline.page_result`, the command's own), and the feeder renders and prepares pages, taking one
+page from each request in turn (a 1,000-page upload does not hold back a one-page request behind it),
+and only while fewer than ``ahead`` pages wait for a slot: the rendered pages the server holds are
+bounded for the whole server, not per request. On several devices the pages go to worker processes
+instead (`distributed.local.WorkerPool`, the driver of the command's multi-device runs), each with
+such a stream: the feeder sends each page, unrendered, to the worker with the fewest in flight.
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from ..distributed.local import WorkerPool
+from ..distributed.worker import EngineSpec, PageRef
 from ..documents import DocumentError, open_document
-from ..engine import Engine, Job
+from ..engine import Checkpoint
 from ..inputs import InputFile, PageSelection
 from ..pages import ErrorJob, PageJob, iter_pages
-from ..pipeline import LOOP_GUARD, OUT_OF_MEMORY, page_result
+from ..pipeline import PageStream
 from ..results import PageResult
 from ..tasks import Task
 
@@ -76,7 +78,8 @@ class Submission:
         self.id = next(bridge.ids)
         self.cancelled = False
         self._items: Iterator[PageJob | ErrorJob] | None = iter_pages(
-            [InputFile(upload.path, "upload")], upload.pages, upload.dpi, upload.password)
+            [InputFile(upload.path, "upload")], upload.pages, upload.dpi, upload.password,
+            render=isinstance(bridge.pages, PageStream))  # else the workers render
         self._listed = 0  # pages taken from the document, each with its index in page order
         self._done: dict[int, PageResult] = {}
         self._next = 0  # the index of the next record to hand out
@@ -124,35 +127,50 @@ class Submission:
 
 
 class Bridge:
-    """One engine's stream fed by every request (see the module docstring). ``slots``: rows decoded
-    together; ``max_new_tokens``: the most a request may ask for (the KV cache is sized for it);
-    ``max_prompt_tokens``: the longest prompt a request may bring (a chat question past it is refused);
-    ``ahead``: pages rendered and waiting for a slot, for the whole server."""
+    """Every request's pages fed to one engine's stream (see the module docstring). ``slots``: rows
+    decoded together (None with ``workers``: as many as fit, each worker its own); ``max_new_tokens``:
+    the most a request may ask for (the KV cache is sized for it); ``max_prompt_tokens``: the longest
+    prompt a request may bring (a chat question past it is refused); ``ahead``: pages rendered and
+    waiting for a slot, for the whole server.
 
-    def __init__(self, engine: Engine, *, slots: int, max_new_tokens: int, max_prompt_tokens: int,
-                 ahead: int | None = None, on_page: Callable[[PageResult, float], None] | None = None):
-        self.engine, self.slots, self.max_new_tokens, self.on_page = engine, slots, max_new_tokens, on_page
-        self.ahead = ahead or max(4, slots)
-        self.jobs = engine.job_queue(max_prompt_tokens, max_new_tokens)
+    ``workers`` None: the engine runs here, its batch in a thread of this process. Else the engines of
+    worker processes, one a device (`distributed.local.WorkerPool`: they render, prepare and decode,
+    and ``engine`` is only the model's `Checkpoint`, for its name and prompt lengths); raises
+    WorkersLost if none of them loads."""
+
+    def __init__(self, engine: Checkpoint, *, slots: int | None, max_new_tokens: int, max_prompt_tokens: int,
+                 ahead: int | None = None, on_page: Callable[[PageResult, float], None] | None = None,
+                 workers: list[EngineSpec] | None = None):
+        self.engine, self.max_new_tokens, self.max_prompt_tokens = engine, max_new_tokens, max_prompt_tokens
+        self.on_page = on_page
         self.ids = itertools.count(1)
         self._active: deque[Submission] = deque()  # round-robin order of requests with pages to render
-        self._running: dict[tuple[int, int], tuple[Submission, PageJob, float]] = {}  # key -> what, since when
-        self._jobs: dict[tuple[int, int], Job] = {}  # key -> its job, to queue it again after running out of memory
+        self._running: dict[tuple[int, int], tuple[Submission, float]] = {}  # key -> whose, since when
         self._lock = threading.Condition()
         self._closed = False
+        self._batch: threading.Thread | None = None
+        if workers is None:
+            self.pages: PageStream | WorkerPool = PageStream(
+                engine, slots=slots, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
+                deliver=self._deliver)
+            self._batch = threading.Thread(target=self.pages.run, name="kosmos-batch", daemon=True)
+            self._batch.start()
+        else:
+            self.pages = WorkerPool(workers, slots=slots, max_prompt_tokens=max_prompt_tokens,
+                                    max_new_tokens=max_new_tokens, deliver=self._deliver, log=log.info)
+        self.slots = self.pages.slots  # in all (every worker's)
+        self.ahead = ahead or max(4, self.slots)
         self._feeder = threading.Thread(target=self._feed, name="kosmos-feeder", daemon=True)
-        self._batch = threading.Thread(target=self._decode, name="kosmos-batch", daemon=True)
         self._feeder.start()
-        self._batch.start()
 
     def submit(self, upload: Upload, max_pages: int | None = None) -> Submission:
         """Queue a request's pages; raises, before anything is queued, DocumentError (with the
         command's words) for a file that cannot be opened or has no page the selection names,
         TooManyPages past ``max_pages``, and PromptTooLong for a prompt past the stream's bound."""
         length = self.engine.prompt_length(upload.prompt)
-        if length > self.jobs.max_prompt_tokens:
+        if length > self.max_prompt_tokens:
             raise PromptTooLong(f"the prompt is too long: {length} tokens with the image's, and this server takes "
-                                f"{self.jobs.max_prompt_tokens}")
+                                f"{self.max_prompt_tokens}")
         with open_document(upload.path, upload.dpi, upload.password) as document:
             count = document.num_pages
         pages = len(upload.pages.select(count)[0]) if upload.pages is not None else count
@@ -174,14 +192,15 @@ class Bridge:
             self._closed = True
             self._lock.notify_all()
         self._feeder.join(timeout)
-        self.jobs.close()
-        self._batch.join(timeout)
+        self.pages.close()
+        if self._batch is not None:
+            self._batch.join(timeout)
 
     def abort(self, reason: str) -> None:
         """End every request now: its pages not done are dropped, and its records end with a failure
         record (page 0) that says why and how many pages did not come."""
         with self._lock:
-            submissions = {s for s, _, _ in self._running.values()} | set(self._active)
+            submissions = {s for s, _ in self._running.values()} | set(self._active)
             for submission in submissions:
                 if not submission.cancelled:
                     missing = submission.pages - submission._next
@@ -209,17 +228,16 @@ class Bridge:
             submission._close_items()
             if submission in self._active:
                 self._active.remove(submission)
-            for key in [k for k, (s, _, _) in self._running.items() if s is submission]:
+            for key in [k for k, (s, _) in self._running.items() if s is submission]:
                 del self._running[key]
-                self._jobs.pop(key, None)
-                self.jobs.cancel(key)
+                self.pages.cancel(key)
             submission._out.put(_END)
 
     def _feed(self) -> None:
         """Render and prepare pages, one request's at a time in turn, while fewer than ``ahead`` wait."""
         while True:
             with self._lock:
-                while not self._closed and (not self._active or len(self.jobs) >= self.ahead):
+                while not self._closed and (not self._active or len(self.pages) >= self.ahead):
                     self._lock.wait(0.05)  # a slot taken frees room without telling us: look again soon
                 if self._closed and not self._active:
                     return
@@ -236,74 +254,33 @@ class Bridge:
             self._start(submission, index, item)
 
     def _start(self, submission: Submission, index: int, item: PageJob | ErrorJob) -> None:
-        """Render one page and queue it (outside the lock: rendering takes time)."""
+        """Queue one page (outside the lock: rendering it here takes time)."""
         upload = submission.upload
-        if isinstance(item, PageJob):
-            item = item.load()
+        key = (submission.id, index)
         if isinstance(item, ErrorJob):
             record = PageResult.failed(upload.name, item.page or 0, upload.task.name, self.engine.name, item.error)
             with self._lock:
                 if not submission.cancelled:
                     submission._finish(index, record)
             return
-        prepared = self.engine.prepare(item.image)
-        key = (submission.id, index)
-        limit = upload.max_new_tokens or upload.task.max_new_tokens
         with self._lock:
             if submission.cancelled:
                 return
-            self._running[key] = (submission, item, time.monotonic())
-        job = Job(key, prepared, upload.prompt, min(limit, self.max_new_tokens))
-        self.jobs.put(job)  # within the stream's bounds: submit checked the prompt, and the budget is capped above
-        with self._lock:
-            if key in self._running:
-                self._jobs[key] = job
+            self._running[key] = (submission, time.monotonic())
+        # Within the stream's bounds: submit checked the prompt, and the budget is capped here.
+        limit = min(upload.max_new_tokens or upload.task.max_new_tokens, self.max_new_tokens)
+        if isinstance(self.pages, PageStream):
+            self.pages.put(key, item, upload.task, upload.prompt, limit)
+        else:
+            self.pages.put(key, PageRef.of(item, upload.dpi, upload.password, upload.task.name, upload.prompt, limit))
 
-    def _decode(self) -> None:
-        """The batch thread: the engine's one stream, for as long as the server runs. Running out of
-        memory ends a stream: its pages go back to the head of the queue and the next stream has half
-        the slots (a page that runs out of memory alone fails); any other failure fails the pages it
-        had and the next stream goes on."""
-        slots = self.slots
-        while True:
-            try:
-                for key, out in self.engine.stream(self.jobs, slots=slots, loop_check=LOOP_GUARD):
-                    self._deliver(key, out)
-                return  # closed
-            except torch.OutOfMemoryError:
-                failure = OUT_OF_MEMORY if slots == 1 else None
-            except Exception as err:
-                log.exception("the batch failed")
-                failure = f"{type(err).__name__}: {err}"
-            self.engine.release_memory()
-            with self._lock:
-                taken = [key for key in self._running if key in self._jobs and not self.jobs.is_waiting(key)]
-            if failure is None:
-                slots //= 2
-                log.warning(f"out of memory: decoding {slots} pages at a time from now on")
-                self.jobs.put_again([self._jobs[key] for key in taken])
-            else:
-                for key in taken:
-                    self._deliver(key, None, failure)
-
-    def _deliver(self, key: tuple[int, int], out, error: str | None = None) -> None:
+    def _deliver(self, key: tuple[int, int], result: PageResult) -> None:
         with self._lock:
             found = self._running.pop(key, None)
-            self._jobs.pop(key, None)
         if found is None:  # cancelled
             return
-        submission, page, queued = found
-        upload = submission.upload
-        try:
-            if out is None:
-                raise RuntimeError(error)
-            record = page_result(self.engine, upload.task, page, out, upload.prompt)
-            record = dataclasses.replace(record, source=upload.name)
-        except Exception as err:  # one page's failure, not the server's
-            log.exception("page %s of request %s", page.page, submission.id)
-            record = PageResult.failed(upload.name, page.page, upload.task.name, self.engine.name,
-                                       f"{type(err).__name__}: {err}")
-        page.image = None
+        submission, queued = found
+        record = dataclasses.replace(result, source=submission.upload.name)
         if self.on_page is not None:
             self.on_page(record, time.monotonic() - queued)
         with self._lock:

@@ -27,9 +27,9 @@ class Metrics:
         Gauge("kosmos_waiting_requests", "Requests with pages not yet queued for the batch",
               registry=registry).set_function(lambda: bridge.waiting)
         Gauge("kosmos_queued_pages", "Pages rendered and waiting for a slot",
-              registry=registry).set_function(lambda: len(bridge.jobs))
+              registry=registry).set_function(lambda: len(bridge.pages))
         Gauge("kosmos_busy_slots", "Pages in the batch", registry=registry).set_function(
-            lambda: max(0, bridge.busy - len(bridge.jobs)))
+            lambda: max(0, bridge.busy - len(bridge.pages)))
         Gauge("kosmos_slots", "Pages the batch decodes together", registry=registry).set(bridge.slots)
 
     def page_done(self, record: PageResult, seconds: float) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import grounding, markdown, ocr
 from .base import Task, WrongModel
 
-__all__ = ["TASKS", "Task", "WrongModel", "find_task"]
+__all__ = ["TASKS", "Task", "WrongModel", "find_task", "tasks_for"]
 
 TASKS: dict[str, Task] = {task.name: task for task in (ocr.TASK, markdown.TASK, grounding.TASK)}
 
@@ -17,3 +17,8 @@ def find_task(name: str) -> Task:
             return task
     names = sorted(n for task in TASKS.values() for n in (task.name, *task.aliases))
     raise ValueError(f"unknown task {name!r} (expected one of {names})")
+
+
+def tasks_for(kind: str) -> list[Task]:
+    """The tasks a model of this kind ("kosmos-2.5", "kosmos-2") can do, the default first."""
+    return [task for task in TASKS.values() if task.model_kind == kind]

@@ -1,5 +1,7 @@
 """`kosmos serve`'s HTTP API: FastAPI routes over one `Bridge`.
 
+    GET  /                  the page: upload a document, see its pages with boxes, text and confidence
+                            (page.py; the page and its files need no key, its API calls do)
     GET  /health            200 once the model is loaded and warmed up, 503 before
     GET  /v1/info           the model, its kind, the tasks it can do, the document formats, the limits
     GET  /v1/results/{id}[/{stem}.{suffix} | /pages/{n}.png]: a finished request's records, document
@@ -8,10 +10,11 @@
     POST /v1/ocr|md|ground  multipart ``file`` (+ pages, dpi, password, max_new_tokens, prompt/question):
                             application/x-ndjson, one record a page, the command's --format jsonl record
 
-With an API key every route but /health needs ``Authorization: Bearer KEY``. A server bound to a
-loopback address answers only requests addressed to a loopback name (DNS rebinding). Uploads are
-counted as they arrive, whatever Content-Length says: past the limit, 413 at once. No traceback
-reaches a client: a 500 carries an id that the server's log prints with the traceback.
+With an API key every route but /health and the page's files needs ``Authorization: Bearer KEY``.
+A server bound to a loopback address answers only requests addressed to a loopback name (DNS
+rebinding). Uploads are counted as they arrive, whatever Content-Length says: past the limit, 413 at
+once. No traceback reaches a client: a 500 carries an id that the server's log prints with the
+traceback.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from .bridge import Bridge, PromptTooLong, TooManyPages, Upload
 from .store import ResultStore
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .openai_api import add_openai_routes
+from .page import add_page_routes, is_page_path
 
 __all__ = ["ServerConfig", "create_app", "is_loopback"]
 
@@ -142,7 +146,7 @@ def create_app(engine: Engine, bridge: Bridge, config: ServerConfig, ready: thre
         started = time.monotonic()
         try:
             _check_host(request, config)
-            if request.url.path != "/health":
+            if request.url.path != "/health" and not is_page_path(request.url.path):
                 _check_key(request, config)
             response = await call_next(request)
         except _Refused as err:
@@ -215,6 +219,7 @@ def create_app(engine: Engine, bridge: Bridge, config: ServerConfig, ready: thre
     for name in ("ocr", "md", "ground"):
         _add_task_route(app, name, engine, bridge, config, store)
     add_openai_routes(app, engine, bridge, config.uploads, ready, _TooLarge, config.max_queue)
+    add_page_routes(app)
     return app
 
 

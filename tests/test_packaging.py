@@ -96,6 +96,8 @@ def test_the_built_wheel_installs_and_runs_in_a_fresh_environment(tmp_path, k25)
     with zipfile.ZipFile(wheel) as whl:
         names = set(whl.namelist())
     assert {name for name in names if not name.startswith(f"{top}.dist-info/")} == package
+    page = {f"kosmos_cli/server/static/{name}" for name in ("index.html", "page.js", "markdown.js", "page.css", "icon.svg")}
+    assert page <= names  # the page at / (package data, not Python): kosmos serve reads it from the package
     assert "kosmos = kosmos_cli.__main__:main" in zipfile.ZipFile(wheel).read(f"{top}.dist-info/entry_points.txt").decode()
 
     python = _fresh_environment(env)

@@ -7,7 +7,8 @@ in one worker, one after the other:
 
 - a Ray cluster and a local run to compare with (test_ray.py), a module's reference run
   (test_interrupts.py, test_devices.py), a server's engine or process (test_server.py,
-  test_server_client.py): module fixtures, built once per worker that runs the module;
+  test_server_client.py), a browser and its servers (test_page.py): module fixtures, built once per
+  worker that runs the module;
 - the decode step compiled in the test process: dynamo keeps what it compiled in the process, so a
   second test that compiles the same step there gets it for nothing (test_confidence's compiled
   Kosmos-2.5 step, then test_generation's), and only the first compile of a process pays for
@@ -35,6 +36,7 @@ TOGETHER = {
     "devices": ["tests/test_devices.py::"],
     "server": ["tests/test_server.py::"],  # one engine and its batch thread for the module
     "server client": ["tests/test_server_client.py::"],  # one `kosmos serve` process for the module
+    "page": ["tests/test_page.py::"],  # one browser and four `kosmos serve` processes for the module
 }
 
 # What starts first, longest first: a test id prefix or a name from TOGETHER, with its seconds in a
@@ -43,6 +45,7 @@ FIRST = [
     "compiled in the test process",  # 90
     "tests/test_gpu_check.py::test_the_dry_run_measures_every_step",  # 75
     "tests/test_generation.py::test_one_compile_with_a_cold_and_then_a_warm_cache",  # 3 tests, 28-38 each
+    "page",  # 40
     "ray",  # 30
     "devices",  # 22
     "interrupts",  # 15

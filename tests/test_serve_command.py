@@ -3,8 +3,10 @@ without a key, and stops cleanly on SIGTERM; without its libraries, or with a mo
 it says so as a run would."""
 
 import importlib.util
+import json
 import re
 import signal
+import time
 
 import httpx
 
@@ -24,12 +26,23 @@ def test_a_server_process_answers_and_stops_on_sigterm(scripted, tmp_path):
             response = httpx.post(f"{url}/v1/ocr", files={"file": ("page.png", f)}, timeout=60)
         assert response.status_code == 200 and response.json()["text"] == "ab\ncd ef\ngh"
 
-        # A client that leaves after the first record: the server cancels the rest of its pages.
+        # A client that leaves after the first record: the server cancels the rest of its pages. Until
+        # then, the page of each record gone out can be fetched (a viewer shows each page as it comes),
+        # but not a page still to come, nor the records or documents, which wait for the end.
         pdf = make_image_pdf(tmp_path / "long.pdf", 40)
         with open(pdf, "rb") as f, httpx.stream("POST", f"{url}/v1/md", files={"file": ("long.pdf", f)},
                                                 data={"dpi": "72"}, timeout=60) as streamed:
             assert streamed.headers["x-kosmos-pages"] == "40"
-            next(streamed.iter_lines())
+            lines = streamed.iter_lines()  # kept: a dropped iterator closes the connection
+            first = json.loads(next(lines))
+            result = f"{url}/v1/results/{streamed.headers['x-kosmos-result']}"
+            page = httpx.get(f"{result}/pages/{first['page']}.png")
+            assert page.status_code == 200 and page.content.startswith(b"\x89PNG")
+            assert [httpx.get(f"{result}{path}").status_code for path in ("/pages/40.png", "", "/long.md")] == [404] * 3
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{result}/pages/{first['page']}.png").status_code != 404:  # the request is gone
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
     finally:
         server.send_signal(signal.SIGTERM)
         stdout, stderr = server.communicate(timeout=60)

@@ -5,7 +5,8 @@
     GET  /health            200 once the model is loaded and warmed up, 503 before
     GET  /v1/info           the model, its kind, the tasks it can do, the document formats, the limits
     GET  /v1/results/{id}[/{stem}.{suffix} | /pages/{n}.png]: a finished request's records, document
-                            files and pages, kept for --keep-results minutes (store.py)
+                            files and pages, kept for --keep-results minutes (store.py); the pages
+                            also while it runs, each once its record has gone out
     POST /v1/chat/completions, GET /v1/models: OpenAI-compatible (openai_api.py)
     POST /v1/ocr|md|ground  multipart ``file`` (+ pages, dpi, password, max_new_tokens, prompt/question):
                             application/x-ndjson, one record a page, the command's --format jsonl record
@@ -191,12 +192,19 @@ def create_app(engine: Engine, bridge: Bridge, config: ServerConfig, ready: thre
             return _error(404, NOT_KEPT)
         return Response("".join(r.to_json() + "\n" for r in kept.records), media_type=NDJSON)
 
-    @app.get("/v1/results/{result}/pages/{number}.png", summary="A page of a finished request, as rendered")
+    @app.get("/v1/results/{result}/pages/{number}.png",
+             summary="A page as rendered, once its record has gone out (its request may still be running)")
     async def result_page(result: str, number: int):
-        kept = store.get(result)
-        png = await asyncio.to_thread(kept.page_png, number) if kept is not None else None
+        png = None
+        for _ in range(2):  # a request that finishes moves its upload into the store: then look again
+            kept = store.with_pages(result)
+            try:
+                png = await asyncio.to_thread(kept.page_png, number) if kept is not None else None
+                break
+            except FileNotFoundError:
+                continue
         if png is None:
-            return _error(404, NOT_KEPT if kept is None else f"page {number} is not in this result")
+            return _error(404, NOT_KEPT if kept is None else f"page {number} is not in this result (yet)")
         return Response(png, media_type="image/png")
 
     @app.get("/v1/results/{result}/{filename}", summary="A document file of a finished request, made from its "
@@ -261,12 +269,14 @@ def _add_task_route(app: FastAPI, name: str, engine: Engine, bridge: Bridge, con
         started, sent, result = time.monotonic(), [], uuid.uuid4().hex
         request.state.logged_by_route = True
 
+        store.start(result, task, upload.name, upload.path, sent, upload.password, upload.dpi)
+
         async def records():
             finished = False
             try:
                 while (record := await asyncio.to_thread(submission.next_record)) is not None:
+                    sent.append(record)  # first: a client may ask for its page as soon as it has the record
                     yield record.to_json() + "\n"
-                    sent.append(record)
                 finished = len(sent) == submission.pages
             finally:  # the client is gone (or it is all sent): nothing of this request keeps running
                 submission.cancel()
@@ -274,6 +284,7 @@ def _add_task_route(app: FastAPI, name: str, engine: Engine, bridge: Bridge, con
                     await asyncio.to_thread(store.keep, result, task, upload.name, upload.path, sent, upload.password,
                                             upload.dpi)
                 else:
+                    store.forget(result)
                     upload.path.unlink(missing_ok=True)
                 gone = "" if finished else f" (client gone after {len(sent)} of {submission.pages})"
                 log.info("%s %s 200 %d pages %.2fs%s", request.method, request.url.path, len(sent),

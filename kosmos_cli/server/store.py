@@ -4,12 +4,15 @@ client (or the page at /) can fetch the records again, the document files the ``
 
 A result lives in a folder of its own under the server's private folder: the uploaded file, nothing
 else (the records and a PDF's password stay in memory). Results past their time are deleted, and when
-the kept files pass ``max_bytes`` the oldest go first. Only finished requests are kept.
+the kept files pass ``max_bytes`` the oldest go first. Only finished requests are kept; while a
+request runs, the pages whose records have gone out can be fetched already (`start`, `with_pages`),
+so that a viewer shows each page as it comes.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import shutil
 import threading
 import time
@@ -27,7 +30,7 @@ __all__ = ["Kept", "ResultStore"]
 
 @dataclass
 class Kept:
-    """One finished request."""
+    """One finished request (or one under way: `ResultStore.start`)."""
 
     id: str
     task: Task
@@ -66,11 +69,20 @@ class ResultStore:
         self.root, self.seconds, self.max_bytes = Path(root), minutes * 60, max_bytes
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._kept: OrderedDict[str, Kept] = OrderedDict()  # oldest first
+        self._running: dict[str, Kept] = {}  # requests under way: their pages only
         self._lock = threading.Lock()
 
     @property
     def enabled(self) -> bool:
         return self.seconds > 0
+
+    def start(self, id: str, task: Task, name: str, upload: Path, records: list[PageResult], password: str | None,
+              dpi: float) -> None:
+        """A request under way, ``records`` the list of those sent so far (the caller appends to it):
+        its pages can be fetched as their records go out (`with_pages`)."""
+        if self.enabled:
+            with self._lock:
+                self._running[id] = Kept(id, task, name, upload, records, password, dpi, math.inf, 0)
 
     def keep(self, id: str, task: Task, name: str, upload: Path, records: list[PageResult], password: str | None,
              dpi: float) -> None:
@@ -84,13 +96,26 @@ class ResultStore:
         shutil.move(upload, path)
         size = path.stat().st_size + sum(len(r.to_json()) for r in records)
         with self._lock:
+            self._running.pop(id, None)
             self._kept[id] = Kept(id, task, name, path, records, password, dpi, time.monotonic() + self.seconds, size)
         self.sweep()
 
+    def forget(self, id: str) -> None:
+        """A request that did not finish: its pages can no longer be fetched (its upload is the caller's)."""
+        with self._lock:
+            self._running.pop(id, None)
+
     def get(self, id: str) -> Kept | None:
+        """A finished request."""
         self.sweep()
         with self._lock:
             return self._kept.get(id)
+
+    def with_pages(self, id: str) -> Kept | None:
+        """A finished request, or one under way (its pages so far)."""
+        self.sweep()
+        with self._lock:
+            return self._kept.get(id) or self._running.get(id)
 
     def sweep(self) -> None:
         """Delete what is past its time, then the oldest while the kept bytes pass the bound."""
@@ -107,4 +132,5 @@ class ResultStore:
     def clear(self) -> None:
         with self._lock:
             self._kept.clear()
+            self._running.clear()
         shutil.rmtree(self.root, ignore_errors=True)

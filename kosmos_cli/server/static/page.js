@@ -188,6 +188,17 @@ async function run(event) {
     }
     current.total = Number(response.headers.get("X-Kosmos-Pages")) || 0;
     current.result = response.headers.get("X-Kosmos-Result");
+    if (current.result) {
+      // Each page's image is fetched once its record is in and its page comes near the screen (the
+      // server has it from then on; a long document is many renders).
+      current.observer = new IntersectionObserver((entries) => {
+        for (const entry of entries) {
+          if (!entry.isIntersecting) continue;
+          current.observer.unobserve(entry.target);
+          loadImage(current, entry.target);
+        }
+      }, { rootMargin: "800px" });
+    }
     progress(current);
     await readRecords(response, (record) => {
       if (!mine()) return;
@@ -230,8 +241,7 @@ function progress(current) {
   bar.hidden = false;
   bar.max = Math.max(current.total, 1);
   bar.value = current.done;
-  setStatus(`${current.done} / ${current.total} pages · ${rate.toFixed(rate < 10 ? 2 : 1)} pages/s`
-    + (current.done < current.total && current.result ? " · page images come when the document is done" : ""));
+  setStatus(`${current.done} / ${current.total} pages · ${rate.toFixed(rate < 10 ? 2 : 1)} pages/s`);
 }
 
 function finish(current) {
@@ -248,15 +258,6 @@ function finish(current) {
     return;
   }
   showDownloads(current);
-  // Each page's image is fetched when its page comes near the screen (a long document is many renders).
-  current.observer = new IntersectionObserver((entries) => {
-    for (const entry of entries) {
-      if (!entry.isIntersecting) continue;
-      current.observer.unobserve(entry.target);
-      loadImage(current, entry.target);
-    }
-  }, { rootMargin: "800px" });
-  for (const sheet of $("results").querySelectorAll(".sheet[data-page]")) current.observer.observe(sheet);
 }
 
 async function loadImage(current, sheet) {
@@ -342,6 +343,7 @@ function addPage(current, record) {
   sheet.appendChild(svg);
   const note = element("p", figure, "sheet-note hint");
   note.hidden = true;
+  if (current.observer) current.observer.observe(sheet);
 
   const text = element("div", body, "text");
   if (record.task === "md" || current.task === "md") {

@@ -355,6 +355,19 @@ def test_errors_show_in_plain_words_and_the_page_stays_usable(tab, server, docum
     assert said and float(said[1]) == pytest.approx(big.stat().st_size / 1024, abs=0.05)
     assert len([r for r in tab.requests if r[0] == "POST"]) == posts  # refused before uploading
 
+    # The server's own limit (the bytes counted as they arrive), for a page told a larger one.
+    def larger_limit(route):
+        info = route.fetch().json()
+        info["limits"]["max_upload_bytes"] = 2**30
+        route.fulfill(json=info)
+
+    page.route("**/v1/info", larger_limit)
+    page.reload()
+    transcribe(tab, big)
+    assert error(tab) == "Too large for this server: the upload is larger than this server takes (262144 bytes)."
+    page.unroute("**/v1/info")
+    page.reload()
+
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not an image at all")
     transcribe(tab, junk)

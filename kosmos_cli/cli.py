@@ -162,7 +162,7 @@ def serve(model: Annotated[str, typer.Option("--model", "-m", help="Hugging Face
           cors_origin: Annotated[Optional[str], typer.Option(metavar="ORIGIN", help="Let pages of this one origin (e.g. https://app.example.org) call the API from a browser; none by default.")] = None,
           grace: Annotated[float, typer.Option(min=0, help="Seconds running requests get to finish on SIGTERM or Ctrl-C.")] = 30,
           compile: Compile = None, quiet: Quiet = False, debug: Debug = False) -> None:
-    """Keep one model warm for many clients: an HTTP API that answers a PDF or image with one JSON record a page (docs at /docs)."""
+    """Keep one model warm for many clients: an HTTP API that answers a PDF or image with one JSON record a page (docs at /docs), and a page at / to look at the results."""
     from .server import SERVE_REQUIREMENTS
 
     missing = [name for name in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(name) is None]

@@ -19,7 +19,7 @@ import click
 import typer
 
 from . import documents, interrupt
-from .distributed.local import WorkersLost
+from .distributed.processes import WorkersLost
 from .inputs import collect_inputs, parse_pages
 from .pages import PageJob, iter_pages
 from .paths import display_path, os_reason

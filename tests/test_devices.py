@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kosmos_cli.distributed.local import CRASHED_TWICE, NO_WORKER, WorkersLost, transcribe_on_devices
+from kosmos_cli.distributed.local import transcribe_on_devices
+from kosmos_cli.distributed.processes import CRASHED_TWICE, NO_WORKER, WorkersLost
 from kosmos_cli.distributed.worker import EngineSpec
 from kosmos_cli.engine import pick_devices
 from kosmos_cli.pages import iter_pages

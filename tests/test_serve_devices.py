@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from kosmos_cli.distributed.local import CRASHED_TWICE, WorkerPool
+from kosmos_cli.distributed.pool import WorkerPool
+from kosmos_cli.distributed.processes import CRASHED_TWICE
 from kosmos_cli.distributed.worker import EngineSpec, PageRef
 from kosmos_cli.engine import describe
 from kosmos_cli.pages import iter_pages

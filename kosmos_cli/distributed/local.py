@@ -14,16 +14,6 @@ pipe a worker (no lock shared between processes, so a killed worker cannot block
                        None                    no more pages for this run: finish those in flight
                        "stop"                  exit (to an idle worker)
 
-A server's workers (`WorkerPool`) never end a run: each keeps one open stream (`pipeline.PageStream`)
-and takes pages while its rows run, each page with its own task, prompt and budget (`PageRef`):
-
-    worker -> parent   ("ready", description, slots)  engine loaded and warmed up
-                       ("failed", LoadFailure)
-                       ("done", key, PageResult)      a page finished (as each is done)
-    parent -> worker   (key, PageRef)                 one more page
-                       ("cancel", key)                drop it: queued, or running (slot freed)
-                       "stop"                         finish the pages held, then exit
-
 Hand-out is dynamic: a running worker asks for a page whenever its batch slots and look-ahead have
 room, so a worker on long pages takes fewer. A worker that dies (killed, crashed, CUDA error) has its
 pages in flight requeued as suspects; a suspect runs alone on a worker (one drained for it), so a
@@ -34,50 +24,21 @@ SIGINT: the parent stops them on Ctrl-C (or on any early end), and each exits if
 from __future__ import annotations
 
 import itertools
-import multiprocessing
-import os
 import signal
 import threading
-import time
 from collections import deque
-from dataclasses import dataclass, field
-from pathlib import Path
 from multiprocessing.connection import Connection, wait
 from typing import Callable, Iterable, Iterator
 
 from ..pages import ErrorJob, InputOrder, PageJob
 from ..report import library_output_held
 from ..results import PageResult
-from .worker import EngineSpec, LoadFailure, Opener, PageRef, Worker
+from .processes import (CRASHED_TWICE, NO_WORKER, WorkerProcess, WorkersLost, exit_with_parent, labels, reap, send,
+                        spawn)
+from .worker import EngineSpec, LoadFailure, PageRef, Worker
 
-__all__ = ["WorkerPool", "WorkersLost", "transcribe_on_devices"]
+__all__ = ["transcribe_on_devices"]
 
-_WARM_UP = "warm-up"  # the key of a serving worker's first page, its own
-CRASHED_TWICE = "the page stopped two workers (killed, crashed or out of memory): skipped"
-NO_WORKER = "not done: every worker stopped"
-
-
-class WorkersLost(RuntimeError):
-    """Every worker is gone (none could load the model, or all died): the run cannot go on.
-    ``wrong_model``: they could not, because the model does not fit the task (a usage error)."""
-
-    def __init__(self, message: str, wrong_model: bool = False):
-        super().__init__(message)
-        self.wrong_model = wrong_model
-
-
-@dataclass(eq=False)
-class _Slot:
-    """One worker process as the parent sees it."""
-
-    label: str
-    process: multiprocessing.process.BaseProcess
-    conn: Connection
-    state: str = "starting"  # starting -> idle <-> running; dead
-    inflight: dict = field(default_factory=dict)  # key -> PageJob sent and not done
-    solo: bool = False  # running one suspect page alone
-    pages: int = 0
-    capacity: int = 1  # a serving worker's decode slots
 
 
 def transcribe_on_devices(
@@ -123,21 +84,21 @@ def transcribe_on_devices(
 
 class _Driver:
     def __init__(self, specs, task, options, worker, log):
-        labels = _labels(specs)
-        self.specs, self.labels, self.task, self.options, self.worker, self.log = specs, labels, task, options, worker, log
-        self.slots: list[_Slot] = []
+        self.specs, self.labels, self.task, self.options, self.worker, self.log = (
+            specs, labels(specs), task, options, worker, log)
+        self.slots: list[WorkerProcess] = []
 
     def start(self) -> None:
-        self.slots = _spawn(self.specs, self.labels, _serve, lambda spec: (self.worker, spec, self.task, self.options))
+        self.slots = spawn(self.specs, self.labels, _serve, lambda spec: (self.worker, spec, self.task, self.options))
 
     def stop(self, politely: bool) -> None:
         """End every worker process; none is left behind (after a Ctrl-C too)."""
         for slot in self.slots:
             if politely and slot.state == "idle":
-                _send(slot, "stop")
+                send(slot, "stop")
             elif slot.process.is_alive():
                 slot.process.terminate()
-        _reap(self.slots, 5 if politely else 2)
+        reap(self.slots, 5 if politely else 2)
 
     def run(self, first: PageJob, listing: Iterator, dpi: float, password: str | None, on_page):
         order = InputOrder()
@@ -165,12 +126,12 @@ class _Driver:
                     order.add(item)
             return None
 
-        def hand(slot: _Slot, key: int) -> None:
+        def hand(slot: WorkerProcess, key: int) -> None:
             slot.inflight[key] = jobs[key]
-            _send(slot, (key, PageRef.of(jobs[key], dpi, password)))
+            send(slot, (key, PageRef.of(jobs[key], dpi, password)))
 
-        def end_run(slot: _Slot) -> None:
-            _send(slot, None)
+        def end_run(slot: WorkerProcess) -> None:
+            send(slot, None)
             slot.state = "idle"
 
         def give_up(key: int, why: str) -> None:
@@ -178,7 +139,7 @@ class _Driver:
             job = jobs.pop(key)
             order.finish(key, job, PageResult.failed(job.source, job.page, self.task, self.specs[0].model, why))
 
-        def lost(slot: _Slot, why: str) -> None:
+        def lost(slot: WorkerProcess, why: str) -> None:
             slot.state = "dead"
             requeued = 0
             for key in slot.inflight:
@@ -249,171 +210,6 @@ class _Driver:
                     lost(slot, f"stopped (exit code {slot.process.exitcode})")
 
 
-class WorkerPool:
-    """Worker processes, one a device, serving a server's pages as they come: the server's side of
-    the driver (`transcribe_on_devices` is the command's). Each worker keeps an open stream and takes
-    pages while its rows run, each with its own task, prompt and budget (see the module docstring).
-
-    Starting waits until every worker has loaded its model and decoded a warm-up page, and raises
-    WorkersLost if none could. `put(key, ref)` (any thread) sends a page to the live worker with the
-    fewest pages in flight for its slots; ``deliver(key, result)`` hears each page's record,
-    from the pool's thread; `cancel(key)` drops a page wherever it is. A worker that dies has its
-    pages sent to the others once (a page in flight when a second worker dies fails,
-    CRASHED_TWICE); with no worker left, pages fail at once (NO_WORKER). `close` lets the workers
-    finish the pages they hold and ends them."""
-
-    def __init__(self, specs: list[EngineSpec], *, slots: int | None, max_prompt_tokens: int, max_new_tokens: int,
-                 deliver: Callable[[object, PageResult], None], log: Callable[[str], None]):
-        self.model, self.deliver, self.log = specs[0].model, deliver, log
-        self.workers = _spawn(specs, _labels(specs), _serve_stream,
-                              lambda spec: (spec, slots, max_prompt_tokens, max_new_tokens))
-        self._lock = threading.Lock()  # the workers' states and pages in flight, and sending to them
-        self._crashes: dict = {}  # key -> workers it was in flight on when they died
-        self._closing = False
-        failures = [failure for slot in self.workers if (failure := self._await_ready(slot)) is not None]
-        if all(slot.state == "dead" for slot in self.workers):
-            _reap(self.workers, 2)
-            raise WorkersLost(*failures[0]) if failures else WorkersLost("every worker stopped while loading the model")
-        self.slots = sum(slot.capacity for slot in self.workers if slot.state != "dead")
-        self._listener = threading.Thread(target=self._listen, name="kosmos-workers", daemon=True)
-        self._listener.start()
-
-    def _await_ready(self, slot: _Slot) -> LoadFailure | None:
-        while True:
-            wait([slot.conn, slot.process.sentinel])
-            try:
-                message = slot.conn.recv()
-            except (EOFError, OSError):
-                slot.state = "dead"
-                self.log(f"worker {slot.label} stopped while loading (exit code {slot.process.exitcode})")
-                return None
-            if message[0] == "ready":
-                slot.state, slot.capacity = "running", message[2]
-                self.log(f"running {message[1]}")
-                return None
-            slot.state = "dead"
-            self.log(f"worker {slot.label}: {message[1].message}")
-            return message[1]
-
-    def put(self, key, ref: PageRef) -> None:
-        with self._lock:
-            live = [slot for slot in self.workers if slot.state != "dead"]
-            if live:
-                slot = min(live, key=lambda s: len(s.inflight) / s.capacity)
-                slot.inflight[key] = ref
-                _send(slot, (key, ref))
-                return
-        self._fail(key, ref, NO_WORKER)
-
-    def cancel(self, key) -> None:
-        with self._lock:
-            for slot in self.workers:
-                if slot.inflight.pop(key, None) is not None:
-                    _send(slot, ("cancel", key))
-
-    def __len__(self) -> int:
-        """Pages sent to workers beyond their free slots (waiting there for one)."""
-        with self._lock:
-            return sum(max(0, len(slot.inflight) - slot.capacity) for slot in self.workers if slot.state != "dead")
-
-    def close(self, timeout: float | None = None) -> None:
-        """The workers finish the pages they hold, then exit (killed after ``timeout`` seconds)."""
-        with self._lock:
-            self._closing = True
-            for slot in self.workers:
-                if slot.state != "dead":
-                    _send(slot, "stop")
-        self._listener.join(timeout)
-        _reap(self.workers, 2)
-
-    def _fail(self, key, ref: PageRef, why: str) -> None:
-        self.deliver(key, PageResult.failed(ref.source, ref.page, ref.task, self.model, why))
-
-    def _listen(self) -> None:
-        """Records in, dead workers noticed: until every worker has ended."""
-        while live := [slot for slot in self.workers if slot.state != "dead"]:
-            wait([slot.conn for slot in live] + [slot.process.sentinel for slot in live], timeout=1)
-            for slot in live:
-                while True:
-                    try:
-                        if not slot.conn.poll():
-                            break
-                        _, key, result = slot.conn.recv()
-                    except (EOFError, OSError):
-                        break
-                    with self._lock:
-                        wanted = slot.inflight.pop(key, None) is not None  # not cancelled meanwhile
-                    if wanted:
-                        slot.pages += 1
-                        self.deliver(key, result)
-                if not slot.process.is_alive():
-                    self._lost(slot)
-
-    def _lost(self, slot: _Slot) -> None:
-        slot.process.join()
-        with self._lock:
-            slot.state = "dead"
-            orphans, slot.inflight = slot.inflight, {}
-            if self._closing and not orphans:
-                return
-        self.log(f"worker {slot.label} stopped (exit code {slot.process.exitcode})"
-                 + (f"; its {len(orphans)} pages in flight go to the others" if orphans else ""))
-        for key, ref in orphans.items():
-            self._crashes[key] = self._crashes.get(key, 0) + 1
-            if self._crashes[key] >= 2 or self._closing:
-                self._fail(key, ref, CRASHED_TWICE if not self._closing else NO_WORKER)
-            else:
-                self.put(key, ref)
-
-
-def _labels(specs: list[EngineSpec]) -> list[str]:
-    """Each worker's name in messages: its device, numbered where a device has several."""
-    devices = [spec.device for spec in specs]
-    return [device if devices.count(device) == 1 else f"{device}#{k}" for k, device in enumerate(devices)]
-
-
-def _spawn(specs: list[EngineSpec], labels: list[str], target, arguments) -> list[_Slot]:
-    """One process a spec running ``target(conn, parent pid, threads, *arguments(spec))``, the cores
-    shared among them."""
-    context = multiprocessing.get_context("spawn")  # torch and fork do not mix
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cores // len(specs))
-    # Children inherit an ignored SIGINT through exec and Python keeps it ignored: a Ctrl-C while a
-    # worker imports torch must not kill it with a traceback; the parent stops the workers.
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-    slots = []
-    try:
-        for spec, label in zip(specs, labels):
-            ours, theirs = context.Pipe()
-            process = context.Process(target=target, name=f"kosmos-worker-{label}", daemon=True,
-                                      args=(theirs, os.getpid(), threads, *arguments(spec)))
-            process.start()
-            theirs.close()
-            slots.append(_Slot(label, process, ours))
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
-    return slots
-
-
-def _reap(slots: list[_Slot], seconds: float) -> None:
-    """Wait ``seconds`` for each process to end, then kill it."""
-    for slot in slots:
-        slot.process.join(seconds)
-        if slot.process.is_alive():
-            slot.process.kill()
-            slot.process.join()
-        slot.conn.close()
-
-
-def _send(slot: _Slot, message) -> None:
-    try:
-        slot.conn.send(message)
-    except (BrokenPipeError, OSError):  # it died: its sentinel says so next
-        pass
-
-
 # ------------------------------------------------------------------------------------------------
 # In the worker process
 # ------------------------------------------------------------------------------------------------
@@ -425,7 +221,7 @@ def _serve(conn: Connection, parent: int, threads: int, make_worker, spec: Engin
     parent's (what matters of it the parent says: a page's notes come back in its record, a
     document's come from the parent's own listing)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+    threading.Thread(target=exit_with_parent, args=(parent,), daemon=True).start()
     with library_output_held():
         _serve_pages(conn, threads, make_worker, spec, task, options)
 
@@ -460,72 +256,3 @@ def _serve_pages(conn: Connection, threads: int, make_worker, spec: EngineSpec, 
             send(("done", record))
 
 
-def _serve_stream(conn: Connection, parent: int, threads: int, spec: EngineSpec, slots: int | None,
-                  max_prompt_tokens: int, max_new_tokens: int) -> None:
-    """A server's worker process: load the engine, warm it up, then decode the pages the parent sends
-    in one open stream, the stream in this (the main) thread and the messages in another."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
-    with library_output_held():
-        _stream_pages(conn, threads, spec, slots, max_prompt_tokens, max_new_tokens)
-
-
-def _stream_pages(conn: Connection, threads: int, spec: EngineSpec, slots: int | None, max_prompt_tokens: int,
-                  max_new_tokens: int) -> None:
-    import torch
-    from PIL import Image
-
-    from ..pipeline import PageStream, slots_for
-    from ..tasks import TASKS, tasks_for
-
-    torch.set_num_threads(threads)
-    try:
-        engine = spec.load()
-    except Exception as err:
-        conn.send(("failed", LoadFailure.of(err, spec.model)))
-        return
-    lock = threading.Lock()  # records go out from the stream's thread, failures from the receiver's
-
-    def send(message) -> None:
-        with lock:
-            conn.send(message)
-
-    task = tasks_for(engine.kind)[0]
-    slots = slots_for(engine, task, None, slots, max_new_tokens)
-
-    def deliver(key, result) -> None:
-        send(("ready", str(engine), slots) if key is _WARM_UP else ("done", key, result))
-
-    stream = PageStream(engine, slots=slots, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
-                        deliver=deliver)
-    stream.put(_WARM_UP, PageJob(Path("warm-up"), "warm-up", 1, 1, (1,), image=Image.new("RGB", (64, 64), "white")),
-               task, task.prompt, 4)
-
-    def receive() -> None:
-        opener = Opener()
-        try:
-            while (message := conn.recv()) != "stop":
-                if message[0] == "cancel":
-                    stream.cancel(message[1])
-                    continue
-                key, ref = message
-                page = opener.job(ref)
-                if isinstance(page, ErrorJob):  # the document cannot be opened (gone since it was listed)
-                    deliver(key, PageResult.failed(ref.source, ref.page, ref.task, spec.model, page.error))
-                else:
-                    stream.put(key, page, TASKS[ref.task], ref.prompt, ref.max_new_tokens)
-        except (EOFError, OSError):  # the parent is gone
-            pass
-        finally:
-            opener.close()
-            stream.close()
-
-    threading.Thread(target=receive, name="kosmos-receiver", daemon=True).start()
-    stream.run()
-
-
-def _exit_with(parent: int) -> None:
-    """Leave when the parent is gone (killed before it could stop us): no orphan keeps a GPU busy."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)

@@ -43,7 +43,7 @@ from ..inputs import PageSelection
 from ..pages import ErrorJob, InputOrder, PageJob, iter_pages
 from ..results import PageResult
 from ..tasks import TASKS
-from .local import WorkersLost
+from .processes import WorkersLost
 from .worker import EngineSpec, LoadFailure, PageRef, Record, Worker
 
 __all__ = ["CALLS_PER_ACTOR", "RETRIES", "connect", "record_schema", "transcribe_dataset", "transcribe_on_ray"]

@@ -37,7 +37,7 @@ def serve(engine, *, host: str, port: int, api_key: str | None, slots: int | Non
     worker processes (a model that cannot load there ends the command as a run would)."""
     import uvicorn
 
-    from ..distributed.local import WorkersLost
+    from ..distributed.processes import WorkersLost
     from ..tasks import tasks_for
     from .app import MAX_QUESTION_TOKENS, ServerConfig, create_app, is_loopback
     from .bridge import Bridge, Upload

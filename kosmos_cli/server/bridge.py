@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..distributed.local import WorkerPool
+from ..distributed.pool import WorkerPool
 from ..distributed.worker import EngineSpec, PageRef
 from ..documents import DocumentError, open_document
 from ..engine import Checkpoint

@@ -1,0 +1,218 @@
+"""A server's worker processes, one a device: the serving side of the multi-device driver (`local`
+is the command's), on the same processes (`processes`).
+
+Workers never end a run: each keeps one open stream (`pipeline.PageStream`) and takes pages while its
+rows run, each page with its own task, prompt and budget (`PageRef`). Messages, one pipe a worker:
+
+    worker -> parent   ("ready", description, slots)  engine loaded and warmed up
+                       ("failed", LoadFailure)        engine not loaded; the worker exits
+                       ("done", key, PageResult)      a page finished (as each is done)
+    parent -> worker   (key, PageRef)                 one more page
+                       ("cancel", key)                drop it: queued, or running (slot freed)
+                       "stop"                         finish the pages held, then exit
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Callable
+
+from ..pages import ErrorJob, PageJob
+from ..report import library_output_held
+from ..results import PageResult
+from .processes import (CRASHED_TWICE, NO_WORKER, WorkerProcess, WorkersLost, exit_with_parent, labels, reap, send,
+                        spawn)
+from .worker import EngineSpec, LoadFailure, Opener, PageRef
+
+__all__ = ["WorkerPool"]
+
+_WARM_UP = "warm-up"  # the key of a serving worker's first page, its own
+
+
+class WorkerPool:
+    """Worker processes, one a device, serving a server's pages as they come: the server's side of
+    the driver (`transcribe_on_devices` is the command's). Each worker keeps an open stream and takes
+    pages while its rows run, each with its own task, prompt and budget (see the module docstring).
+
+    Starting waits until every worker has loaded its model and decoded a warm-up page, and raises
+    WorkersLost if none could. `put(key, ref)` (any thread) sends a page to the live worker with the
+    fewest pages in flight for its slots; ``deliver(key, result)`` hears each page's record,
+    from the pool's thread; `cancel(key)` drops a page wherever it is. A worker that dies has its
+    pages sent to the others once (a page in flight when a second worker dies fails,
+    CRASHED_TWICE); with no worker left, pages fail at once (NO_WORKER). `close` lets the workers
+    finish the pages they hold and ends them."""
+
+    def __init__(self, specs: list[EngineSpec], *, slots: int | None, max_prompt_tokens: int, max_new_tokens: int,
+                 deliver: Callable[[object, PageResult], None], log: Callable[[str], None]):
+        self.model, self.deliver, self.log = specs[0].model, deliver, log
+        self.workers = spawn(specs, labels(specs), _serve_stream,
+                              lambda spec: (spec, slots, max_prompt_tokens, max_new_tokens))
+        self._lock = threading.Lock()  # the workers' states and pages in flight, and sending to them
+        self._crashes: dict = {}  # key -> workers it was in flight on when they died
+        self._closing = False
+        failures = [failure for slot in self.workers if (failure := self._await_ready(slot)) is not None]
+        if all(slot.state == "dead" for slot in self.workers):
+            reap(self.workers, 2)
+            raise WorkersLost(*failures[0]) if failures else WorkersLost("every worker stopped while loading the model")
+        self.slots = sum(slot.capacity for slot in self.workers if slot.state != "dead")
+        self._listener = threading.Thread(target=self._listen, name="kosmos-workers", daemon=True)
+        self._listener.start()
+
+    def _await_ready(self, slot: WorkerProcess) -> LoadFailure | None:
+        while True:
+            wait([slot.conn, slot.process.sentinel])
+            try:
+                message = slot.conn.recv()
+            except (EOFError, OSError):
+                slot.state = "dead"
+                self.log(f"worker {slot.label} stopped while loading (exit code {slot.process.exitcode})")
+                return None
+            if message[0] == "ready":
+                slot.state, slot.capacity = "running", message[2]
+                self.log(f"running {message[1]}")
+                return None
+            slot.state = "dead"
+            self.log(f"worker {slot.label}: {message[1].message}")
+            return message[1]
+
+    def put(self, key, ref: PageRef) -> None:
+        with self._lock:
+            live = [slot for slot in self.workers if slot.state != "dead"]
+            if live:
+                slot = min(live, key=lambda s: len(s.inflight) / s.capacity)
+                slot.inflight[key] = ref
+                send(slot, (key, ref))
+                return
+        self._fail(key, ref, NO_WORKER)
+
+    def cancel(self, key) -> None:
+        with self._lock:
+            for slot in self.workers:
+                if slot.inflight.pop(key, None) is not None:
+                    send(slot, ("cancel", key))
+
+    def __len__(self) -> int:
+        """Pages sent to workers beyond their free slots (waiting there for one)."""
+        with self._lock:
+            return sum(max(0, len(slot.inflight) - slot.capacity) for slot in self.workers if slot.state != "dead")
+
+    def close(self, timeout: float | None = None) -> None:
+        """The workers finish the pages they hold, then exit (killed after ``timeout`` seconds)."""
+        with self._lock:
+            self._closing = True
+            for slot in self.workers:
+                if slot.state != "dead":
+                    send(slot, "stop")
+        self._listener.join(timeout)
+        reap(self.workers, 2)
+
+    def _fail(self, key, ref: PageRef, why: str) -> None:
+        self.deliver(key, PageResult.failed(ref.source, ref.page, ref.task, self.model, why))
+
+    def _listen(self) -> None:
+        """Records in, dead workers noticed: until every worker has ended."""
+        while live := [slot for slot in self.workers if slot.state != "dead"]:
+            wait([slot.conn for slot in live] + [slot.process.sentinel for slot in live], timeout=1)
+            for slot in live:
+                while True:
+                    try:
+                        if not slot.conn.poll():
+                            break
+                        _, key, result = slot.conn.recv()
+                    except (EOFError, OSError):
+                        break
+                    with self._lock:
+                        wanted = slot.inflight.pop(key, None) is not None  # not cancelled meanwhile
+                    if wanted:
+                        slot.pages += 1
+                        self.deliver(key, result)
+                if not slot.process.is_alive():
+                    self._lost(slot)
+
+    def _lost(self, slot: WorkerProcess) -> None:
+        slot.process.join()
+        with self._lock:
+            slot.state = "dead"
+            orphans, slot.inflight = slot.inflight, {}
+            if self._closing and not orphans:
+                return
+        self.log(f"worker {slot.label} stopped (exit code {slot.process.exitcode})"
+                 + (f"; its {len(orphans)} pages in flight go to the others" if orphans else ""))
+        for key, ref in orphans.items():
+            self._crashes[key] = self._crashes.get(key, 0) + 1
+            if self._crashes[key] >= 2 or self._closing:
+                self._fail(key, ref, CRASHED_TWICE if not self._closing else NO_WORKER)
+            else:
+                self.put(key, ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# In the worker process
+# ------------------------------------------------------------------------------------------------
+
+
+def _serve_stream(conn: Connection, parent: int, threads: int, spec: EngineSpec, slots: int | None,
+                  max_prompt_tokens: int, max_new_tokens: int) -> None:
+    """A server's worker process: load the engine, warm it up, then decode the pages the parent sends
+    in one open stream, the stream in this (the main) thread and the messages in another."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=exit_with_parent, args=(parent,), daemon=True).start()
+    with library_output_held():
+        _stream_pages(conn, threads, spec, slots, max_prompt_tokens, max_new_tokens)
+
+
+def _stream_pages(conn: Connection, threads: int, spec: EngineSpec, slots: int | None, max_prompt_tokens: int,
+                  max_new_tokens: int) -> None:
+    import torch
+    from PIL import Image
+
+    from ..pipeline import PageStream, slots_for
+    from ..tasks import TASKS, tasks_for
+
+    torch.set_num_threads(threads)
+    try:
+        engine = spec.load()
+    except Exception as err:
+        conn.send(("failed", LoadFailure.of(err, spec.model)))
+        return
+    lock = threading.Lock()  # records go out from the stream's thread, failures from the receiver's
+
+    def send(message) -> None:
+        with lock:
+            conn.send(message)
+
+    task = tasks_for(engine.kind)[0]
+    slots = slots_for(engine, task, None, slots, max_new_tokens)
+
+    def deliver(key, result) -> None:
+        send(("ready", str(engine), slots) if key is _WARM_UP else ("done", key, result))
+
+    stream = PageStream(engine, slots=slots, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
+                        deliver=deliver)
+    stream.put(_WARM_UP, PageJob(Path("warm-up"), "warm-up", 1, 1, (1,), image=Image.new("RGB", (64, 64), "white")),
+               task, task.prompt, 4)
+
+    def receive() -> None:
+        opener = Opener()
+        try:
+            while (message := conn.recv()) != "stop":
+                if message[0] == "cancel":
+                    stream.cancel(message[1])
+                    continue
+                key, ref = message
+                page = opener.job(ref)
+                if isinstance(page, ErrorJob):  # the document cannot be opened (gone since it was listed)
+                    deliver(key, PageResult.failed(ref.source, ref.page, ref.task, spec.model, page.error))
+                else:
+                    stream.put(key, page, TASKS[ref.task], ref.prompt, ref.max_new_tokens)
+        except (EOFError, OSError):  # the parent is gone
+            pass
+        finally:
+            opener.close()
+            stream.close()
+
+    threading.Thread(target=receive, name="kosmos-receiver", daemon=True).start()
+    stream.run()

@@ -1,7 +1,7 @@
 """The page at `/` in a real browser (headless Chromium, driven by Playwright: tests/helpers/browser.py)
 against real `kosmos serve` processes whose checkpoints write known transcripts (tests/helpers/
 scripted.py): pages appear with the records' boxes, drawn where the records say at the size shown,
-and their text; a box and its line light up together; downloads are the `-o` writer's files; errors
+and their text (grounding boxes too, from a server in this process whose Kosmos-2 answers are fixed); a box and its line light up together; downloads are the `-o` writer's files; errors
 show in plain words; a document's text that looks like HTML stays text; the page asks for the API
 key; it reaches no other host; and it can be used with the keyboard, at 320 CSS pixels and at 200%
 zoom. Screenshots (desktop and phone) go to the artifacts folder (`KOSMOS_TEST_ARTIFACTS`, else
@@ -94,6 +94,38 @@ def grounding(k2):
     process, url = start_server("--model", k2, "--device", "cpu", "--max-new-tokens", "16", "-q")
     yield url
     _stop(process)
+
+
+@pytest.fixture
+def grounded_boxes(k2, fixed_answers, tmp_path):
+    """A server in this process on the tiny Kosmos-2, whose answers are fixed before parsing
+    (`fixed_answers`: a caption with grounded phrases and their boxes) and then go the real way: the
+    task's parser, the record, the stream. A random Kosmos-2 writes no boxes."""
+    import threading
+
+    import uvicorn
+
+    from kosmos_cli import load
+    from kosmos_cli.server.app import ServerConfig, create_app
+    from kosmos_cli.server.bridge import Bridge
+    from tests.helpers.server import free_port, healthy
+
+    engine = load(k2, device="cpu", compile=False)
+    bridge = Bridge(engine, slots=1, max_new_tokens=16, max_prompt_tokens=engine.prompt_length("<grounding> An image of") + 64)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, bridge, ServerConfig(uploads=tmp_path / "uploads")),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while not healthy(url):
+        assert time.monotonic() < deadline, "the in-process server did not start"
+        time.sleep(0.05)
+    yield url
+    server.should_exit = True
+    thread.join(30)
+    bridge.close(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -623,6 +655,40 @@ def test_kosmos2_asks_for_a_prompt_and_shows_its_caption(browser, grounding, doc
     assert page.text_content("#results .caption") == record["text"]
     assert page.locator("#results rect.shape").count() == sum(len(e["boxes"]) for e in record["entities"])
     assert page.locator("#download-buttons button").all_text_contents() == ["photo.txt", "photo.json", "photo.jsonl"]
+    tab.assert_clean()
+    tab.close()
+
+
+# Every grounding box's corners in the window's CSS pixels, and the image's place.
+RECTS = """() => {
+  const box = document.querySelector("#results img.page-img").getBoundingClientRect();
+  const rects = [...document.querySelectorAll("#results rect.shape")].map((rect) => {
+    const m = rect.getScreenCTM(), b = rect.getBBox();
+    const a = new DOMPoint(b.x, b.y).matrixTransform(m), z = new DOMPoint(b.x + b.width, b.y + b.height).matrixTransform(m);
+    return [a.x, a.y, z.x, z.y];
+  });
+  return {image: [box.left, box.top, box.width, box.height], rects};
+}"""
+
+
+def test_grounding_boxes_are_drawn_where_the_record_puts_them(browser, grounded_boxes, documents):
+    tab = Tab.open(browser, grounded_boxes + "/")
+    page = tab.page
+    result = transcribe(tab, documents / "photo.png", pages=1)
+    (record,) = kept_records(grounded_boxes, result)
+    boxes = [box for entity in record["entities"] for box in entity["pixel_boxes"]]  # the page's pixels
+    assert len(record["entities"]) == 2 and len(boxes) >= 2  # the fixed answer's "a snowman" and "a fire"
+    drawn = page.evaluate(RECTS)
+    left, top, width, height = drawn["image"]
+    sx, sy = width / record["width"], height / record["height"]
+    assert width > 0 and height > 0
+    assert drawn["rects"] == [[pytest.approx(v, abs=0.05) for v in (left + x0 * sx, top + y0 * sy,
+                                                                      left + x1 * sx, top + y1 * sy)]
+                              for x0, y0, x1, y1 in boxes]
+    assert page.locator("#results .entities .item-text").all_text_contents() == [e["text"] for e in record["entities"]]
+    first = page.locator("#results rect.shape").first
+    first.hover()
+    assert "hot" in page.locator("#results .entities li").first.get_attribute("class")
     tab.assert_clean()
     tab.close()
 

@@ -167,7 +167,8 @@ class PageStream:
 
     def __init__(self, engine: Engine, *, slots: int, max_prompt_tokens: int, max_new_tokens: int,
                  deliver: Callable[[Any, PageResult], None]):
-        self.engine, self.slots, self.deliver = engine, slots, deliver
+        self.engine, self.deliver = engine, deliver
+        self.slots = slots  # halved each time the batch runs out of memory
         self.jobs = engine.job_queue(max_prompt_tokens, max_new_tokens)
         self._pages: dict[Any, tuple[PageJob, Task, Job]] = {}  # key -> page put and not yet delivered
         self._lock = threading.Lock()
@@ -204,14 +205,13 @@ class PageStream:
         return len(self.jobs)
 
     def run(self) -> None:
-        slots = self.slots
         while True:
             try:
-                for key, out in self.engine.stream(self.jobs, slots=slots, loop_check=LOOP_GUARD):
+                for key, out in self.engine.stream(self.jobs, slots=self.slots, loop_check=LOOP_GUARD):
                     self._done(key, out)
                 return  # closed
             except torch.OutOfMemoryError:
-                failure = OUT_OF_MEMORY if slots == 1 else None
+                failure = OUT_OF_MEMORY if self.slots == 1 else None
             except Exception as err:
                 _log.exception("the batch failed")
                 failure = f"{type(err).__name__}: {err}"
@@ -220,8 +220,8 @@ class PageStream:
             with self._lock:
                 taken = [key for key in self._pages if not self.jobs.is_waiting(key)]
             if failure is None:
-                slots //= 2
-                _log.warning(f"out of memory: decoding {slots} pages at a time from now on")
+                self.slots //= 2
+                _log.warning(f"out of memory: decoding {self.slots} pages at a time from now on")
                 with self._lock:
                     again = [self._pages[key][2] for key in taken if key in self._pages]
                 self.jobs.put_again(again)

@@ -138,7 +138,7 @@ def test_the_pages_of_a_worker_that_dies_are_done_by_the_other(pool):
     os.kill(first.process.pid, signal.SIGKILL)
     results = pool.results(4)
     assert all(r.error is None and r.text == TEXT for r in results.values())
-    assert second.pages == 4 and first.state == "dead"
+    assert second.pages == 4 and first.state == "dead" and pool.pool.slots == 1
     assert any("its 2 pages in flight go to the others" in line for line in pool.log)
 
     # A page in flight on the second worker too when it dies fails; with no worker left, pages fail at once.

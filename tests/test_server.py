@@ -272,6 +272,7 @@ def test_running_out_of_memory_queues_the_pages_again_with_fewer_slots(bridge, s
     fresh = Bridge(engine, slots=2, max_new_tokens=64, max_prompt_tokens=bridge.max_prompt_tokens)
     try:
         got = records(post(client(fresh, tmp_path), page))
+        assert fresh.slots == 1 and "kosmos_slots 1.0" in client(fresh, tmp_path).get("/metrics").text
     finally:
         fresh.close(timeout=60)
     assert calls == [2, 1]

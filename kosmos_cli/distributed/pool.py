@@ -57,7 +57,6 @@ class WorkerPool:
         if all(slot.state == "dead" for slot in self.workers):
             reap(self.workers, 2)
             raise WorkersLost(*failures[0]) if failures else WorkersLost("every worker stopped while loading the model")
-        self.slots = sum(slot.capacity for slot in self.workers if slot.state != "dead")
         self._listener = threading.Thread(target=self._listen, name="kosmos-workers", daemon=True)
         self._listener.start()
 
@@ -77,6 +76,12 @@ class WorkerPool:
             slot.state = "dead"
             self.log(f"worker {slot.label}: {message[1].message}")
             return message[1]
+
+    @property
+    def slots(self) -> int:
+        """The live workers' decode slots."""
+        with self._lock:
+            return sum(slot.capacity for slot in self.workers if slot.state != "dead")
 
     def put(self, key, ref: PageRef) -> None:
         with self._lock:

@@ -158,7 +158,6 @@ class Bridge:
         else:
             self.pages = WorkerPool(workers, slots=slots, max_prompt_tokens=max_prompt_tokens,
                                     max_new_tokens=max_new_tokens, deliver=self._deliver, log=log.info)
-        self.slots = self.pages.slots  # in all (every worker's)
         self.ahead = ahead or max(4, self.slots)
         self._feeder = threading.Thread(target=self._feed, name="kosmos-feeder", daemon=True)
         self._feeder.start()
@@ -209,6 +208,11 @@ class Bridge:
                         f"{reason}: {missing} page{'s' * (missing != 1)} not done"))
         for submission in submissions:
             self._cancel(submission)
+
+    @property
+    def slots(self) -> int:
+        """Rows decoded together now, every worker's."""
+        return self.pages.slots
 
     @property
     def busy(self) -> int:

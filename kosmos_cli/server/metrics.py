@@ -30,7 +30,8 @@ class Metrics:
               registry=registry).set_function(lambda: len(bridge.pages))
         Gauge("kosmos_busy_slots", "Pages in the batch", registry=registry).set_function(
             lambda: max(0, bridge.busy - len(bridge.pages)))
-        Gauge("kosmos_slots", "Pages the batch decodes together", registry=registry).set(bridge.slots)
+        Gauge("kosmos_slots", "Pages the batch decodes together (every worker's; fewer after running out of "
+              "memory or losing a worker)", registry=registry).set_function(lambda: bridge.slots)
 
     def page_done(self, record: PageResult, seconds: float) -> None:
         self.pages.inc()

@@ -26,7 +26,7 @@ from .paths import display_path, os_reason
 from .report import Progress, Report, library_output_held, say
 from .results import PageResult
 from .review import Review, parse_threshold
-from .runner import ModelUnusable, Settings, load_engine, renders_here, run_pages
+from .runner import ModelUnusable, Settings, load_for_serving, renders_here, run_pages
 from .tasks import TASKS, tasks_for
 from .writers.atomic import check_writable
 from .writers.directory import OutputDir
@@ -168,9 +168,8 @@ def serve(model: Annotated[str, typer.Option("--model", "-m", help="Hugging Face
     missing = [name for name in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(name) is None]
     if missing:
         _fail_usage(f"kosmos serve needs the server's libraries: pip install {' '.join(SERVE_REQUIREMENTS)}")
-    from .engine import describe, pick_devices
+    from .engine import pick_devices
     from .pipeline import slots_for
-    from .runner import engine_spec
 
     try:
         devices = [str(d) for d in pick_devices(device, "--device")]
@@ -178,24 +177,16 @@ def serve(model: Annotated[str, typer.Option("--model", "-m", help="Hugging Face
         _fail_usage(str(err))
     _check_dtype(dtype)
     slots = _batch_size(batch_size)
-    settings = Settings(model=model, device=devices[0], dtype=dtype, compile="auto" if compile is None else compile,
+    settings = Settings(model=model, dtype=dtype, compile="auto" if compile is None else compile,
                         attention=os.environ.get("KOSMOS_ATTENTION", "auto"))
-    workers = None
     with library_output_held():
         try:
-            if len(devices) > 1:  # one worker process a device; here only the tokenizer, to count prompts
-                engine = describe(model)
-                workers = [engine_spec(model, settings, d) for d in devices]
-            else:
-                engine = load_engine(model, settings, log=None if quiet else say)
+            engine, workers = load_for_serving(model, settings, devices, log=None if quiet else say)
         except ModelUnusable as err:
             say(str(err))
             if debug:
                 traceback.print_exception(err.__cause__, file=sys.stderr)
             raise typer.Exit(err.code)
-        except (ValueError, FileNotFoundError) as err:  # the checkpoint cannot be read: as load_engine says it
-            say(f"cannot load model {model}: {err}")
-            raise typer.Exit(1)
     if slots is None and workers is None:
         slots = slots_for(engine, tasks_for(engine.kind)[0], None, None, max_new_tokens)
     from .server import serve as run_server

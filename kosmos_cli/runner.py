@@ -12,6 +12,8 @@ command needs (their stems, the pages skipped as done, the rendered images for o
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from .pages import ErrorJob, PageJob, iter_pages
 from .results import PageResult
 from .tasks import Task, WrongModel, find_task
 
-__all__ = ["ModelUnusable", "Settings", "load_engine", "renders_here", "run_pages", "transcribe"]
+__all__ = ["ModelUnusable", "Settings", "load_engine", "load_for_serving", "renders_here", "run_pages", "transcribe"]
 
 
 class ModelUnusable(Exception):
@@ -137,10 +139,8 @@ def load_engine(model: str, settings: Settings, *, task: Task | None = None, log
     """Load the model on ``settings.device`` (a run does it once the first page needs it, so that a
     run whose pages are all done loads nothing); `ModelUnusable` if it does not load or cannot do
     ``task``; ``log`` hears what runs where."""
-    try:
+    with _loading(model):
         engine = engine_spec(model, settings, settings.device).load()
-    except (ValueError, FileNotFoundError, RuntimeError) as err:  # ModelLoadError is a ValueError too
-        raise ModelUnusable(f"cannot load model {model}: {err}", 1) from err
     interrupt.check()
     try:
         if task is not None:
@@ -150,6 +150,28 @@ def load_engine(model: str, settings: Settings, *, task: Task | None = None, log
     if log is not None:
         log(f"running {engine}")
     return engine
+
+
+def load_for_serving(model: str, settings: Settings, devices: list[str], *, log: Callable[[str], None] | None = None):
+    """What `kosmos serve` needs loaded here: on one device its engine (`load_engine`) and no workers;
+    on several, only the model's `Checkpoint` (to count prompt tokens) and one worker's `EngineSpec` a
+    device (`distributed.pool` loads them). `ModelUnusable` as `load_engine`."""
+    from .engine import describe
+
+    if len(devices) == 1:
+        return load_engine(model, dataclasses.replace(settings, device=devices[0]), log=log), None
+    with _loading(model):
+        checkpoint = describe(model)
+    return checkpoint, [engine_spec(model, settings, device) for device in devices]
+
+
+@contextlib.contextmanager
+def _loading(model: str):
+    """A model that cannot be read or loaded is `ModelUnusable` (exit 1), in the command's words."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, RuntimeError) as err:  # ModelLoadError is a ValueError too
+        raise ModelUnusable(f"cannot load model {model}: {err}", 1) from err
 
 
 def _on_devices(devices, task: Task, model: str, items, settings: Settings, on_page, log, **options):

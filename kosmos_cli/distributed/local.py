@@ -33,8 +33,8 @@ from typing import Callable, Iterable, Iterator
 from ..pages import ErrorJob, InputOrder, PageJob
 from ..report import library_output_held
 from ..results import PageResult
-from .processes import (CRASHED_TWICE, NO_WORKER, WorkerProcess, WorkersLost, exit_with_parent, labels, reap, send,
-                        spawn)
+from .processes import (CRASHED_TWICE, NO_WORKER, WorkerProcess, WorkersLost, exit_with_parent, labels, reap,
+                        received, send, spawn)
 from .worker import EngineSpec, LoadFailure, PageRef, Worker
 
 __all__ = ["transcribe_on_devices"]
@@ -176,13 +176,7 @@ class _Driver:
             for slot in live:
                 if slot.conn not in ready and slot.process.sentinel not in ready:
                     continue
-                while slot.state != "dead":
-                    try:
-                        if not slot.conn.poll():
-                            break
-                        message = slot.conn.recv()
-                    except (EOFError, OSError):
-                        break
+                for message in received(slot):
                     kind = message[0]
                     if kind == "ready":
                         slot.state = "idle"

@@ -25,8 +25,8 @@ from typing import Callable
 from ..pages import ErrorJob, PageJob
 from ..report import library_output_held
 from ..results import PageResult
-from .processes import (CRASHED_TWICE, NO_WORKER, WorkerProcess, WorkersLost, exit_with_parent, labels, reap, send,
-                        spawn)
+from .processes import (CRASHED_TWICE, NO_WORKER, WorkerProcess, WorkersLost, exit_with_parent, labels, reap,
+                        received, send, spawn)
 from .worker import EngineSpec, LoadFailure, Opener, PageRef
 
 __all__ = ["WorkerPool"]
@@ -141,10 +141,7 @@ class WorkerPool:
         pages that no worker will take (none ready or starting)."""
         ready = [slot for slot in self.workers if slot.state == "running"]
         if not ready and all(slot.state == "dead" for slot in self.workers):
-            failed = [*self._suspects, *self._pending]
-            self._suspects.clear()
-            self._pending.clear()
-            return failed
+            return self._take_waiting()
         if self._solo is not None and (self._solo.state != "running" or not (self._suspects or self._solo.inflight)):
             self._solo = None
         if self._suspects and self._solo is None and ready:
@@ -155,6 +152,13 @@ class WorkerPool:
         while self._pending and others:
             self._send(min(others, key=lambda slot: len(slot.inflight) / slot.capacity), *self._pending.popleft())
         return []
+
+    def _take_waiting(self) -> list[tuple]:
+        """Every page waiting here (suspects and pending), taken away (under the lock)."""
+        waiting = [*self._suspects, *self._pending]
+        self._suspects.clear()
+        self._pending.clear()
+        return waiting
 
     def _send(self, slot: WorkerProcess, key, ref: PageRef) -> None:
         slot.inflight[key] = ref
@@ -169,13 +173,7 @@ class WorkerPool:
         while live := [slot for slot in self.workers if slot.state != "dead"]:
             wait([slot.conn for slot in live] + [slot.process.sentinel for slot in live], timeout=1)
             for slot in live:
-                while slot.state != "dead":
-                    try:
-                        if not slot.conn.poll():
-                            break
-                        message = slot.conn.recv()
-                    except (EOFError, OSError):
-                        break
+                for message in received(slot):
                     done = None
                     with self._lock:
                         if slot.state == "starting":
@@ -193,9 +191,7 @@ class WorkerPool:
                 if slot.state != "dead" and not slot.process.is_alive():
                     self._lost(slot)
         with self._lock:
-            failed = [*self._suspects, *self._pending]
-            self._suspects.clear()
-            self._pending.clear()
+            failed = self._take_waiting()
         self._fail(failed, NO_WORKER)
 
     def _lost(self, slot: WorkerProcess) -> None:

@@ -13,11 +13,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from typing import Iterator
 
 from .worker import EngineSpec
 
-__all__ = ["CRASHED_TWICE", "NO_WORKER", "WorkerProcess", "WorkersLost", "exit_with_parent", "labels", "reap", "send",
-           "spawn"]
+__all__ = ["CRASHED_TWICE", "NO_WORKER", "WorkerProcess", "WorkersLost", "exit_with_parent", "labels", "reap", "received",
+           "send", "spawn"]
 
 CRASHED_TWICE = "the page stopped two workers (killed, crashed or out of memory): skipped"
 NO_WORKER = "not done: every worker stopped"
@@ -92,6 +93,19 @@ def send(slot: WorkerProcess, message) -> None:
         slot.conn.send(message)
     except (BrokenPipeError, OSError):  # it died: its sentinel says so next
         pass
+
+
+def received(worker: WorkerProcess) -> Iterator:
+    """The messages the worker has sent that are waiting, each as long as it is not marked dead (a
+    message may mark it so); stops at a broken pipe (its sentinel tells what happened)."""
+    while worker.state != "dead":
+        try:
+            if not worker.conn.poll():
+                return
+            message = worker.conn.recv()
+        except (EOFError, OSError):
+            return
+        yield message
 
 
 def exit_with_parent(parent: int) -> None:
